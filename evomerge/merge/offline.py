@@ -1,0 +1,93 @@
+"""`evomerge merge`: run a mergekit-style config exactly, tensor by tensor, into a model directory.
+
+This path is for reproducing a recipe, not for the search: it uses the exact kernels (true top-k) and
+streams one tensor at a time, so memory stays at one tensor per model plus one output shard.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from evomerge.errors import UserError
+from evomerge.merge.methods import TensorParams, merge_tensor
+from evomerge.merge.mergekit_config import ConfigPlan, load_merge_config
+from evomerge.models.checkpoint import Checkpoint, parse_dtype
+from evomerge.models.compat import check_compatible
+from evomerge.models.reference import resolve_model_dir
+from evomerge.models.writer import DEFAULT_SHARD_BYTES, ShardWriter, copy_tokenizer, staged_directory, write_config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MergeSummary:
+    out_dir: Path
+    method: str
+    tensors: int
+    bytes: int
+    dtype: str
+
+
+def merge_from_config(
+    config_path: Path,
+    out_dir: Path,
+    *,
+    device: str = "cpu",
+    force: bool = False,
+    allow_pickle: bool = False,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress=None,
+) -> MergeSummary:
+    config = load_merge_config(config_path)
+    plan = ConfigPlan(config)
+    base_dir = config_path.parent.resolve()
+    ckpts = {ref: Checkpoint.open(ref, allow_pickle=allow_pickle, base_dir=base_dir) for ref in plan.all_refs}
+    family = check_compatible(list(ckpts.values()))
+    first = ckpts[plan.base] if plan.base else ckpts[plan.inputs[0]]
+    load_dtype = parse_dtype(config.dtype)
+    out_dtype = parse_dtype(config.out_dtype) or load_dtype or _stored_dtype(first)
+    tokenizer_dir = _tokenizer_dir(config.tokenizer_source, plan, ckpts, base_dir)
+
+    # Resolve and validate every tensor's parameters before any work, so bad values write nothing.
+    names = list(first.tensors)
+    params: dict[str, TensorParams] = {name: plan.tensor_params(name, family, first.num_layers) for name in names}
+
+    with staged_directory(out_dir, force) as stage:
+        writer = ShardWriter(stage, shard_bytes)
+        task = progress.add_task("merging", total=len(names)) if progress else None
+        for name in names:
+            base = ckpts[plan.base].get(name, dtype=load_dtype, device=device) if plan.base else None
+            inputs = [ckpts[ref].get(name, dtype=load_dtype, device=device) for ref in plan.inputs]
+            merged = merge_tensor(plan.method, name, base, inputs, params[name])
+            writer.add(name, merged.to(out_dtype))
+            if progress:
+                progress.advance(task)
+        writer.finish()
+        write_config(stage, first.config, out_dtype)
+        copy_tokenizer(tokenizer_dir, stage)
+        (stage / "mergekit_config.yml").write_text(config_path.read_text())
+    return MergeSummary(out_dir, plan.method.value, len(names), writer.total_bytes, str(out_dtype).removeprefix("torch."))
+
+
+def _stored_dtype(ckpt: Checkpoint) -> torch.dtype:
+    name = ckpt.config.get("dtype") or ckpt.config.get("torch_dtype") or "float32"
+    return parse_dtype(name) if name in ("float32", "bfloat16", "float16") else torch.float32
+
+
+def _tokenizer_dir(source: str | None, plan: ConfigPlan, ckpts: dict[str, Checkpoint], base_dir: Path) -> Path:
+    default = ckpts[plan.base].path if plan.base else ckpts[plan.inputs[0]].path
+    if source in (None, "base"):
+        return default
+    if source == "union":
+        files = [c.path / "tokenizer.json" for c in ckpts.values()]
+        if all(f.is_file() for f in files) and all(filecmp.cmp(files[0], f, shallow=False) for f in files[1:]):
+            return default
+        raise UserError("tokenizer_source: union of different tokenizers is not supported; name one model's tokenizer")
+    if source in ckpts:
+        return ckpts[source].path
+    return resolve_model_dir(source, base_dir=base_dir)

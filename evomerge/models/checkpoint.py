@@ -1,0 +1,163 @@
+"""Lazy, memory-mapped access to a checkpoint's tensors (safetensors; pickle only when the user opts in)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from evomerge.errors import UserError
+from evomerge.models.reference import resolve_model_dir
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+_ST_INDEX = "model.safetensors.index.json"
+_ST_SINGLE = "model.safetensors"
+_PT_INDEX = "pytorch_model.bin.index.json"
+_PT_SINGLE = "pytorch_model.bin"
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+@dataclass
+class TensorInfo:
+    file: Path
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass
+class Checkpoint:
+    """One model directory: its config and an index of tensor name -> file, shape, dtype.
+
+    Tensors are read one at a time through safetensors' mmap, so opening a checkpoint costs only its headers.
+    """
+
+    ref: str
+    path: Path
+    config: dict[str, Any]
+    tensors: dict[str, TensorInfo]
+    pickled: bool = False
+    _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
+    _pickle_cache: dict[Path, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def open(cls, ref: str | os.PathLike[str], *, allow_pickle: bool = False, base_dir: Path | None = None) -> Checkpoint:
+        path = resolve_model_dir(ref, base_dir=base_dir)
+        config = _read_config(path, str(ref))
+        files, pickled = _weight_files(path, str(ref), allow_pickle)
+        tensors: dict[str, TensorInfo] = {}
+        ckpt = cls(ref=str(ref), path=path, config=config, tensors=tensors, pickled=pickled)
+        for file in files:
+            if pickled:
+                for name, tensor in ckpt._load_pickle(file).items():
+                    tensors[name] = TensorInfo(file, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
+                continue
+            handle = ckpt._handle(file)
+            for name in handle.keys():
+                piece = handle.get_slice(name)
+                tensors[name] = TensorInfo(file, tuple(piece.get_shape()), str(piece.get_dtype()))
+        if not tensors:
+            raise UserError(f"model {ref}: checkpoint holds no tensors")
+        return ckpt
+
+    @property
+    def model_type(self) -> str | None:
+        return self.config.get("model_type")
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config.get("num_hidden_layers", 0))
+
+    def names(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def get(self, name: str, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
+        info = self.tensors[name]
+        if self.pickled:
+            tensor = self._load_pickle(info.file)[name]
+        else:
+            try:
+                tensor = self._handle(info.file).get_tensor(name)
+            except Exception as exc:  # truncated or corrupt data region
+                raise UserError(f"model {self.ref}: cannot read tensor {name} from {info.file.name} ({_first_line(exc)})") from None
+        if dtype is not None and tensor.dtype != dtype:
+            tensor = tensor.to(dtype)
+        return tensor.to(device) if torch.device(device) != tensor.device else tensor
+
+    def _handle(self, file: Path) -> Any:
+        if file not in self._handles:
+            try:
+                self._handles[file] = safe_open(str(file), framework="pt")
+            except Exception as exc:
+                raise UserError(f"model {self.ref}: {file.name} is not a valid safetensors file ({_first_line(exc)})") from None
+        return self._handles[file]
+
+    def _load_pickle(self, file: Path) -> dict[str, torch.Tensor]:
+        if file not in self._pickle_cache:
+            try:
+                self._pickle_cache[file] = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:
+                raise UserError(f"model {self.ref}: cannot load {file.name} with weights_only=True ({_first_line(exc)})") from None
+        return self._pickle_cache[file]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _read_config(path: Path, ref: str) -> dict[str, Any]:
+    file = path / "config.json"
+    if not file.is_file():
+        raise UserError(f"model {ref}: no config.json in {path}")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"model {ref}: config.json is not valid JSON ({exc})") from None
+
+
+def _weight_files(path: Path, ref: str, allow_pickle: bool) -> tuple[list[Path], bool]:
+    if (path / _ST_INDEX).is_file():
+        return _sharded(path, _ST_INDEX, ref), False
+    if (path / _ST_SINGLE).is_file():
+        return [path / _ST_SINGLE], False
+    singles = sorted(path.glob("*.safetensors"))
+    if singles:
+        return singles, False
+    pickles = [path / _PT_INDEX] if (path / _PT_INDEX).is_file() else sorted(path.glob("*.bin"))
+    if pickles:
+        if not allow_pickle:
+            raise UserError(
+                f"model {ref}: only pickle (.bin) weights found; pickle can run arbitrary code, so evomerge refuses it "
+                "unless you set allow_pickle: true (then loaded with weights_only=True), or convert the model to safetensors"
+            )
+        if (path / _PT_INDEX).is_file():
+            return _sharded(path, _PT_INDEX, ref), True
+        return pickles, True
+    raise UserError(f"model {ref}: no safetensors weights in {path}")
+
+
+def _sharded(path: Path, index_name: str, ref: str) -> list[Path]:
+    try:
+        weight_map = json.loads((path / index_name).read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError) as exc:
+        raise UserError(f"model {ref}: {index_name} is malformed ({exc})") from None
+    files = []
+    for name in dict.fromkeys(weight_map.values()):
+        if not (path / name).is_file():
+            raise UserError(f"model {ref}: shard {name} listed in {index_name} is missing")
+        files.append(path / name)
+    return files

@@ -1,0 +1,57 @@
+"""Check, before any merge work, that checkpoints can be merged tensor by tensor."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from evomerge.errors import UserError
+from evomerge.models.architecture import FAMILIES, Family, family_for
+from evomerge.models.checkpoint import Checkpoint
+
+
+def check_compatible(models: Sequence[Checkpoint]) -> Family:
+    """Same family, same tensor names and shapes; returns the family. Raises UserError naming the first problem."""
+    if not models:
+        raise UserError("no models to merge")
+    first = models[0]
+    try:
+        family = family_for(first.model_type)
+    except KeyError:
+        raise UserError(
+            f"model {first.ref}: architecture {first.model_type!r} is not supported (supported: {', '.join(FAMILIES)})"
+        ) from None
+    for other in models[1:]:
+        if other.model_type != first.model_type:
+            raise UserError(
+                f"models {first.ref} and {other.ref} are different architectures ({first.model_type} vs {other.model_type})"
+            )
+        _check_vocab(first, other, family)
+        for name, info in first.tensors.items():
+            theirs = other.tensors.get(name)
+            if theirs is None:
+                raise UserError(f"tensor {name} is in {first.ref} but missing from {other.ref}")
+            if theirs.shape != info.shape:
+                raise UserError(
+                    f"tensor {name} has shape {list(info.shape)} in {first.ref} but {list(theirs.shape)} in {other.ref}"
+                )
+        extra = next((name for name in other.tensors if name not in first.tensors), None)
+        if extra is not None:
+            raise UserError(f"tensor {extra} is in {other.ref} but missing from {first.ref}")
+    for name in first.tensors:
+        try:
+            family.group(name)
+        except ValueError as exc:
+            raise UserError(f"model {first.ref}: {exc}") from None
+    return family
+
+
+def _check_vocab(a: Checkpoint, b: Checkpoint, family: Family) -> None:
+    embed = family.embed[0]
+    if embed not in a.tensors or embed not in b.tensors:
+        return
+    va, vb = a.tensors[embed].shape[0], b.tensors[embed].shape[0]
+    if va != vb:
+        raise UserError(
+            f"vocabulary sizes differ: {a.ref} has {va} embedding rows, {b.ref} has {vb}; resize both to the same "
+            f"vocabulary first (e.g. model.resize_token_embeddings({max(va, vb)}) on the smaller one, then save_pretrained)"
+        )

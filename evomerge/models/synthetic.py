@@ -1,0 +1,84 @@
+"""Tiny random models of a supported family, for tests and the shipped example.
+
+A base is initialised from a seed; each fine-tune adds a seeded perturbation of mixed magnitudes and
+signs, so trimming, sign election and interpolation all have real work to do.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+WORDS = ["<unk>", "<s>", "</s>", "<pad>"] + [f"w{i}" for i in range(60)]
+
+
+def _config(family: str, hidden: int, layers: int, vocab: int):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2, pad_token_id=3,
+    )  # fmt: skip
+    if family == "llama":
+        return LlamaConfig(**common)
+    if family == "mistral":
+        return MistralConfig(sliding_window=None, **common)
+    if family == "qwen2":
+        return Qwen2Config(**common)
+    raise ValueError(f"no synthetic config for {family}")
+
+
+def save_tokenizer(directory: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.save_pretrained(directory)
+    cfg_file = directory / "tokenizer_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"  # loads in transformers 4 and 5
+    cfg_file.write_text(json.dumps(cfg, indent=2))
+
+
+def make_family(
+    root: Path,
+    family: str = "llama",
+    *,
+    finetunes: int = 2,
+    seed: int = 0,
+    hidden: int = 32,
+    layers: int = 2,
+    dtype: torch.dtype = torch.float32,
+    max_shard_size: str | None = None,
+) -> list[Path]:
+    """Write base + fine-tunes under `root`; returns [base, ft1, ...]."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = _config(family, hidden, layers, len(WORDS))
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    paths = []
+    for i in range(finetunes + 1):
+        name = "base" if i == 0 else f"ft{i}"
+        gen = torch.Generator().manual_seed(seed * 1000 + i)
+        with torch.no_grad():
+            for key, param in model.state_dict().items():
+                param.copy_(base_state[key])
+                if i:
+                    scale = torch.rand((), generator=gen).item() * 0.05 + 0.01
+                    noise = torch.randn(param.shape, generator=gen) * scale
+                    # heavy-tailed: a few large entries per tensor, as real task vectors have
+                    noise = noise * (1 + 4 * (torch.rand(param.shape, generator=gen) < 0.05))
+                    param.add_(noise.to(dtype))
+        out = root / f"{family}-{name}"
+        kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+        model.save_pretrained(out, **kwargs)
+        save_tokenizer(out)
+        paths.append(out)
+    return paths

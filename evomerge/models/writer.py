@@ -1,0 +1,113 @@
+"""Write a Hugging Face model directory: config, safetensors shards (+ index), tokenizer files.
+
+Everything goes into a temporary sibling directory that is renamed into place at the end, so a failure
+leaves nothing at the destination.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from evomerge.errors import UserError
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+DEFAULT_SHARD_BYTES = 5 * 1024**3
+
+
+def check_destination(out_dir: Path, force: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"output {out_dir} exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise UserError(f"output directory {out_dir} is not empty (use --force to replace it)")
+
+
+@contextmanager
+def staged_directory(out_dir: Path, force: bool = False):
+    """Yield a temporary directory; on success it replaces `out_dir`, on failure it is removed."""
+    check_destination(out_dir, force)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    stage.rename(out_dir)
+
+
+class ShardWriter:
+    """Accumulates tensors and writes shards of at most `max_bytes` (a lone larger tensor gets its own)."""
+
+    def __init__(self, directory: Path, max_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[tuple[Path, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + size > self.max_bytes:
+            self._flush()
+        self._pending[name] = tensor.detach().to("cpu").contiguous()
+        self._pending_bytes += size
+        self.total_bytes += size
+
+    def _flush(self) -> None:
+        path = self.directory / f"shard-{len(self._shards):05d}.tmp"
+        save_file(self._pending, str(path), metadata={"format": "pt"})
+        self._shards.append((path, list(self._pending)))
+        self._pending, self._pending_bytes = {}, 0
+
+    def finish(self) -> None:
+        if self._pending or not self._shards:
+            self._flush()
+        if len(self._shards) == 1:
+            self._shards[0][0].rename(self.directory / "model.safetensors")
+            return
+        count = len(self._shards)
+        weight_map = {}
+        for i, (path, names) in enumerate(self._shards):
+            final = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+            path.rename(self.directory / final)
+            weight_map.update({name: final for name in names})
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def write_config(directory: Path, config: dict[str, Any], dtype: torch.dtype) -> None:
+    config = dict(config)
+    name = str(dtype).removeprefix("torch.")
+    config["dtype"] = name
+    if "torch_dtype" in config:
+        config["torch_dtype"] = name
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def copy_tokenizer(source: Path, directory: Path) -> list[str]:
+    copied = []
+    for name in (*TOKENIZER_FILES, "generation_config.json"):
+        if (source / name).is_file():
+            shutil.copy2(source / name, directory / name)
+            copied.append(name)
+    return copied
