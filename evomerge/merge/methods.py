@@ -82,6 +82,11 @@ def dare_keys(seed: int, tensor: str, count: int) -> list[int]:
     return [derive_key(seed, tensor, j) for j in range(count)]
 
 
+def tie_keys(tensor: str, count: int) -> list[int]:
+    """Keys for the fast TIES path's tie-breaking among equal magnitudes; fixed per tensor."""
+    return [derive_key("ties-tie-break", tensor, j) for j in range(count)]
+
+
 def merge_tensor(
     method: Method, name: str, base: torch.Tensor | None, models: list[torch.Tensor], p: TensorParams
 ) -> torch.Tensor:

@@ -6,8 +6,9 @@ weights, scale by lambda, add to the base. `gta_into` does that in float32 and w
 `out` in `out`'s dtype. It is written so that torch.compile fuses it into one pass over memory; the exact
 functional kernels call the same function eagerly, so the fast path and the exact path share their math.
 
-keep modes: "all" (no trim), "mask" (given bool masks), "threshold" (|d| >= t_j, the precomputed top-k
-threshold), "random" (DARE: counter-hash uniform < p_j, optionally rescaled by 1/p_j).
+keep modes: "all" (no trim), "mask" (given bool masks), "threshold" (precomputed top-k threshold t_j with
+tie fraction q_j: |d| > t_j, or |d| == t_j and hash < q_j; see trim.ThresholdTable), "random" (DARE:
+counter-hash uniform < p_j, optionally rescaled by 1/p_j). Both hashed modes take one key per model.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from evomerge.merge.kernels.rng import chunk_keys, uniform_from_index
+from evomerge.merge.kernels.trim import keep_above
 
 F32 = torch.float32
 
@@ -35,9 +37,10 @@ def gta_into(
     keys: torch.Tensor | None = None,
     masks: Sequence[torch.Tensor] | None = None,
     rescale: bool = False,
+    tie_probs: torch.Tensor | None = None,
 ) -> None:
     b = base.to(F32)
-    if mode == "random":  # generated inside so a compiled kernel fuses it into the pass
+    if keys is not None:  # generated inside so a compiled kernel fuses it into the pass
         index = torch.arange(b.numel(), dtype=torch.int32, device=b.device).view(b.shape)
     contributions = []
     for j, model in enumerate(models):
@@ -47,7 +50,7 @@ def gta_into(
             contributions.append(delta * coef)
             continue
         if mode == "threshold":
-            keep = delta.abs() >= thresholds[j]
+            keep = keep_above(delta.abs(), thresholds[j], tie_probs[j], uniform_from_index(index, keys[j]))
         elif mode == "random":
             keep = uniform_from_index(index, keys[j]) < probs[j]
         elif mode == "mask":
@@ -94,9 +97,11 @@ def gta_apply(
     keys: Sequence[int] | None = None,
     masks: Sequence[torch.Tensor] | None = None,
     rescale: bool = False,
+    tie_probs: Sequence[float] | None = None,
     kernel=gta_into,
 ) -> torch.Tensor:
-    """Run `kernel` (gta_into, or a compiled copy of it) on flat views, chunking random mode for huge tensors."""
+    """Run `kernel` (gta_into, or a compiled copy of it) on flat views; hashed modes go in chunks of
+    at most rng.CHUNK elements, each with its own key, so int32 element indices never overflow."""
     device = base.device
     vec = lambda values, dtype=F32: torch.as_tensor(values, dtype=dtype, device=device)  # noqa: E731
     args = dict(
@@ -107,12 +112,13 @@ def gta_apply(
         lam=vec(lam),
         thresholds=None if thresholds is None else vec(thresholds),
         probs=None if probs is None else vec(probs),
+        tie_probs=None if tie_probs is None else vec(tie_probs),
         masks=None if masks is None else [m.reshape(-1) for m in masks],
         rescale=rescale,
     )
     flat_out, flat_base = out.view(-1), base.reshape(-1)
     flat_models = [m.reshape(-1) for m in models]
-    if mode != "random":
+    if keys is None:
         kernel(flat_out, flat_base, flat_models, **args)
         return out
     numel = flat_base.numel()

@@ -29,39 +29,50 @@ def topk_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
     return mask.reshape(delta.shape)
 
 
-class ThresholdTable:
-    """Magnitudes of one tensor at geometrically spaced ranks; threshold(density) interpolates between them.
+def keep_above(magnitude: torch.Tensor, value, tie_fraction, uniform: torch.Tensor) -> torch.Tensor:
+    """Entries above `value`, plus a hashed `tie_fraction` of those equal to it (see ThresholdTable)."""
+    return (magnitude > value) | ((magnitude == value) & (uniform < tie_fraction))
 
-    With rank ratio `1 + step` between neighbours, the number kept by `|x| >= threshold` is within
-    `step` (relative) of the exact top-k count. Small tensors keep every magnitude and are exact.
+
+class ThresholdTable:
+    """Sorted magnitudes of one tensor, sampled at geometrically spaced ranks, for top-k by comparison.
+
+    For each sampled value v the table stores how many entries are > v and >= v. `threshold(density)`
+    returns (v, q) for `keep_above`: keep |x| > v, and a fraction q of the entries tied at v. Ties matter:
+    task vectors of bf16 models have large blocks of equal magnitudes, and no plain threshold hits k.
+    Between sampled values the threshold is interpolated; with rank ratio `1 + step` between samples the
+    kept count is within `step` (relative) of k. Small tensors keep every magnitude and are exact.
     """
 
     def __init__(self, magnitudes: torch.Tensor, step: float = 5e-4, min_density: float = 1e-4) -> None:
-        values = np.sort(magnitudes.detach().reshape(-1).float().cpu().numpy())[::-1]
-        self.numel = int(values.size)
-        first = max(1, int(min_density * self.numel))
-        count = int(math.log(self.numel / first) / math.log1p(step)) + 2 if self.numel > first else 1
-        geometric = np.unique(np.rint(first * np.power(1.0 + step, np.arange(count))).astype(np.int64))
-        ranks = np.unique(np.concatenate([np.arange(1, min(first, self.numel) + 1), geometric, [self.numel]]))
-        ranks = ranks[(ranks >= 1) & (ranks <= self.numel)]
-        if self.numel <= ranks.size * 2:
-            ranks = np.arange(1, self.numel + 1)
-        self.ranks = ranks  # 1-based ranks, ascending
-        self.values = np.ascontiguousarray(values[ranks - 1]).astype(np.float32)
+        values = np.sort(magnitudes.detach().reshape(-1).float().cpu().numpy())  # ascending
+        self.numel = n = int(values.size)
+        first = max(1, int(min_density * n))
+        count = int(math.log(n / first) / math.log1p(step)) + 2 if n > first else 1
+        geometric = np.rint(first * np.power(1.0 + step, np.arange(count))).astype(np.int64)
+        ranks = np.unique(np.concatenate([np.arange(1, min(first, n) + 1), geometric, [n]]))
+        ranks = ranks[(ranks >= 1) & (ranks <= n)] if n > 2 * ranks.size else np.arange(1, n + 1)
+        picked = values[n - ranks]  # the rank-th largest
+        self.values = np.ascontiguousarray(picked, dtype=np.float32)
+        # counts of entries > v and >= v; duplicates of v across samples collapse into one block
+        self.count_gt = (n - np.searchsorted(values, picked, side="right")).astype(np.int64)
+        self.count_ge = (n - np.searchsorted(values, picked, side="left")).astype(np.int64)
 
     @property
     def nbytes(self) -> int:
-        return int(self.ranks.nbytes + self.values.nbytes)
+        return int(self.values.nbytes + self.count_gt.nbytes + self.count_ge.nbytes)
 
-    def threshold(self, density: float) -> float:
-        """Magnitude of the k-th largest entry (interpolated between stored ranks); -inf keeps everything."""
+    def threshold(self, density: float) -> tuple[float, float]:
+        """(value, tie_fraction) that keeps about keep_count(density) entries via `keep_above`."""
         if density >= 1:
-            return float("-inf")
+            return float("-inf"), 1.0
         k = keep_count(density, self.numel)
-        pos = int(np.searchsorted(self.ranks, k))
-        if pos < self.ranks.size and self.ranks[pos] == k:
-            return float(self.values[pos])
-        lo_rank, hi_rank = self.ranks[pos - 1], self.ranks[pos]
-        lo_val, hi_val = float(self.values[pos - 1]), float(self.values[pos])
-        frac = (k - lo_rank) / (hi_rank - lo_rank)
-        return lo_val + (hi_val - lo_val) * frac
+        i = int(np.searchsorted(self.count_ge, k, side="left"))  # first sample whose block reaches k
+        gt, ge = int(self.count_gt[i]), int(self.count_ge[i])
+        if gt < k:  # k falls inside the block of entries equal to values[i]
+            return float(self.values[i]), (k - gt) / (ge - gt)
+        # k lies strictly between the blocks of samples i-1 and i: no ties in between, interpolate
+        hi_val, lo_val = float(self.values[i - 1]), float(self.values[i])
+        before = int(self.count_ge[i - 1])
+        frac = (k - before) / (gt - before + 1)
+        return hi_val + (lo_val - hi_val) * frac, 0.0

@@ -1,0 +1,18 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import pytest  # noqa: E402
+
+from evomerge.models.synthetic import make_family  # noqa: E402
+
+FAMILIES = ("llama", "mistral", "qwen2")
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory):
+    """Tiny random base + two fine-tunes per family, float32: {family: [base, ft1, ft2]}."""
+    root = tmp_path_factory.mktemp("zoo")
+    return {family: make_family(root, family, seed=i + 1, layers=3) for i, family in enumerate(FAMILIES)}

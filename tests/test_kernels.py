@@ -1,0 +1,137 @@
+"""Kernel behaviour that the mergekit comparison cannot show: DARE statistics, RNG, SLERP edges, trimming."""
+
+import math
+
+import torch
+
+from evomerge.merge import kernels
+from evomerge.merge.kernels.rng import derive_key, mix32, uniform_from_index
+from evomerge.merge.kernels.trim import ThresholdTable, keep_above, keep_count, topk_mask
+
+
+def _lowbias32(x: int) -> int:
+    m = 0xFFFFFFFF
+    x &= m
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & m
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & m
+    x ^= x >> 16
+    return x
+
+
+def test_hash_matches_pure_python_reference():
+    key = derive_key(123, "model.layers.0.mlp.up_proj.weight", 1)
+    idx = torch.tensor([0, 1, 2, 1000, 2**31 - 1], dtype=torch.int32)
+    got = (mix32(idx ^ key).to(torch.int64) & 0xFFFFFFFF).tolist()
+    assert got == [_lowbias32(int(i) ^ (key & 0xFFFFFFFF)) for i in idx.tolist()]
+
+
+def test_uniform_is_uniform_and_keys_are_independent():
+    idx = torch.arange(1_000_000, dtype=torch.int32)
+    u = uniform_from_index(idx, derive_key(1))
+    v = uniform_from_index(idx, derive_key(2))
+    assert abs(u.mean().item() - 0.5) < 2e-3
+    assert abs((u < 0.1).float().mean().item() - 0.1) < 2e-3
+    assert abs(torch.corrcoef(torch.stack([u, v]))[0, 1].item()) < 5e-3
+    assert 0 <= u.min().item() and u.max().item() < 1
+
+
+def _dare_inputs(n=400_000):
+    g = torch.Generator().manual_seed(0)
+    base = torch.zeros(n)  # exact recovery of the kept deltas below
+    delta = torch.randn(n, generator=g) * 0.01
+    return base, delta
+
+
+def test_dare_drop_rate_and_rescale():
+    base, delta = _dare_inputs()
+    for density in (0.1, 0.5, 0.9):
+        out = kernels.dare_linear(base, [base + delta], [1.0], [density], [derive_key(5)])
+        kept_delta = out - base
+        kept = kept_delta != 0
+        assert abs(kept.float().mean().item() - density) < 0.005
+        # survivors are rescaled by exactly 1/density
+        ratio = kept_delta[kept] / delta[kept]
+        assert torch.allclose(ratio, torch.full_like(ratio, 1 / density), rtol=1e-3)
+        # so the task vector's sum is preserved in expectation (mergekit rescales by the L1 ratio instead)
+        assert abs(kept_delta.abs().sum().item() / delta.abs().sum().item() - 1) < 0.02
+
+
+def test_dare_same_key_same_mask_different_key_different_mask():
+    base, delta = _dare_inputs(50_000)
+    a = kernels.dare_ties(base, [base + delta, base - delta], [1.0, 0.5], [0.5, 0.5], [11, 12])
+    b = kernels.dare_ties(base, [base + delta, base - delta], [1.0, 0.5], [0.5, 0.5], [11, 12])
+    c = kernels.dare_ties(base, [base + delta, base - delta], [1.0, 0.5], [0.5, 0.5], [13, 12])
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_dare_density_one_is_task_arithmetic():
+    base, delta = _dare_inputs(10_000)
+    models = [base + delta, base + 2 * delta]
+    dare = kernels.dare_linear(base, models, [0.3, 0.7], [1.0, 1.0], [1, 2])
+    ta = kernels.task_arithmetic(base, models, [0.3, 0.7])
+    assert torch.equal(dare, ta)
+
+
+def test_ties_sign_election_and_disjoint_mean():
+    base = torch.zeros(4)
+    a = torch.tensor([1.0, -2.0, 3.0, 0.0])
+    b = torch.tensor([3.0, 1.0, -1.0, 0.0])
+    out = kernels.ties(base, [a, b], [1.0, 1.0], [1.0, 1.0])
+    # entry 0: both positive -> mean 2; entry 1: -2 vs +1, sum -1 -> negative wins -> -2
+    # entry 2: 3 vs -1 -> positive -> 3; entry 3: nothing agrees -> 0
+    assert out.tolist() == [2.0, -2.0, 3.0, 0.0]
+
+
+def test_topk_mask_keeps_exact_count():
+    x = torch.randn(10_001, generator=torch.Generator().manual_seed(3))
+    for density in (0.01, 0.3, 0.77):
+        mask = topk_mask(x, density)
+        assert mask.sum().item() == keep_count(density, x.numel())
+        assert x[mask].abs().min() >= x[~mask].abs().max()
+
+
+def test_threshold_table_kept_count_within_0_1_percent():
+    g = torch.Generator().manual_seed(0)
+    # heavy-tailed task vector stored in bf16 (many tied magnitudes), as real fine-tunes are
+    x = (torch.randn(2_000_000, generator=g) * torch.exp(torch.randn(2_000_000, generator=g))).bfloat16().float()
+    table = ThresholdTable(x.abs())
+    assert table.nbytes < 600_000
+    u = uniform_from_index(torch.arange(x.numel(), dtype=torch.int32), derive_key("ties"))
+    for density in (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99):
+        value, tie_fraction = table.threshold(density)
+        kept = keep_above(x.abs(), value, tie_fraction, u).sum().item()
+        exact = keep_count(density, x.numel())
+        assert abs(kept - exact) <= 0.001 * exact, (density, kept, exact)
+    assert keep_above(x.abs(), *table.threshold(1.0), u).all()
+
+
+def test_small_tensor_table_is_exact():
+    x = torch.randn(500, generator=torch.Generator().manual_seed(1))
+    table = ThresholdTable(x.abs())
+    u = torch.zeros(500)
+    for density in (0.1, 0.5, 0.93):
+        assert keep_above(x.abs(), *table.threshold(density), u).sum().item() == keep_count(density, 500)
+
+
+def test_slerp_endpoints_and_colinear_fallback():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1000, generator=g), torch.randn(1000, generator=g)
+    assert torch.allclose(kernels.slerp(0.0, a, b), a, atol=1e-6)
+    assert torch.allclose(kernels.slerp(1.0, a, b), b, atol=1e-6)
+    mid = kernels.slerp(0.5, a, b)
+    # on the sphere: the midpoint of two (nearly) orthogonal same-norm vectors keeps their norm, lerp does not
+    assert mid.norm() > ((a + b) / 2).norm() * 1.2
+    colinear = kernels.slerp(0.25, a, 2 * a)
+    assert torch.allclose(colinear, 0.75 * a + 0.25 * 2 * a, atol=1e-6)
+    zero = kernels.slerp(0.5, torch.zeros(10), torch.ones(10))
+    assert torch.isfinite(zero).all()
+
+
+def test_linear_normalize():
+    a, b = torch.ones(3), torch.full((3,), 3.0)
+    assert kernels.linear([a, b], [1.0, 3.0]).tolist() == [2.5] * 3
+    assert kernels.linear([a, b], [1.0, 3.0], normalize=False).tolist() == [10.0] * 3
+    assert not math.isnan(kernels.linear([a, b], [0.5, 0.5])[0].item())
