@@ -1,0 +1,96 @@
+"""The real `evomerge` command: a successful merge, and bad input -> one line, exit 2, nothing written."""
+
+import math
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+
+def _run(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "evomerge.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+
+
+def _config(tmp_path, zoo, **overrides):
+    base, ft1, ft2 = zoo["llama"]
+    cfg = {
+        "models": [
+            {"model": str(ft1), "parameters": {"weight": 0.5, "density": 0.5}},
+            {"model": str(ft2), "parameters": {"weight": 0.5, "density": 0.5}},
+        ],
+        "base_model": str(base),
+        "merge_method": "ties",
+        "dtype": "float32",
+    }
+    cfg.update(overrides)
+    path = tmp_path / "cfg.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_merge_succeeds_and_refuses_to_overwrite(tmp_path, zoo):
+    out = tmp_path / "out"
+    done = _run("merge", _config(tmp_path, zoo), out)
+    assert done.returncode == 0, done.stderr
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    again = _run("merge", _config(tmp_path, zoo), out)
+    assert again.returncode == 2 and "not empty" in again.stderr
+    assert _run("merge", _config(tmp_path, zoo), out, "--force").returncode == 0
+
+
+def _corrupt(tmp_path, zoo, how):
+    bad = tmp_path / "bad-model"
+    shutil.copytree(zoo["llama"][1], bad)
+    file = bad / "model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2] if how == "truncated" else b"\x00garbage" + data[8:])
+    return bad
+
+
+def _bad_configs(tmp_path, zoo):
+    base, ft1, ft2 = zoo["llama"]
+    other = tmp_path / "other"
+    from evomerge.models.synthetic import make_family
+
+    other = make_family(tmp_path, "llama", finetunes=0, hidden=48, layers=3)[0]
+    models = lambda a, b, **p: [  # noqa: E731
+        {"model": str(a), "parameters": {"weight": 0.5, **p}}, {"model": str(b), "parameters": {"weight": 0.5, **p}}
+    ]
+    return {
+        "missing model dir": ({"models": models(tmp_path / "nope", ft2)}, "model directory not found"),
+        "truncated safetensors": ({"models": models(_corrupt(tmp_path, zoo, "truncated"), ft2)}, "safetensors"),
+        "mismatched shapes": ({"models": models(other, ft2)}, "has shape"),
+        "unknown method": ({"merge_method": "tiez"}, "unknown merge method 'tiez'"),
+        "density out of range": ({"models": models(ft1, ft2, density=1.5)}, "density must be in (0, 1]"),
+        "zero density": ({"models": models(ft1, ft2, density=0)}, "density must be in (0, 1]"),
+        "nan weight": ({"models": [{"model": str(ft1), "parameters": {"weight": math.nan}},
+                                   {"model": str(ft2), "parameters": {"weight": 0.5}}]}, "weight must be a finite"),
+        "unknown key": ({"modelz": []}, "modelz"),
+        "missing weight": ({"models": [{"model": str(ft1)}, {"model": str(ft2)}]}, "missing parameter weight"),
+    }  # fmt: skip
+
+
+def test_bad_input_one_line_exit_2_nothing_written(tmp_path, zoo):
+    for case, (overrides, expected) in _bad_configs(tmp_path, zoo).items():
+        out = tmp_path / f"out-{case.replace(' ', '-')}"
+        done = _run("merge", _config(tmp_path, zoo, **overrides), out)
+        assert done.returncode == 2, (case, done.stderr)
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), (case, done.stderr)
+        assert expected in lines[0], (case, lines[0])
+        assert "Traceback" not in done.stderr
+        assert not out.exists(), case
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(f".{out.name}.")], case
+
+
+@pytest.mark.parametrize("args,expected", [
+    (("merge", "/nonexistent.yml", "/tmp/x"), "config not found"),
+])  # fmt: skip
+def test_missing_config(args, expected):
+    done = _run(*args)
+    assert done.returncode == 2 and expected in done.stderr
