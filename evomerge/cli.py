@@ -38,15 +38,22 @@ def merge(
     out_dir: Path = typer.Argument(..., help="Directory to write the merged Hugging Face model into."),
     device: str = typer.Option("auto", help="cpu, cuda, cuda:N, or auto (cuda when available)."),
     force: bool = typer.Option(False, help="Replace OUT_DIR if it is not empty."),
-    allow_pickle: bool = typer.Option(False, help="Accept .bin (pickle) checkpoints, loaded with weights_only=True."),
+    allow_pickle: bool = typer.Option(
+        False, help="Accept .bin (pickle) checkpoints, loaded with weights_only=True."
+    ),
 ) -> None:
     """Merge models as a mergekit config describes, exactly, into OUT_DIR."""
-    from evomerge.merge.offline import merge_from_config
     from evomerge.device import resolve_device
+    from evomerge.merge.offline import merge_from_config
 
     with _progress() as progress:
         summary = merge_from_config(
-            config, out_dir, device=resolve_device(device), force=force, allow_pickle=allow_pickle, progress=progress
+            config,
+            out_dir,
+            device=resolve_device(device),
+            force=force,
+            allow_pickle=allow_pickle,
+            progress=progress,
         )
     console.print(
         f"merged {summary.tensors} tensors with {summary.method} ({summary.dtype}, "

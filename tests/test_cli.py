@@ -59,7 +59,8 @@ def _bad_configs(tmp_path, zoo):
 
     other = make_family(tmp_path, "llama", finetunes=0, hidden=48, layers=3)[0]
     models = lambda a, b, **p: [  # noqa: E731
-        {"model": str(a), "parameters": {"weight": 0.5, **p}}, {"model": str(b), "parameters": {"weight": 0.5, **p}}
+        {"model": str(a), "parameters": {"weight": 0.5, **p}},
+        {"model": str(b), "parameters": {"weight": 0.5, **p}},
     ]
     return {
         "missing model dir": ({"models": models(tmp_path / "nope", ft2)}, "model directory not found"),

@@ -40,7 +40,9 @@ def _functional(engine, recipe):
     params = recipe.tensor_params(engine.names, engine.family)
     base = engine.base
     return {
-        name: merge_tensor(engine.method, name, base[name] if base else None, [s[name] for s in engine.inputs], params[name])
+        name: merge_tensor(
+            engine.method, name, base[name] if base else None, [s[name] for s in engine.inputs], params[name]
+        )
         for name in engine.names
     }
 
@@ -62,7 +64,9 @@ def test_in_place_equals_functional(zoo, method, split):
 
 def test_split_groups_give_attention_and_mlp_their_own_parameters(zoo):
     engine, target = _engine(zoo["mistral"], Method.task_arithmetic)
-    groups = {g: GroupParams(weights=(0.0, 0.0)) for g in engine.family.group_names(engine.num_layers, split=True)}
+    groups = {
+        g: GroupParams(weights=(0.0, 0.0)) for g in engine.family.group_names(engine.num_layers, split=True)
+    }
     groups["layers.1.mlp"] = GroupParams(weights=(1.0, 0.0))
     engine.apply(Recipe(Method.task_arithmetic, groups))
     ft1 = Checkpoint.open(zoo["mistral"][1])
@@ -78,7 +82,9 @@ def test_fast_ties_keeps_within_0_1_percent_on_large_tensors(tmp_path):
     paths = make_family(tmp_path, "llama", hidden=256, layers=1, finetunes=2, seed=5)
     engine, target = _engine(paths, Method.ties)
     exact_engine, exact_target = _engine(paths, Method.ties, exact=True)
-    recipe = Recipe.uniform(Method.ties, engine.family.group_names(1), weights=[0.6, 0.4], densities=[0.2, 0.45])
+    recipe = Recipe.uniform(
+        Method.ties, engine.family.group_names(1), weights=[0.6, 0.4], densities=[0.2, 0.45]
+    )
     engine.apply(recipe)
     exact_engine.apply(recipe)
     name = "model.layers.0.mlp.up_proj.weight"  # 131k entries: the table samples ranks, not every magnitude
@@ -88,7 +94,9 @@ def test_fast_ties_keeps_within_0_1_percent_on_large_tensors(tmp_path):
         delta = engine.inputs[j][name] - base
         value, q = engine.tables[name][j].threshold(density)
         kept = int((delta.abs() > value).sum()) + (int((delta.abs() == value).sum()) if q > 0 else 0)
-        assert abs(kept - keep_count(density, delta.numel())) <= 0.001 * keep_count(density, delta.numel()) + 1
+        assert (
+            abs(kept - keep_count(density, delta.numel())) <= 0.001 * keep_count(density, delta.numel()) + 1
+        )
     fast, exact = target.state_dict()[name], exact_target.state_dict()[name]
     assert (fast != exact).float().mean().item() < 0.002  # differs only at the trim boundary
 
@@ -132,7 +140,9 @@ def test_compiled_kernels_match_eager(zoo):
 def test_dare_mask_depends_on_candidate_seed_only(zoo):
     engine, target = _engine(zoo["llama"], Method.dare_linear)
     groups = engine.family.group_names(engine.num_layers)
-    recipe = lambda seed: Recipe.uniform(Method.dare_linear, groups, weights=[0.5, 0.5], densities=[0.5, 0.5], seed=seed)  # noqa: E731
+    recipe = lambda seed: Recipe.uniform(
+        Method.dare_linear, groups, weights=[0.5, 0.5], densities=[0.5, 0.5], seed=seed
+    )  # noqa: E731
     name = "model.layers.0.self_attn.q_proj.weight"
     engine.apply(recipe(1))
     first = target.state_dict()[name].clone()

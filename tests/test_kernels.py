@@ -96,7 +96,11 @@ def test_topk_mask_keeps_exact_count():
 def test_threshold_table_kept_count_within_0_1_percent():
     g = torch.Generator().manual_seed(0)
     # heavy-tailed task vector stored in bf16 (many tied magnitudes), as real fine-tunes are
-    x = (torch.randn(2_000_000, generator=g) * torch.exp(torch.randn(2_000_000, generator=g))).bfloat16().float()
+    x = (
+        (torch.randn(2_000_000, generator=g) * torch.exp(torch.randn(2_000_000, generator=g)))
+        .bfloat16()
+        .float()
+    )
     table = ThresholdTable(x.abs())
     assert table.nbytes < 600_000
     u = uniform_from_index(torch.arange(x.numel(), dtype=torch.int32), derive_key("ties"))

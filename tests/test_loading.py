@@ -65,7 +65,9 @@ def test_incompatible_shapes_name_tensor_and_models(tmp_path, zoo):
     with pytest.raises(UserError) as err:
         check_compatible([Checkpoint.open(zoo["llama"][0]), Checkpoint.open(other)])
     msg = str(err.value)
-    assert msg.startswith("tensor ") and "has shape" in msg and str(zoo["llama"][0]) in msg and str(other) in msg
+    assert (
+        msg.startswith("tensor ") and "has shape" in msg and str(zoo["llama"][0]) in msg and str(other) in msg
+    )
 
 
 def test_different_architectures_refused(zoo):

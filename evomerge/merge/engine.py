@@ -46,7 +46,10 @@ class _Kernels:
                         self._compiled[fn.__name__] = torch.compile(fn, dynamic=True)
                     return self._compiled[fn.__name__](*args, **kwargs)
                 except Exception as exc:  # no C++ compiler, unsupported backend...: same math, eagerly
-                    log.warning("torch.compile failed (%s); merging with eager kernels", str(exc).splitlines()[0][:200])
+                    log.warning(
+                        "torch.compile failed (%s); merging with eager kernels",
+                        str(exc).splitlines()[0][:200],
+                    )
                     self.compile = False
             return fn(*args, **kwargs)
 
@@ -79,12 +82,19 @@ class MergeEngine:
         self.names = list(first.tensors)
         self.num_layers = first.num_layers
         started = time.perf_counter()
-        load = lambda ckpt, name: ckpt.get(name, dtype=dtype, device=self.device)  # noqa: E731
+        def load(ckpt: Checkpoint, name: str) -> torch.Tensor:
+            tensor = ckpt.get(name, dtype=dtype, device=self.device)
+            # safetensors hands back mmap-backed CPU tensors; own the memory so that page-cache eviction
+            # can never turn a candidate into a disk read
+            return tensor.clone() if self.device.type == "cpu" else tensor
+
         self.base = {name: load(base, name) for name in self.names} if base is not None else None
         self.inputs = [{name: load(ckpt, name) for name in self.names} for ckpt in inputs]
         self.targets = self._bind_target(target)
         self.resident_bytes = sum(
-            t.numel() * t.element_size() for src in ([self.base] if self.base else []) + self.inputs for t in src.values()
+            t.numel() * t.element_size()
+            for src in ([self.base] if self.base else []) + self.inputs
+            for t in src.values()
         )
         if compile == "auto":
             compile = self.device.type == "cuda" or self.resident_bytes >= _AUTO_COMPILE_BYTES
@@ -103,7 +113,9 @@ class MergeEngine:
                 raise UserError(f"target model has no tensor {name}")
             param = state[name]
             if tuple(param.shape) != tuple(self.inputs[0][name].shape):
-                raise UserError(f"target tensor {name} has shape {list(param.shape)}, sources have {list(self.inputs[0][name].shape)}")
+                raise UserError(
+                    f"target tensor {name} has shape {list(param.shape)}, sources have {list(self.inputs[0][name].shape)}"
+                )
             if param.device != self.device:
                 raise UserError(f"target model is on {param.device}, engine device is {self.device}")
             param.requires_grad_(False)
@@ -164,7 +176,13 @@ class MergeEngine:
         )  # fmt: skip
 
 
-def load_target(ckpt: Checkpoint, *, device: str = "cpu", dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> torch.nn.Module:
+def load_target(
+    ckpt: Checkpoint,
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+) -> torch.nn.Module:
     """The resident model candidates are written into: the first source loaded once, in eval mode."""
     from transformers import AutoModelForCausalLM
 
@@ -173,5 +191,7 @@ def load_target(ckpt: Checkpoint, *, device: str = "cpu", dtype: torch.dtype | N
             str(ckpt.path), dtype=dtype or "auto", trust_remote_code=trust_remote_code
         )
     except Exception as exc:
-        raise UserError(f"model {ckpt.ref}: transformers cannot load it ({str(exc).splitlines()[0][:300]})") from None
+        raise UserError(
+            f"model {ckpt.ref}: transformers cannot load it ({str(exc).splitlines()[0][:300]})"
+        ) from None
     return model.to(device).eval()

@@ -10,7 +10,7 @@ mergekit 0.1.5's.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -19,16 +19,16 @@ from evomerge.errors import UserError
 from evomerge.merge.methods import Method, TensorParams, parse_method
 from evomerge.models.architecture import Family
 
-Scalar = Union[bool, int, float, str]
+Scalar = bool | int | float | str
 
 
 class Conditional(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    value: Union[Scalar, list[Scalar]]
+    value: Scalar | list[Scalar]
     filter: str | None = None
 
 
-Setting = Union[Conditional, list[Conditional], Scalar, list[Scalar]]
+Setting = Conditional | list[Conditional] | Scalar | list[Scalar]
 
 
 class ModelEntry(BaseModel):
@@ -79,7 +79,9 @@ def load_merge_config(path: Path) -> MergeConfig:
         raise UserError(f"{path}: expected a mapping at the top level")
     for key in ("slices", "modules"):
         if key in raw:
-            raise UserError(f"{path}: '{key}' (frankenmerge layer stacking) is not supported by evomerge merge yet; use 'models'")
+            raise UserError(
+                f"{path}: '{key}' (frankenmerge layer stacking) is not supported by evomerge merge yet; use 'models'"
+            )
     try:
         return MergeConfig.model_validate(raw)
     except ValidationError as exc:
@@ -167,7 +169,9 @@ class ConfigPlan:
 
     def _resolve(self, name: str, tensor: str, t: float, model: str | None) -> Any:
         kind, _ = _PARAMS[name]
-        scopes = ([self._per_model.get(model, {})] if model is not None else []) + [self.config.parameters or {}]
+        scopes = ([self._per_model.get(model, {})] if model is not None else []) + [
+            self.config.parameters or {}
+        ]
         for scope in scopes:
             if name in scope:
                 value = evaluate_setting(scope[name], tensor, t, kind, name)

@@ -46,7 +46,9 @@ def parse_method(name: str) -> Method:
     try:
         return Method(name)
     except ValueError:
-        raise UserError(f"unknown merge method {name!r} (supported: {', '.join(m.value for m in Method)})") from None
+        raise UserError(
+            f"unknown merge method {name!r} (supported: {', '.join(m.value for m in Method)})"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -101,4 +103,6 @@ def merge_tensor(
         return kernels.ties(base, models, p.weights, p.densities, normalize=p.normalize, lam=p.lam)
     keys = dare_keys(p.seed, name, len(models))
     kernel = kernels.dare_ties if method is Method.dare_ties else kernels.dare_linear
-    return kernel(base, models, p.weights, p.densities, keys, normalize=p.normalize, rescale=p.rescale, lam=p.lam)
+    return kernel(
+        base, models, p.weights, p.densities, keys, normalize=p.normalize, rescale=p.rescale, lam=p.lam
+    )

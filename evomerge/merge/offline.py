@@ -14,12 +14,18 @@ from pathlib import Path
 import torch
 
 from evomerge.errors import UserError
-from evomerge.merge.methods import TensorParams, merge_tensor
 from evomerge.merge.mergekit_config import ConfigPlan, load_merge_config
+from evomerge.merge.methods import TensorParams, merge_tensor
 from evomerge.models.checkpoint import Checkpoint, parse_dtype
 from evomerge.models.compat import check_compatible
 from evomerge.models.reference import resolve_model_dir
-from evomerge.models.writer import DEFAULT_SHARD_BYTES, ShardWriter, copy_tokenizer, staged_directory, write_config
+from evomerge.models.writer import (
+    DEFAULT_SHARD_BYTES,
+    ShardWriter,
+    copy_tokenizer,
+    staged_directory,
+    write_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +61,9 @@ def merge_from_config(
 
     # Resolve and validate every tensor's parameters before any work, so bad values write nothing.
     names = list(first.tensors)
-    params: dict[str, TensorParams] = {name: plan.tensor_params(name, family, first.num_layers) for name in names}
+    params: dict[str, TensorParams] = {
+        name: plan.tensor_params(name, family, first.num_layers) for name in names
+    }
 
     with staged_directory(out_dir, force) as stage:
         writer = ShardWriter(stage, shard_bytes)
@@ -71,7 +79,9 @@ def merge_from_config(
         write_config(stage, first.config, out_dtype)
         copy_tokenizer(tokenizer_dir, stage)
         (stage / "mergekit_config.yml").write_text(config_path.read_text())
-    return MergeSummary(out_dir, plan.method.value, len(names), writer.total_bytes, str(out_dtype).removeprefix("torch."))
+    return MergeSummary(
+        out_dir, plan.method.value, len(names), writer.total_bytes, str(out_dtype).removeprefix("torch.")
+    )
 
 
 def _stored_dtype(ckpt: Checkpoint) -> torch.dtype:
@@ -79,15 +89,21 @@ def _stored_dtype(ckpt: Checkpoint) -> torch.dtype:
     return parse_dtype(name) if name in ("float32", "bfloat16", "float16") else torch.float32
 
 
-def _tokenizer_dir(source: str | None, plan: ConfigPlan, ckpts: dict[str, Checkpoint], base_dir: Path) -> Path:
+def _tokenizer_dir(
+    source: str | None, plan: ConfigPlan, ckpts: dict[str, Checkpoint], base_dir: Path
+) -> Path:
     default = ckpts[plan.base].path if plan.base else ckpts[plan.inputs[0]].path
     if source in (None, "base"):
         return default
     if source == "union":
         files = [c.path / "tokenizer.json" for c in ckpts.values()]
-        if all(f.is_file() for f in files) and all(filecmp.cmp(files[0], f, shallow=False) for f in files[1:]):
+        if all(f.is_file() for f in files) and all(
+            filecmp.cmp(files[0], f, shallow=False) for f in files[1:]
+        ):
             return default
-        raise UserError("tokenizer_source: union of different tokenizers is not supported; name one model's tokenizer")
+        raise UserError(
+            "tokenizer_source: union of different tokenizers is not supported; name one model's tokenizer"
+        )
     if source in ckpts:
         return ckpts[source].path
     return resolve_model_dir(source, base_dir=base_dir)

@@ -52,7 +52,9 @@ class Recipe:
         return out
 
     @classmethod
-    def uniform(cls, method: Method, group_names: Iterable[str], weights, densities=(), t: float = 0.5, **kw) -> Recipe:
+    def uniform(
+        cls, method: Method, group_names: Iterable[str], weights, densities=(), t: float = 0.5, **kw
+    ) -> Recipe:
         """The same parameters for every group (e.g. a method's default merge)."""
         params = GroupParams(tuple(weights), tuple(densities), t)
         return cls(method, {name: params for name in group_names}, **kw)

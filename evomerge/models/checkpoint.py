@@ -15,7 +15,11 @@ from safetensors import safe_open
 from evomerge.errors import UserError
 from evomerge.models.reference import resolve_model_dir
 
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 
 _ST_INDEX = "model.safetensors.index.json"
 _ST_SINGLE = "model.safetensors"
@@ -54,7 +58,9 @@ class Checkpoint:
     _pickle_cache: dict[Path, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def open(cls, ref: str | os.PathLike[str], *, allow_pickle: bool = False, base_dir: Path | None = None) -> Checkpoint:
+    def open(
+        cls, ref: str | os.PathLike[str], *, allow_pickle: bool = False, base_dir: Path | None = None
+    ) -> Checkpoint:
         path = resolve_model_dir(ref, base_dir=base_dir)
         config = _read_config(path, str(ref))
         files, pickled = _weight_files(path, str(ref), allow_pickle)
@@ -63,7 +69,9 @@ class Checkpoint:
         for file in files:
             if pickled:
                 for name, tensor in ckpt._load_pickle(file).items():
-                    tensors[name] = TensorInfo(file, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
+                    tensors[name] = TensorInfo(
+                        file, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch.")
+                    )
                 continue
             handle = ckpt._handle(file)
             for name in handle.keys():
@@ -84,7 +92,9 @@ class Checkpoint:
     def names(self) -> Iterator[str]:
         return iter(self.tensors)
 
-    def get(self, name: str, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
+    def get(
+        self, name: str, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+    ) -> torch.Tensor:
         info = self.tensors[name]
         if self.pickled:
             tensor = self._load_pickle(info.file)[name]
@@ -92,7 +102,9 @@ class Checkpoint:
             try:
                 tensor = self._handle(info.file).get_tensor(name)
             except Exception as exc:  # truncated or corrupt data region
-                raise UserError(f"model {self.ref}: cannot read tensor {name} from {info.file.name} ({_first_line(exc)})") from None
+                raise UserError(
+                    f"model {self.ref}: cannot read tensor {name} from {info.file.name} ({_first_line(exc)})"
+                ) from None
         if dtype is not None and tensor.dtype != dtype:
             tensor = tensor.to(dtype)
         return tensor.to(device) if torch.device(device) != tensor.device else tensor
@@ -102,7 +114,9 @@ class Checkpoint:
             try:
                 self._handles[file] = safe_open(str(file), framework="pt")
             except Exception as exc:
-                raise UserError(f"model {self.ref}: {file.name} is not a valid safetensors file ({_first_line(exc)})") from None
+                raise UserError(
+                    f"model {self.ref}: {file.name} is not a valid safetensors file ({_first_line(exc)})"
+                ) from None
         return self._handles[file]
 
     def _load_pickle(self, file: Path) -> dict[str, torch.Tensor]:
@@ -110,7 +124,9 @@ class Checkpoint:
             try:
                 self._pickle_cache[file] = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
             except Exception as exc:
-                raise UserError(f"model {self.ref}: cannot load {file.name} with weights_only=True ({_first_line(exc)})") from None
+                raise UserError(
+                    f"model {self.ref}: cannot load {file.name} with weights_only=True ({_first_line(exc)})"
+                ) from None
         return self._pickle_cache[file]
 
 

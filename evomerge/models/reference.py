@@ -16,7 +16,9 @@ def looks_like_hub_id(ref: str) -> bool:
     return bool(_HUB_ID.match(ref)) and not ref.startswith((".", "/", "~"))
 
 
-def resolve_model_dir(ref: str | os.PathLike[str], *, base_dir: Path | None = None, revision: str | None = None) -> Path:
+def resolve_model_dir(
+    ref: str | os.PathLike[str], *, base_dir: Path | None = None, revision: str | None = None
+) -> Path:
     """Local directory for `ref`: an existing directory (relative to the CWD, then to `base_dir`),
     else a hub id resolved through huggingface_hub's cache (downloading only when the hub is reachable)."""
     text = str(ref)
@@ -37,13 +39,19 @@ def _from_hub(repo_id: str, revision: str | None) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_PATTERNS, local_files_only=True))
+        return Path(
+            snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_PATTERNS, local_files_only=True)
+        )
     except Exception:  # not in the local cache: try the hub itself unless told to stay offline
         pass
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        raise UserError(f"model {repo_id}: not a local directory, not in the Hugging Face cache, and HF_HUB_OFFLINE is set")
+        raise UserError(
+            f"model {repo_id}: not a local directory, not in the Hugging Face cache, and HF_HUB_OFFLINE is set"
+        )
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_PATTERNS))
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"model {repo_id}: not a local directory, and the hub id could not be resolved ({reason})") from None
+        raise UserError(
+            f"model {repo_id}: not a local directory, and the hub id could not be resolved ({reason})"
+        ) from None

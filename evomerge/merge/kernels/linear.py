@@ -9,7 +9,9 @@ import torch
 F32 = torch.float32
 
 
-def linear_into(out: torch.Tensor, models: Sequence[torch.Tensor], weights: torch.Tensor, normalize: bool) -> None:
+def linear_into(
+    out: torch.Tensor, models: Sequence[torch.Tensor], weights: torch.Tensor, normalize: bool
+) -> None:
     acc = models[0].to(F32) * weights[0]
     for j in range(1, len(models)):
         acc = acc + models[j].to(F32) * weights[j]
@@ -18,7 +20,9 @@ def linear_into(out: torch.Tensor, models: Sequence[torch.Tensor], weights: torc
     out.copy_(acc)
 
 
-def linear(models: Sequence[torch.Tensor], weights: Sequence[float], *, normalize: bool = True) -> torch.Tensor:
+def linear(
+    models: Sequence[torch.Tensor], weights: Sequence[float], *, normalize: bool = True
+) -> torch.Tensor:
     first = models[0]
     out = torch.empty(first.shape, dtype=F32, device=first.device)
     linear_into(out, models, torch.as_tensor(weights, dtype=F32, device=first.device), normalize)

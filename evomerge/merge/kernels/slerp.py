@@ -41,7 +41,9 @@ def lerp_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, coefs: torch.
     out.copy_(a.to(F32) * coefs[0] + b.to(F32) * coefs[1])
 
 
-def slerp(t: float, a: torch.Tensor, b: torch.Tensor, *, dot_threshold: float = DOT_THRESHOLD, eps: float = EPS) -> torch.Tensor:
+def slerp(
+    t: float, a: torch.Tensor, b: torch.Tensor, *, dot_threshold: float = DOT_THRESHOLD, eps: float = EPS
+) -> torch.Tensor:
     """t = 0 gives a, t = 1 gives b."""
     coefs = slerp_coefficients(slerp_dot(a, b, eps), t, dot_threshold)
     out = torch.empty(a.shape, dtype=F32, device=a.device)

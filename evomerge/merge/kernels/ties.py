@@ -24,4 +24,6 @@ def ties(
     b = base.to(F32)
     masks = [topk_mask(m.to(F32) - b, d) for m, d in zip(models, densities, strict=True)]
     out = torch.empty(base.shape, dtype=F32, device=base.device)
-    return gta_apply(out, base, models, weights, mode="mask", masks=masks, consensus=True, normalize=normalize, lam=lam)
+    return gta_apply(
+        out, base, models, weights, mode="mask", masks=masks, consensus=True, normalize=normalize, lam=lam
+    )

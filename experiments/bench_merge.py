@@ -1,0 +1,152 @@
+"""Per-candidate merge speed of the in-memory engine, as ratios (not a test).
+
+    python experiments/bench_merge.py [--hidden 1024 --layers 4 --vocab 32000 --device auto]
+
+Builds a base + 3 fine-tunes (float32, a few hundred MB each), then for linear, ties and dare_ties prints:
+- per-candidate in-memory merge time (engine, sources resident, result written in place);
+- bytes touched per second (all inputs read + the target written) as a ratio to a plain tensor copy of
+  the same bytes on the same device (a copy touches 2 bytes per byte copied);
+- the ratio to mergekit 0.1.5 merging the same recipe in-process (run_merge; mergekit reads the sources
+  and writes the result each time, which is what a mergekit-evolve candidate costs).
+Targets (issue 2): ties/dare_ties >= 0.3x copy bandwidth, >= 5x faster than mergekit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+
+from evomerge.device import resolve_device  # noqa: E402
+from evomerge.merge.engine import MergeEngine, load_target  # noqa: E402
+from evomerge.merge.methods import Method  # noqa: E402
+from evomerge.merge.recipe import Recipe  # noqa: E402
+from evomerge.models.checkpoint import Checkpoint  # noqa: E402
+
+
+def make_models(root: Path, hidden: int, layers: int, vocab: int) -> list[Path]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 2.75), num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 256), tie_word_embeddings=False,
+    )  # fmt: skip
+    config.architectures = ["LlamaForCausalLM"]
+    paths = []
+    with torch.device("meta"):
+        skeleton = LlamaForCausalLM(config)
+    shapes = {k: v.shape for k, v in skeleton.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    base = {k: torch.randn(s, generator=g) * 0.02 for k, s in shapes.items()}
+    from safetensors.torch import save_file
+
+    for i in range(4):
+        d = root / f"m{i}"
+        d.mkdir()
+        state = base if i == 0 else {k: v + torch.randn(v.shape, generator=g) * 0.002 for k, v in base.items()}
+        save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
+        config.save_pretrained(d)
+        paths.append(d)
+    return paths
+
+
+def timed(fn, reps: int, sync) -> float:
+    fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / reps
+
+
+def mergekit_seconds(paths: list[Path], method: Method, reps: int) -> float | None:
+    try:
+        from mergekit.config import MergeConfiguration
+        from mergekit.merge import run_merge
+        from mergekit.options import MergeOptions
+    except ImportError:
+        return None
+    models = [{"model": str(p), "parameters": {"weight": 0.4, "density": 0.5}} for p in paths[1:]]
+    if method is Method.linear:
+        models = [{"model": str(p), "parameters": {"weight": 0.25}} for p in paths]
+    cfg = {"models": models, "merge_method": method.value, "dtype": "float32"}
+    if method.uses_base:
+        cfg["base_model"] = str(paths[0])
+    config = MergeConfiguration.model_validate(cfg)
+    times = []
+    for _ in range(reps):
+        out = Path(tempfile.mkdtemp(prefix="mk-"))
+        start = time.perf_counter()
+        run_merge(config, str(out), MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=False))
+        times.append(time.perf_counter() - start)
+        shutil.rmtree(out)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--mergekit-reps", type=int, default=2)
+    parser.add_argument("--methods", default="linear,ties,dare_ties")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    root = Path(tempfile.mkdtemp(prefix="bench-merge-"))
+    try:
+        paths = make_models(root, args.hidden, args.layers, args.vocab)
+        ckpts = [Checkpoint.open(p) for p in paths]
+        model_bytes = sum(4 * torch.Size(i.shape).numel() for i in ckpts[0].tensors.values())
+        print(f"device {device}; 3 sources + base, {model_bytes / 1e6:.0f} MB each (float32)")
+
+        src = torch.empty(model_bytes // 4, device=device)
+        dst = torch.empty_like(src)
+        copy_s = timed(lambda: dst.copy_(src), args.reps, sync)
+        copy_bw = 2 * model_bytes / copy_s
+        del src, dst
+        print(f"plain copy of {model_bytes / 1e6:.0f} MB: {copy_s * 1e3:.1f} ms ({copy_bw / 1e9:.1f} GB/s touched)")
+        print(f"{'method':<10} {'load+pre s':>10} {'first s':>8} {'ms/cand':>9} {'GB/s':>7} {'x copy':>7} {'mergekit s':>10} {'x faster':>9}")
+        for name in args.methods.split(","):
+            method = Method(name)
+            base, inputs = (None, ckpts) if method is Method.linear else (ckpts[0], ckpts[1:])
+            target = load_target(ckpts[0], device=device)
+            engine = MergeEngine(base, inputs, method, target, device=device, compile=True)
+            groups = engine.family.group_names(engine.num_layers)
+            n = len(inputs)
+            recipes = [
+                Recipe.uniform(method, groups, weights=[0.4 + 0.01 * i] * n, densities=[0.5 - 0.01 * i] * n, seed=i)
+                for i in range(args.reps + 1)
+            ]
+            start = time.perf_counter()
+            engine.apply(recipes[0])  # compile (cached on disk by inductor after the first run) + warm-up
+            sync()
+            first = time.perf_counter() - start
+            it = iter(recipes * 2)
+            per = timed(lambda: engine.apply(next(it)), args.reps, sync)
+            touched = (n + (0 if base is None else 1) + 1) * model_bytes
+            mk = mergekit_seconds(paths, method, args.mergekit_reps)
+            mk_text = f"{mk:10.2f} {mk / per:9.1f}" if mk else f"{'n/a':>10} {'n/a':>9}"
+            print(
+                f"{name:<10} {engine.load_seconds:10.1f} {first:8.1f} {per * 1e3:9.1f} {touched / per / 1e9:7.1f} "
+                f"{(touched / per) / copy_bw:7.2f} {mk_text}"
+            )
+            del engine, target
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
