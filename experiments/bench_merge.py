@@ -52,7 +52,9 @@ def make_models(root: Path, hidden: int, layers: int, vocab: int) -> list[Path]:
     for i in range(4):
         d = root / f"m{i}"
         d.mkdir()
-        state = base if i == 0 else {k: v + torch.randn(v.shape, generator=g) * 0.002 for k, v in base.items()}
+        state = (
+            base if i == 0 else {k: v + torch.randn(v.shape, generator=g) * 0.002 for k, v in base.items()}
+        )
         save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
         config.save_pretrained(d)
         paths.append(d)
@@ -70,6 +72,13 @@ def timed(fn, reps: int, sync, best: bool = False) -> float:
         sync()
         times.append(time.perf_counter() - start)
     return min(times) if best else sum(times) / len(times)
+
+
+def copy_seconds(nbytes: int, device: str, reps: int, sync) -> float:
+    """Fastest plain copy of `nbytes` (the best copy makes every ratio conservative)."""
+    src = torch.empty(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    return timed(lambda: dst.copy_(src), reps, sync, best=True)
 
 
 def mergekit_seconds(paths: list[Path], method: Method, reps: int) -> float | None:
@@ -97,7 +106,9 @@ def mergekit_seconds(paths: list[Path], method: Method, reps: int) -> float | No
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=32000)
@@ -115,13 +126,14 @@ def main() -> None:
         model_bytes = sum(4 * torch.Size(i.shape).numel() for i in ckpts[0].tensors.values())
         print(f"device {device}; 3 sources + base, {model_bytes / 1e6:.0f} MB each (float32)")
 
-        src = torch.empty(model_bytes // 4, device=device)
-        dst = torch.empty_like(src)
-        copy_s = timed(lambda: dst.copy_(src), 4 * args.reps, sync, best=True)  # best copy: conservative ratios
+        copy_s = copy_seconds(model_bytes, device, 4 * args.reps, sync)
         copy_bw = 2 * model_bytes / copy_s
-        del src, dst
-        print(f"plain copy of {model_bytes / 1e6:.0f} MB: {copy_s * 1e3:.1f} ms ({copy_bw / 1e9:.1f} GB/s touched)")
-        print(f"{'method':<10} {'load+pre s':>10} {'first s':>8} {'ms/cand':>9} {'GB/s':>7} {'x copy':>7} {'mergekit s':>10} {'x faster':>9}")
+        print(
+            f"plain copy of {model_bytes / 1e6:.0f} MB: {copy_s * 1e3:.1f} ms ({copy_bw / 1e9:.1f} GB/s touched)"
+        )
+        print(
+            f"{'method':<10} {'load+pre s':>10} {'first s':>8} {'ms/cand':>9} {'GB/s':>7} {'x copy':>7} {'mergekit s':>10} {'x faster':>9}"
+        )
         for name in args.methods.split(","):
             method = Method(name)
             base, inputs = (None, ckpts) if method is Method.linear else (ckpts[0], ckpts[1:])
@@ -130,7 +142,9 @@ def main() -> None:
             groups = engine.family.group_names(engine.num_layers)
             n = len(inputs)
             recipes = [
-                Recipe.uniform(method, groups, weights=[0.4 + 0.01 * i] * n, densities=[0.5 - 0.01 * i] * n, seed=i)
+                Recipe.uniform(
+                    method, groups, weights=[0.4 + 0.01 * i] * n, densities=[0.5 - 0.01 * i] * n, seed=i
+                )
                 for i in range(args.reps + 1)
             ]
             start = time.perf_counter()
@@ -138,7 +152,7 @@ def main() -> None:
             sync()
             first = time.perf_counter() - start
             it = iter(recipes * 2)
-            per = timed(lambda: engine.apply(next(it)), args.reps, sync)
+            per = timed(lambda engine=engine, it=it: engine.apply(next(it)), args.reps, sync)
             touched = (n + (0 if base is None else 1) + 1) * model_bytes
             mk = mergekit_seconds(paths, method, args.mergekit_reps)
             mk_text = f"{mk:10.2f} {mk / per:9.1f}" if mk else f"{'n/a':>10} {'n/a':>9}"

@@ -140,9 +140,10 @@ def test_compiled_kernels_match_eager(zoo):
 def test_dare_mask_depends_on_candidate_seed_only(zoo):
     engine, target = _engine(zoo["llama"], Method.dare_linear)
     groups = engine.family.group_names(engine.num_layers)
-    recipe = lambda seed: Recipe.uniform(
-        Method.dare_linear, groups, weights=[0.5, 0.5], densities=[0.5, 0.5], seed=seed
-    )  # noqa: E731
+
+    def recipe(seed):
+        return Recipe.uniform(Method.dare_linear, groups, weights=[0.5, 0.5], densities=[0.5, 0.5], seed=seed)
+
     name = "model.layers.0.self_attn.q_proj.weight"
     engine.apply(recipe(1))
     first = target.state_dict()[name].clone()

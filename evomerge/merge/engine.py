@@ -82,6 +82,7 @@ class MergeEngine:
         self.names = list(first.tensors)
         self.num_layers = first.num_layers
         started = time.perf_counter()
+
         def load(ckpt: Checkpoint, name: str) -> torch.Tensor:
             tensor = ckpt.get(name, dtype=dtype, device=self.device)
             # safetensors hands back mmap-backed CPU tensors; own the memory so that page-cache eviction
