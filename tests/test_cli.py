@@ -95,3 +95,36 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, zoo):
 def test_missing_config(args, expected):
     done = _run(*args)
     assert done.returncode == 2 and expected in done.stderr
+
+
+def test_tokenizer_source_and_allow_pickle_from_config(tmp_path, zoo):
+    import torch
+
+    from evomerge.models.checkpoint import Checkpoint
+
+    base, ft1, ft2 = zoo["llama"]
+    pickled = tmp_path / "pickled-ft2"
+    shutil.copytree(ft2, pickled)
+    ckpt = Checkpoint.open(pickled)
+    torch.save({n: ckpt.get(n) for n in ckpt.names()}, pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    (pickled / "tokenizer.json").write_text((ft2 / "tokenizer.json").read_text().replace('"w59"', '"zz59"'))
+    models = [
+        {"model": str(ft1), "parameters": {"weight": 0.5}},
+        {"model": str(pickled), "parameters": {"weight": 0.5}},
+    ]
+    refused = _run(
+        "merge", _config(tmp_path, zoo, merge_method="task_arithmetic", models=models), tmp_path / "a"
+    )
+    assert refused.returncode == 2 and "allow_pickle" in refused.stderr
+    cfg = _config(
+        tmp_path,
+        zoo,
+        merge_method="task_arithmetic",
+        models=models,
+        allow_pickle=True,
+        tokenizer_source=str(pickled),
+    )
+    done = _run("merge", cfg, tmp_path / "b")
+    assert done.returncode == 0, done.stderr
+    assert "zz59" in (tmp_path / "b" / "tokenizer.json").read_text()

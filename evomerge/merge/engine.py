@@ -75,6 +75,8 @@ class MergeEngine:
             raise UserError("slerp merges the base with exactly one other model")
         self.method = method
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # "cuda" and "cuda:0" must compare equal
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.exact = exact
         checkpoints = ([base] if base is not None else []) + list(inputs)
         self.family = check_compatible(checkpoints)

@@ -46,6 +46,8 @@ class MergeConfig(BaseModel):
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    # evomerge extension (mergekit ignores it): accept .bin checkpoints, loaded with weights_only=True
+    allow_pickle: bool = False
 
 
 # parameter -> (kind, scope): "shared" parameters are global; "input" ones can be given per model.

@@ -52,6 +52,7 @@ def merge_from_config(
     config = load_merge_config(config_path)
     plan = ConfigPlan(config)
     base_dir = config_path.parent.resolve()
+    allow_pickle = allow_pickle or config.allow_pickle
     ckpts = {ref: Checkpoint.open(ref, allow_pickle=allow_pickle, base_dir=base_dir) for ref in plan.all_refs}
     family = check_compatible(list(ckpts.values()))
     first = ckpts[plan.base] if plan.base else ckpts[plan.inputs[0]]
