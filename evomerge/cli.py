@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -61,7 +62,53 @@ def merge(
     )
 
 
+@app.command("eval")
+def eval_(
+    model: str = typer.Argument(..., help="Model directory (or hub id) to score."),
+    task: list[str] = typer.Option(
+        ..., "--task", help="Task name (bundled, lm-eval registry, or in --include-path)."
+    ),
+    split: str = typer.Option("search", help="search | heldout | all"),
+    include_path: list[str] = typer.Option([], "--include-path", help="Directory of lm-eval task YAMLs."),
+    heldout: float = typer.Option(0.5, help="Held-out share: a fraction in (0, 1), or a count when >= 1."),
+    split_seed: int = typer.Option(0, help="Seed of the search/held-out split."),
+    limit: int | None = typer.Option(None, help="At most this many examples per task and split."),
+    batch_size: int = typer.Option(64),
+    device: str = typer.Option("auto", help="cpu, cuda, cuda:N, or auto."),
+    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Score a model with the same evaluator the search uses."""
+    import json
+
+    from evomerge.evaluate.run import evaluate_model
+
+    result = evaluate_model(
+        model, task, split=split, include_paths=include_path, heldout=int(heldout) if heldout >= 1 else heldout,
+        split_seed=split_seed, limit=limit, batch_size=batch_size, device=device, dtype=dtype,
+    )  # fmt: skip
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{model} ({split} split)")
+    for column in ("task", "metric", "value", "examples"):
+        table.add_column(column)
+    for name, metrics in result.metrics.items():
+        for key, value in metrics.items():
+            table.add_row(name, key, f"{value:.4f}", str(result.examples[name]))
+    console.print(table)
+    if not result.ok:
+        raise UserError(f"evaluation failed: {result.error}")
+    console.print(f"fitness {result.fitness:.4f} in {result.seconds:.1f}s")
+
+
 def main() -> None:
+    # lm-eval and transformers draw tqdm bars per batch; tqdm reads this when first imported, which
+    # happens lazily inside the commands, after this line
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         app()

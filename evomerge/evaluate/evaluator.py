@@ -1,0 +1,159 @@
+"""Score a resident model with lm-eval, many times.
+
+The lm-eval model wrapper and the task dict are built once; each call runs `lm_eval.evaluator.evaluate`
+on them with the examples of one split, so a candidate costs only its forward passes (the merge engine
+swaps weights in place between calls). A candidate that breaks (non-finite logits, out of memory, a
+generation error) comes back as a failed result with the reason; it never raises to the caller.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from evomerge.errors import UserError
+from evomerge.evaluate.spec import EvaluationSpec, TaskSpec
+from evomerge.evaluate.tasks import task_manager
+
+log = logging.getLogger(__name__)
+SPLITS = ("search", "heldout", "all")
+
+
+@dataclass
+class EvalResult:
+    ok: bool
+    fitness: float
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    examples: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok, "fitness": self.fitness, "metrics": self.metrics, "examples": self.examples,
+            "seconds": self.seconds, "error": self.error,
+        }  # fmt: skip
+
+
+def split_indices(num_docs: int, task: str, heldout: float | int, seed: int) -> dict[str, list[int]]:
+    """Disjoint search / held-out example indices, a pure function of (task, size, heldout, seed)."""
+    digest = hashlib.blake2b(f"{seed}:{task}".encode(), digest_size=8).digest()
+    order = np.random.default_rng(int.from_bytes(digest, "little")).permutation(num_docs)
+    count = int(round(heldout * num_docs)) if isinstance(heldout, float) else int(heldout)
+    if not 0 < count < num_docs:
+        raise UserError(
+            f"task {task}: held-out split of {heldout} leaves no search or no held-out examples ({num_docs} in all)"
+        )
+    return {"heldout": order[:count].tolist(), "search": order[count:].tolist(), "all": order.tolist()}
+
+
+class Evaluator:
+    """Built once per worker around the resident model; `evaluate()` per candidate."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, spec: EvaluationSpec) -> None:
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import get_task_dict
+
+        self.spec = spec
+        self.model = model
+        names = [t.name for t in spec.tasks]
+        if len(set(names)) != len(names):
+            raise UserError("a task is listed twice in evaluation.tasks")
+        manager = task_manager(names, spec.include_paths)
+        for name in names:
+            if name in manager.all_groups:
+                raise UserError(f"task {name} is a group; list its subtasks instead")
+        self.task_dict = get_task_dict(names, manager)
+        self.specs: dict[str, TaskSpec] = {t.name: t for t in spec.tasks}
+        self.splits: dict[str, dict[str, list[int]]] = {}
+        for name, task in self.task_dict.items():
+            self._configure(name, task, self.specs[name])
+            docs = len(task.eval_docs)
+            self.splits[name] = split_indices(docs, name, spec.split.heldout, spec.split.seed)
+        self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=spec.batch_size)
+        self._probe = torch.tensor(
+            [[tokenizer.eos_token_id or 0] * 4], device=next(model.parameters()).device
+        )
+
+    @staticmethod
+    def _configure(name: str, task, spec: TaskSpec) -> None:
+        if spec.num_fewshot:
+            if not (task.has_training_docs() or task.config.fewshot_split):
+                raise UserError(
+                    f"task {name}: num_fewshot needs a training or fewshot split, or shots would come from the evaluation examples"
+                )
+            task.set_config(key="num_fewshot", value=spec.num_fewshot)
+        elif spec.num_fewshot == 0:
+            task.set_config(key="num_fewshot", value=0)
+        if spec.gen_kwargs:
+            if task.config.output_type != "generate_until":
+                raise UserError(f"task {name}: gen_kwargs only apply to generate_until tasks")
+            task.set_config(key="generation_kwargs", value=dict(spec.gen_kwargs), update=True)
+
+    def indices(self, task: str, split: str) -> list[int]:
+        chosen = self.splits[task][split]
+        limit = self.specs[task].limit
+        return sorted(chosen[:limit] if limit else chosen)
+
+    def evaluate(self, split: str = "search") -> EvalResult:
+        """Metrics and fitness (sum of weight x metric) of the model as it is now."""
+        if split not in SPLITS:
+            raise UserError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+        from lm_eval.evaluator import evaluate
+
+        started = time.perf_counter()
+        samples = {name: self.indices(name, split) for name in self.task_dict}
+        examples = {name: len(ix) for name, ix in samples.items()}
+        try:
+            with torch.no_grad():
+                logits = self.model(self._probe).logits
+            if not torch.isfinite(logits).all():
+                raise FloatingPointError("non-finite logits")
+            out = evaluate(
+                lm=self.lm, task_dict=self.task_dict, samples=samples, bootstrap_iters=0, log_samples=False,
+                verbosity="ERROR",
+            )  # fmt: skip
+            metrics = {name: _metrics(out["results"][name]) for name in self.task_dict}
+            fitness = 0.0
+            for name, task_metrics in metrics.items():
+                key = self.metric_key(name, task_metrics)
+                value = task_metrics[key]
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"{name} {key} is {value}")
+                fitness += self.specs[name].weight * value
+        except UserError:
+            raise
+        except BaseException as exc:  # a broken candidate is data, not a crash (KeyboardInterrupt excepted)
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            if isinstance(exc, torch.cuda.OutOfMemoryError) and torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return EvalResult(
+                False, -math.inf, examples=examples, seconds=time.perf_counter() - started, error=reason
+            )
+        return EvalResult(True, fitness, metrics, examples, time.perf_counter() - started)
+
+    def metric_key(self, task: str, metrics: dict[str, float]) -> str:
+        wanted = self.specs[task].metric
+        if wanted is None:
+            return next(iter(metrics))
+        if wanted not in metrics:
+            raise UserError(f"task {task} has no metric {wanted!r} (it reports: {', '.join(metrics)})")
+        return wanted
+
+
+def _metrics(raw: dict[str, Any]) -> dict[str, float]:
+    """lm-eval's result row without stderr and aliases, as plain floats (it returns numpy scalars)."""
+    return {
+        key: float(value)
+        for key, value in raw.items()
+        if "," in key and "_stderr" not in key and isinstance(value, (int, float, np.floating))
+    }

@@ -1,0 +1,57 @@
+"""Score a model directory once (what `evomerge eval` does): load, build the evaluator, evaluate."""
+
+from __future__ import annotations
+
+from evomerge.errors import UserError
+from evomerge.evaluate.evaluator import SPLITS, EvalResult, Evaluator
+from evomerge.evaluate.spec import EvaluationSpec
+
+
+def load_model_and_tokenizer(ref: str, *, device: str, dtype: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    from evomerge.merge.engine import load_target
+    from evomerge.models.checkpoint import Checkpoint, parse_dtype
+
+    ckpt = Checkpoint.open(ref)
+    model = load_target(ckpt, device=device, dtype=parse_dtype(dtype), trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(ckpt.path), trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise UserError(
+            f"model {ref}: cannot load its tokenizer ({str(exc).splitlines()[0][:200]})"
+        ) from None
+    return model, tokenizer
+
+
+def evaluate_model(
+    ref: str,
+    tasks: list[str],
+    *,
+    split: str = "search",
+    include_paths: list[str] | None = None,
+    heldout: float | int = 0.5,
+    split_seed: int = 0,
+    limit: int | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    dtype: str = "float32",
+) -> EvalResult:
+    from evomerge.device import resolve_device
+
+    if split not in SPLITS:
+        raise UserError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    spec = EvaluationSpec.model_validate(
+        {
+            "tasks": [{"name": t, "limit": limit} for t in tasks],
+            "include_paths": include_paths or [],
+            "split": {"heldout": heldout, "seed": split_seed},
+            "batch_size": batch_size,
+        }
+    )
+    # task names are checked before any model loads
+    from evomerge.evaluate.tasks import task_manager
+
+    task_manager(tasks, spec.include_paths)
+    model, tokenizer = load_model_and_tokenizer(ref, device=resolve_device(device), dtype=dtype)
+    return Evaluator(model, tokenizer, spec).evaluate(split)

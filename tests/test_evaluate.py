@@ -1,0 +1,181 @@
+"""The lm-eval evaluator on the shipped zoo models (real lm-eval, real transformers models)."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from evomerge.evaluate import EvaluationSpec, Evaluator, split_indices
+from evomerge.evaluate.run import load_model_and_tokenizer
+
+ZOO = Path(__file__).resolve().parent.parent / "zoo"
+TASKS = Path(__file__).resolve().parent.parent / "evomerge" / "tasks" / "zoo"
+
+
+def _spec(*tasks, limit=40, heldout=300):
+    return EvaluationSpec.model_validate(
+        {
+            "tasks": [{"name": t, "limit": limit} for t in tasks],
+            "split": {"heldout": heldout},
+            "batch_size": 32,
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def math_en():
+    return load_model_and_tokenizer(str(ZOO / "math-en"), device="cpu", dtype="float32")
+
+
+def _rows(task):
+    return [json.loads(line) for line in (TASKS / f"{task}.jsonl").read_text().splitlines()]
+
+
+def test_generation_scores_match_independent_greedy_decode(math_en):
+    model, tok = math_en
+    evaluator = Evaluator(model, tok, _spec("zoo_math_en"))
+    result = evaluator.evaluate("search")
+    assert result.ok, result.error
+    rows = _rows("zoo_math_en")
+    indices = evaluator.indices("zoo_math_en", "search")
+    assert result.examples["zoo_math_en"] == len(indices) == 40
+    correct = 0
+    for i in indices:
+        ids = tok(rows[i]["question"], return_tensors="pt").input_ids
+        out = model.generate(
+            ids, max_new_tokens=16, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=0
+        )
+        text = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        match = re.search(r"#### (\-?[0-9\.\,]+)", text)
+        gold = rows[i]["answer"].split("#### ")[-1]
+        correct += bool(match) and match.group(1).rstrip(".") == gold
+    assert result.metrics["zoo_math_en"]["exact_match,strict-match"] == pytest.approx(correct / len(indices))
+    assert 0 < correct < len(indices)  # a trained model with something left to gain: not a vacuous check
+
+
+def test_multiple_choice_scores_match_independent_loglikelihood(math_en):
+    model, tok = math_en
+    evaluator = Evaluator(model, tok, _spec("zoo_verbs_x", limit=30))
+    result = evaluator.evaluate("heldout")
+    rows = _rows("zoo_verbs_x")
+    correct = 0
+    for i in evaluator.indices("zoo_verbs_x", "heldout"):
+        context = tok(rows[i]["context"]).input_ids
+        scores = []
+        for choice in rows[i]["choices"]:
+            cont = tok(" " + choice).input_ids
+            ids = torch.tensor([context + cont])
+            with torch.no_grad():
+                logp = model(ids).logits.log_softmax(-1)[0, len(context) - 1 : -1]
+            scores.append(logp.gather(1, torch.tensor(cont)[:, None]).sum().item())
+        correct += max(range(3), key=scores.__getitem__) == rows[i]["gold"]
+    assert result.metrics["zoo_verbs_x"]["acc,none"] == pytest.approx(correct / 30)
+
+
+def test_swapping_weights_in_place_equals_fresh_wrapper(math_en):
+    model, tok = math_en
+    spec = _spec("zoo_math_x", "zoo_verbs_x", limit=25)
+    evaluator = Evaluator(model, tok, spec)
+    before = evaluator.evaluate("search")
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    other, _ = load_model_and_tokenizer(str(ZOO / "lang-x"), device="cpu", dtype="float32")
+    try:
+        model.load_state_dict(other.state_dict())  # in place, as the merge engine does
+        swapped = evaluator.evaluate("search")
+        fresh = Evaluator(other, tok, spec).evaluate("search")
+        assert swapped.metrics == fresh.metrics
+        assert swapped.metrics != before.metrics
+    finally:
+        model.load_state_dict(original)
+    assert evaluator.evaluate("search").metrics == before.metrics
+
+
+def test_splits_disjoint_and_stable_across_processes():
+    split = split_indices(600, "zoo_math_x", 300, 0)
+    assert not set(split["search"]) & set(split["heldout"])
+    assert sorted(split["search"] + split["heldout"]) == list(range(600))
+    assert len(split["heldout"]) == 300 and len(split_indices(600, "zoo_math_x", 0.25, 0)["heldout"]) == 150
+    code = "from evomerge.evaluate import split_indices; import json; print(json.dumps(split_indices(600, 'zoo_math_x', 300, 0)))"
+    other = json.loads(
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    )
+    assert other == split
+    assert split_indices(600, "zoo_math_x", 300, 1) != split
+
+
+def test_broken_candidate_is_a_failed_result_not_an_exception(math_en):
+    model, tok = math_en
+    evaluator = Evaluator(model, tok, _spec("zoo_math_en", limit=5))
+    weight = model.model.layers[0].mlp.up_proj.weight
+    saved = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            weight[0, 0] = float("nan")
+        result = evaluator.evaluate()
+        assert not result.ok and "non-finite logits" in result.error and result.fitness == float("-inf")
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+
+    def explode(*_):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    handle = model.model.layers[1].register_forward_hook(explode)
+    try:
+        result = evaluator.evaluate()
+        assert not result.ok and "out of memory" in result.error
+    finally:
+        handle.remove()
+    assert evaluator.evaluate().ok
+
+
+def _cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "evomerge.cli", *map(str, args)], capture_output=True, text=True
+    )
+
+
+def test_eval_cli_json():
+    done = _cli(
+        "eval", ZOO / "math-en", "--task", "zoo_math_en", "--limit", "20", "--json", "--device", "cpu"
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["ok"] and result["examples"] == {"zoo_math_en": 20}
+    assert 0 <= result["metrics"]["zoo_math_en"]["exact_match,strict-match"] <= 1
+
+
+def test_unknown_task_fails_before_model_loads_with_suggestion():
+    done = _cli("eval", "/nonexistent/model", "--task", "zoo_math_z")
+    assert done.returncode == 2
+    assert "unknown task 'zoo_math_z'" in done.stderr and "zoo_math_x" in done.stderr
+    assert "model directory" not in done.stderr
+
+
+def test_gsm8k_local_task_runs_offline_from_plain_files(math_en, tmp_path, monkeypatch):
+    """The shipped gsm8k_local task (lm-eval's gsm8k prompt, shots and filters) on a local copy."""
+    model, tok = math_en
+    rows = [
+        {"question": f"w{i} has {i} apples ?", "answer": f"so {i} + 1 = {i + 1}\n#### {i + 1}"}
+        for i in range(12)
+    ]
+    for split in ("train", "test"):
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    monkeypatch.setenv("GSM8K_DIR", str(tmp_path))
+    spec = EvaluationSpec.model_validate(
+        {
+            "tasks": [{"name": "gsm8k_local", "limit": 3, "gen_kwargs": {"max_gen_toks": 8}}],
+            "include_paths": [
+                str(Path(__file__).resolve().parent.parent / "configs" / "tasks" / "gsm8k_local")
+            ],
+            "split": {"heldout": 6},
+        }
+    )
+    result = Evaluator(model, tok, spec).evaluate("heldout")
+    assert result.ok, result.error
+    assert set(result.metrics["gsm8k_local"]) == {"exact_match,strict-match", "exact_match,flexible-extract"}
+    assert result.examples == {"gsm8k_local": 3}
