@@ -1,0 +1,66 @@
+"""Score the zoo and its default merges on every bundled task with the evaluator (held-out split).
+
+    python experiments/zoo_scores.py
+
+Parents are scored as they are; merges are written in memory into one resident model by the merge engine
+(the search's inner loop, without the search). Prints a markdown table for the README.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+
+from evomerge.evaluate import EvaluationSpec, Evaluator  # noqa: E402
+from evomerge.evaluate.run import load_model_and_tokenizer  # noqa: E402
+from evomerge.merge.engine import MergeEngine  # noqa: E402
+from evomerge.merge.methods import Method  # noqa: E402
+from evomerge.merge.recipe import Recipe  # noqa: E402
+from evomerge.models.checkpoint import Checkpoint  # noqa: E402
+
+ZOO = Path(__file__).resolve().parent.parent / "zoo"
+TASKS = {
+    "zoo_math_en": "exact_match,strict-match",
+    "zoo_math_x": "exact_match,strict-match",
+    "zoo_verbs_x": "acc,none",
+}
+MERGES = [  # (label, method, weights, densities)
+    ("task_arithmetic (w 1, 1)", Method.task_arithmetic, [1.0, 1.0], []),
+    ("ties (w 1, 1; density 0.5)", Method.ties, [1.0, 1.0], [0.5, 0.5]),
+    ("dare_ties (w 1, 1; density 0.5)", Method.dare_ties, [1.0, 1.0], [0.5, 0.5]),
+]
+
+
+def main() -> None:
+    spec = EvaluationSpec.model_validate(
+        {"tasks": [{"name": t, "metric": m} for t, m in TASKS.items()], "split": {"heldout": 300, "seed": 0}}
+    )
+    model, tok = load_model_and_tokenizer(str(ZOO / "base"), device="cpu", dtype="float32")
+    evaluator = Evaluator(model, tok, spec)
+    rows = []
+    for name in ("base", "math-en", "lang-x"):
+        other, _ = load_model_and_tokenizer(str(ZOO / name), device="cpu", dtype="float32")
+        model.load_state_dict(other.state_dict())
+        rows.append((name, evaluator.evaluate("heldout")))
+    base, a, b = (Checkpoint.open(ZOO / n) for n in ("base", "math-en", "lang-x"))
+    for label, method, weights, densities in MERGES:
+        engine = MergeEngine(base, [a, b], method, model, dtype=torch.float32)
+        engine.apply(
+            Recipe.uniform(method, engine.family.group_names(engine.num_layers), weights, densities, seed=0)
+        )
+        rows.append((label, evaluator.evaluate("heldout")))
+    print("| model | " + " | ".join(TASKS) + " |")
+    print("|---|" + "---:|" * len(TASKS))
+    for label, result in rows:
+        cells = [f"{result.metrics[t][m]:.3f}" for t, m in TASKS.items()]
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    print(f"(held-out split: {rows[0][1].examples} examples per task; metrics: {', '.join(TASKS.values())})")
+
+
+if __name__ == "__main__":
+    main()
