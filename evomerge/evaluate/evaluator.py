@@ -130,9 +130,7 @@ class Evaluator:
                 fitness += self.specs[name].weight * value
         except UserError:
             raise
-        except BaseException as exc:  # a broken candidate is data, not a crash (KeyboardInterrupt excepted)
-            if isinstance(exc, KeyboardInterrupt):
-                raise
+        except Exception as exc:  # a broken candidate is data, not a crash (CUDA OOM is a RuntimeError)
             reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
             if isinstance(exc, torch.cuda.OutOfMemoryError) and torch.cuda.is_available():
                 torch.cuda.empty_cache()
