@@ -6,3 +6,9 @@ The CLI prints its message as one line and exits with code 2; anything else is a
 
 class UserError(Exception):
     """A problem with the user's input, described in one line."""
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message cut to one line (its type name when it has none), for one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from evomerge.errors import UserError
+from evomerge.errors import UserError, first_line
 from evomerge.evaluate.spec import EvaluationSpec, TaskSpec
 from evomerge.evaluate.tasks import task_manager
 
@@ -131,7 +131,7 @@ class Evaluator:
         except UserError:
             raise
         except Exception as exc:  # a broken candidate is data, not a crash (CUDA OOM is a RuntimeError)
-            reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            reason = f"{type(exc).__name__}: {first_line(exc)}"
             if isinstance(exc, torch.cuda.OutOfMemoryError) and torch.cuda.is_available():
                 torch.cuda.empty_cache()
             return EvalResult(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from evomerge.errors import UserError
+from evomerge.errors import UserError, first_line
 from evomerge.evaluate.evaluator import SPLITS, EvalResult, Evaluator
 from evomerge.evaluate.spec import EvaluationSpec
 
@@ -18,9 +18,7 @@ def load_model_and_tokenizer(ref: str, *, device: str, dtype: str, trust_remote_
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(ckpt.path), trust_remote_code=trust_remote_code)
     except Exception as exc:
-        raise UserError(
-            f"model {ref}: cannot load its tokenizer ({str(exc).splitlines()[0][:200]})"
-        ) from None
+        raise UserError(f"model {ref}: cannot load its tokenizer ({first_line(exc, 200)})") from None
     return model, tokenizer
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from evomerge.errors import UserError
+from evomerge.errors import UserError, first_line
 from evomerge.merge.kernels.gta import gta_apply, gta_into
 from evomerge.merge.kernels.linear import linear_into
 from evomerge.merge.kernels.slerp import lerp_into, slerp_coefficients, slerp_dot
@@ -48,7 +48,7 @@ class _Kernels:
                 except Exception as exc:  # no C++ compiler, unsupported backend...: same math, eagerly
                     log.warning(
                         "torch.compile failed (%s); merging with eager kernels",
-                        str(exc).splitlines()[0][:200],
+                        first_line(exc, 200),
                     )
                     self.compile = False
             return fn(*args, **kwargs)
@@ -194,7 +194,5 @@ def load_target(
             str(ckpt.path), dtype=dtype or "auto", trust_remote_code=trust_remote_code
         )
     except Exception as exc:
-        raise UserError(
-            f"model {ckpt.ref}: transformers cannot load it ({str(exc).splitlines()[0][:300]})"
-        ) from None
+        raise UserError(f"model {ckpt.ref}: transformers cannot load it ({first_line(exc)})") from None
     return model.to(device).eval()

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from evomerge.errors import UserError
+from evomerge.errors import UserError, first_line
 from evomerge.merge.methods import Method, TensorParams, parse_method
 from evomerge.models.architecture import Family
 
@@ -76,7 +76,7 @@ def load_merge_config(path: Path) -> MergeConfig:
     except FileNotFoundError:
         raise UserError(f"config not found: {path}") from None
     except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise UserError(f"{path}: not valid YAML ({first_line(exc)})") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping at the top level")
     for key in ("slices", "modules"):

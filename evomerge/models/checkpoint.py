@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from evomerge.errors import UserError
+from evomerge.errors import UserError, first_line
 from evomerge.models.reference import resolve_model_dir
 
 DTYPES: dict[str, torch.dtype] = {
@@ -103,7 +103,7 @@ class Checkpoint:
                 tensor = self._handle(info.file).get_tensor(name)
             except Exception as exc:  # truncated or corrupt data region
                 raise UserError(
-                    f"model {self.ref}: cannot read tensor {name} from {info.file.name} ({_first_line(exc)})"
+                    f"model {self.ref}: cannot read tensor {name} from {info.file.name} ({first_line(exc)})"
                 ) from None
         if dtype is not None and tensor.dtype != dtype:
             tensor = tensor.to(dtype)
@@ -115,7 +115,7 @@ class Checkpoint:
                 self._handles[file] = safe_open(str(file), framework="pt")
             except Exception as exc:
                 raise UserError(
-                    f"model {self.ref}: {file.name} is not a valid safetensors file ({_first_line(exc)})"
+                    f"model {self.ref}: {file.name} is not a valid safetensors file ({first_line(exc)})"
                 ) from None
         return self._handles[file]
 
@@ -125,14 +125,9 @@ class Checkpoint:
                 self._pickle_cache[file] = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
             except Exception as exc:
                 raise UserError(
-                    f"model {self.ref}: cannot load {file.name} with weights_only=True ({_first_line(exc)})"
+                    f"model {self.ref}: cannot load {file.name} with weights_only=True ({first_line(exc)})"
                 ) from None
         return self._pickle_cache[file]
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _read_config(path: Path, ref: str) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import os
 import re
 from pathlib import Path
 
-from evomerge.errors import UserError
+from evomerge.errors import UserError, first_line
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
@@ -51,7 +51,6 @@ def _from_hub(repo_id: str, revision: str | None) -> Path:
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_PATTERNS))
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
-            f"model {repo_id}: not a local directory, and the hub id could not be resolved ({reason})"
+            f"model {repo_id}: not a local directory, and the hub id could not be resolved ({first_line(exc)})"
         ) from None
