@@ -134,10 +134,6 @@ class MergeEngine:
         elif self.method is Method.slerp:
             self.slerp_dots = {name: slerp_dot(self.base[name], self.inputs[0][name]) for name in self.names}
 
-    @property
-    def precompute_bytes(self) -> int:
-        return sum(t.nbytes for tables in self.tables.values() for t in tables)
-
     @torch.no_grad()
     def apply(self, recipe: Recipe | Mapping[str, TensorParams]) -> None:
         """Write the merge for `recipe` into the target model's tensors."""
@@ -172,9 +168,8 @@ class MergeEngine:
             self._gta(out, base, models, p, mode="random", probs=p.densities, keys=keys, rescale=p.rescale)
 
     def _gta(self, out, base, models, p: TensorParams, **keep) -> None:
-        consensus = self.method in (Method.ties, Method.dare_ties)
         gta_apply(
-            out, base, models, p.weights, consensus=consensus, normalize=p.normalize, lam=p.lam,
+            out, base, models, p.weights, consensus=self.method.consensus, normalize=p.normalize, lam=p.lam,
             kernel=self.kernels(gta_into), **keep,
         )  # fmt: skip
 

@@ -34,8 +34,9 @@ class Method(str, Enum):
         return self in (Method.ties, Method.dare_linear, Method.dare_ties)
 
     @property
-    def random(self) -> bool:
-        return self in (Method.dare_linear, Method.dare_ties)
+    def consensus(self) -> bool:
+        """Elects a sign per entry and keeps only agreeing task-vector entries (TIES-style)."""
+        return self in (Method.ties, Method.dare_ties)
 
     @property
     def default_normalize(self) -> bool:

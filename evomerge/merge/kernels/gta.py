@@ -59,10 +59,10 @@ def gta_into(
             raise ValueError(f"unknown keep mode {mode}")
         contributions.append(torch.where(keep, delta * coef, 0.0))
 
+    total = contributions[0]
+    for c in contributions[1:]:
+        total = total + c
     if consensus:
-        total = contributions[0]
-        for c in contributions[1:]:
-            total = total + c
         positive = total >= 0
         mixed = torch.zeros_like(b)
         divisor = torch.zeros_like(b)
@@ -72,9 +72,7 @@ def gta_into(
             divisor = divisor + torch.where(agree, weights[j], 0.0)
         divisor = torch.where(divisor == 0, 1.0, divisor)
     else:
-        mixed = contributions[0]
-        for c in contributions[1:]:
-            mixed = mixed + c
+        mixed = total
         divisor = weights.sum()
         divisor = torch.where(divisor.abs() < 1e-8, 1.0, divisor)
     if normalize:
