@@ -86,10 +86,9 @@ class MergeEngine:
         started = time.perf_counter()
 
         def load(ckpt: Checkpoint, name: str) -> torch.Tensor:
-            tensor = ckpt.get(name, dtype=dtype, device=self.device)
-            # safetensors hands back mmap-backed CPU tensors; own the memory so that page-cache eviction
-            # can never turn a candidate into a disk read
-            return tensor.clone() if self.device.type == "cpu" else tensor
+            raw = ckpt.get(name)  # mmap-backed: copy once into owned memory, so that page-cache eviction
+            # can never turn a candidate into a disk read (one copy whatever the device and dtype)
+            return raw.to(device=self.device, dtype=dtype or raw.dtype, copy=True)
 
         self.base = {name: load(base, name) for name in self.names} if base is not None else None
         self.inputs = [{name: load(ckpt, name) for name in self.names} for ckpt in inputs]
