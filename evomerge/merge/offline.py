@@ -16,7 +16,7 @@ import torch
 from evomerge.errors import UserError
 from evomerge.merge.mergekit_config import ConfigPlan, load_merge_config
 from evomerge.merge.methods import TensorParams, merge_tensor
-from evomerge.models.checkpoint import Checkpoint, parse_dtype
+from evomerge.models.checkpoint import DTYPES, Checkpoint, parse_dtype
 from evomerge.models.compat import check_compatible
 from evomerge.models.reference import resolve_model_dir
 from evomerge.models.writer import (
@@ -58,7 +58,7 @@ def merge_from_config(
     first = ckpts[plan.base] if plan.base else ckpts[plan.inputs[0]]
     load_dtype = parse_dtype(config.dtype)
     out_dtype = parse_dtype(config.out_dtype) or load_dtype or _stored_dtype(first)
-    tokenizer_dir = _tokenizer_dir(config.tokenizer_source, plan, ckpts, base_dir)
+    tokenizer_dir = _tokenizer_dir(config.tokenizer_source, first.path, ckpts, base_dir)
 
     # Resolve and validate every tensor's parameters before any work, so bad values write nothing.
     names = list(first.tensors)
@@ -86,14 +86,12 @@ def merge_from_config(
 
 
 def _stored_dtype(ckpt: Checkpoint) -> torch.dtype:
-    name = ckpt.config.get("dtype") or ckpt.config.get("torch_dtype") or "float32"
-    return parse_dtype(name) if name in ("float32", "bfloat16", "float16") else torch.float32
+    name = ckpt.config.get("dtype") or ckpt.config.get("torch_dtype")
+    return DTYPES.get(name, torch.float32)
 
 
-def _tokenizer_dir(
-    source: str | None, plan: ConfigPlan, ckpts: dict[str, Checkpoint], base_dir: Path
-) -> Path:
-    default = ckpts[plan.base].path if plan.base else ckpts[plan.inputs[0]].path
+def _tokenizer_dir(source: str | None, default: Path, ckpts: dict[str, Checkpoint], base_dir: Path) -> Path:
+    """Where the tokenizer comes from; `default` is the base model's dir (the first input's without one)."""
     if source in (None, "base"):
         return default
     if source == "union":
