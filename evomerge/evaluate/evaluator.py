@@ -57,7 +57,9 @@ def split_indices(num_docs: int, task: str, heldout: float | int, seed: int) -> 
 class Evaluator:
     """Built once per worker around the resident model; `evaluate()` per candidate."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, spec: EvaluationSpec) -> None:
+    def __init__(self, model: torch.nn.Module, tokenizer, spec: EvaluationSpec, manager=None) -> None:
+        """`manager`: a TaskManager from `task_manager()` for these tasks, when the caller already has one
+        (building one can mean indexing lm-eval's registry, ~10 s)."""
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import get_task_dict
 
@@ -66,7 +68,7 @@ class Evaluator:
         names = [t.name for t in spec.tasks]
         if len(set(names)) != len(names):
             raise UserError("a task is listed twice in evaluation.tasks")
-        manager = task_manager(names, spec.include_paths)
+        manager = manager or task_manager(names, spec.include_paths)
         for name in names:
             if name in manager.all_groups:
                 raise UserError(f"task {name} is a group; list its subtasks instead")

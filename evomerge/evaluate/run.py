@@ -50,6 +50,6 @@ def evaluate_model(
     # task names are checked before any model loads
     from evomerge.evaluate.tasks import task_manager
 
-    task_manager(tasks, spec.include_paths)
+    manager = task_manager(tasks, spec.include_paths)
     model, tokenizer = load_model_and_tokenizer(ref, device=resolve_device(device), dtype=dtype)
-    return Evaluator(model, tokenizer, spec).evaluate(split)
+    return Evaluator(model, tokenizer, spec, manager).evaluate(split)
