@@ -29,6 +29,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import torch  # noqa: E402
 
+from evomerge.models.synthetic import save_tokenizer, word_tokenizer  # noqa: E402
 from evomerge.tasks import zoo_language as zl  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,14 +38,7 @@ EVAL_PROBLEMS = 600  # per task: the evaluator splits these into search and held
 
 
 def build_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(zl.VOCAB)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
+    return word_tokenizer(zl.VOCAB)
 
 
 def new_model(seed: int):
@@ -174,11 +168,7 @@ def save(model, tok, path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
     model.to(torch.float16).save_pretrained(path)
     model.to(torch.float32)
-    tok.save_pretrained(path)
-    cfg_file = path / "tokenizer_config.json"
-    cfg = json.loads(cfg_file.read_text())
-    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-    cfg_file.write_text(json.dumps(cfg, indent=2))
+    save_tokenizer(path, tok)
 
 
 def main() -> None:

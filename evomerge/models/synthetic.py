@@ -31,16 +31,21 @@ def _config(family: str, hidden: int, layers: int, vocab: int):
     raise ValueError(f"no synthetic config for {family}")
 
 
-def save_tokenizer(directory: Path) -> None:
+def word_tokenizer(vocab: list[str]):
+    """Whitespace word-level tokenizer over `vocab`, which must hold <unk> <s> </s> <pad>."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
     )
-    fast.save_pretrained(directory)
+
+
+def save_tokenizer(directory: Path, tokenizer=None) -> None:
+    """Save `tokenizer` (default: the synthetic models' word tokenizer) loadable by transformers 4 and 5."""
+    (tokenizer or word_tokenizer(WORDS)).save_pretrained(directory)
     cfg_file = directory / "tokenizer_config.json"
     cfg = json.loads(cfg_file.read_text())
     cfg["tokenizer_class"] = "PreTrainedTokenizerFast"  # loads in transformers 4 and 5
