@@ -104,12 +104,53 @@ def eval_(
     console.print(f"fitness {result.fitness:.4f} in {result.seconds:.1f}s")
 
 
+@app.command()
+def search(
+    config: Path = typer.Argument(..., help="Experiment config (YAML)."),
+    out: Path | None = typer.Option(None, "--out", help="Experiment directory (overrides output.dir)."),
+    fresh: bool = typer.Option(False, help="Start over instead of resuming an existing experiment."),
+    force: bool = typer.Option(False, help="With --fresh: allow deleting the existing experiment."),
+    budget: int | None = typer.Option(None, help="Override optimizer.budget (raise it to extend a run)."),
+) -> None:
+    """Evolve merge recipes; resumes the experiment when its directory exists."""
+    from evomerge.leaderboard import print_leaderboard
+    from evomerge.progress import SearchReporter
+    from evomerge.search.run import run_search
+
+    if budget is not None and budget < 1:
+        raise UserError("--budget must be at least 1")
+    try:
+        with SearchReporter(err_console) as reporter:
+            result = run_search(config, out=out, fresh=fresh, force=force, budget=budget, reporter=reporter)
+    except KeyboardInterrupt:
+        err_console.print(
+            "interrupted: every finished evaluation is saved; run the same command to resume", markup=False
+        )
+        raise typer.Exit(130) from None
+    print_leaderboard(console, result.finals, result.best, result.evaluations, result.metric_keys)
+    console.print(f"experiment: {result.dir}", highlight=False)
+
+
+@app.command()
+def validate(config: Path = typer.Argument(..., help="Experiment config (YAML).")) -> None:
+    """Check an experiment config (schema, models, tasks) without running it."""
+    from evomerge.validate import validate_config
+
+    report = validate_config(config)
+    for line in report.lines:
+        console.print(line, markup=False, highlight=False)
+    note = f" ({len(report.unchecked)} hub models unchecked)" if report.unchecked else ""
+    console.print(f"{config}: valid{note}", markup=False, highlight=False)
+
+
 def main() -> None:
     # lm-eval and transformers draw tqdm bars per batch; tqdm reads this when first imported, which
     # happens lazily inside the commands, after this line
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:  # the terminal gets warnings; a run's log file gets all
+        handler.setLevel(logging.WARNING)
     try:
         app()
     except UserError as exc:

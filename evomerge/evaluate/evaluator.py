@@ -8,6 +8,7 @@ generation error) comes back as a failed result with the reason; it never raises
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -80,6 +81,9 @@ class Evaluator:
             docs = len(task.eval_docs)
             self.splits[name] = split_indices(docs, name, spec.split.heldout, spec.split.seed)
         self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=spec.batch_size)
+        for request_type in ("generate_until", "loglikelihood", "loglikelihood_rolling"):
+            # lm-eval draws a bar per request type and candidate; the search draws its own
+            setattr(self.lm, request_type, functools.partial(getattr(self.lm, request_type), disable_tqdm=True))
         self._probe = torch.tensor(
             [[tokenizer.eos_token_id or 0] * 4], device=next(model.parameters()).device
         )

@@ -140,6 +140,12 @@ class MergeEngine:
         for name in self.names:
             self._apply_tensor(name, params[name])
 
+    @torch.no_grad()
+    def load_input(self, index: int) -> None:
+        """Write input model `index` itself into the target (a parent, scored as a baseline)."""
+        for name in self.names:
+            self.targets[name].copy_(self.inputs[index][name])
+
     def _apply_tensor(self, name: str, p: TensorParams) -> None:
         out = self.targets[name]
         base = self.base[name] if self.base is not None else None

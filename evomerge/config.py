@@ -1,0 +1,230 @@
+"""The experiment config: one strict pydantic schema for `evomerge search` / `validate`.
+
+Every mistake is reported as one line naming the key's path (`optimizer.sigma0: ...`), before any model
+or task is loaded. Relative model paths resolve against the working directory first, then the config
+file's directory (as in `evomerge merge`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from evomerge.errors import UserError
+from evomerge.evaluate.spec import EvaluationSpec
+from evomerge.merge.methods import Method
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelsSpec(_Strict):
+    base: str | None = Field(None, description="the common ancestor (needed by every method but linear)")
+    sources: list[str] = Field(min_length=1, description="the fine-tunes to merge")
+
+    @field_validator("sources")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("a source is listed twice")
+        return value
+
+
+class MergeSpec(_Strict):
+    method: Method = Method.ties
+    normalize: bool | None = Field(None, description="default: the method's own (true for ties, linear)")
+    rescale: bool = True
+
+
+class Bounds(_Strict):
+    min: float
+    max: float
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Bounds:
+        if not (math.isfinite(self.min) and math.isfinite(self.max)):
+            raise ValueError("min and max must be finite")
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) is above max ({self.max})")
+        return self
+
+
+class DensityBounds(Bounds):
+    min: float = 0.1
+    max: float = 1.0
+
+    @field_validator("min", "max")
+    @classmethod
+    def _in_unit(cls, value: float) -> float:
+        if not 0 < value <= 1:
+            raise ValueError("must be in (0, 1]")
+        return value
+
+
+class UnitBounds(Bounds):
+    min: float = 0.0
+    max: float = 1.0
+
+    @field_validator("min", "max")
+    @classmethod
+    def _in_unit(cls, value: float) -> float:
+        if not 0 <= value <= 1:
+            raise ValueError("must be in [0, 1]")
+        return value
+
+
+class SpaceSpec(_Strict):
+    """Which tensor groups get their own genes, and the range each kind of gene maps to."""
+
+    layers_per_group: int = Field(1, ge=1, description="consecutive layers that share genes")
+    split: bool = Field(False, description="separate genes for each layer's attention and MLP")
+    embeddings: bool = Field(
+        True, description="genes for the embeddings and the head; false: they take the default merge"
+    )
+    weight: Bounds = Bounds(min=0.0, max=1.0)
+    density: DensityBounds = DensityBounds()
+    t: UnitBounds = UnitBounds()
+
+
+class CmaSpec(_Strict):
+    name: Literal["cma"]
+    budget: int = Field(200, ge=1, description="evaluations on the search split")
+    seed: int = Field(0, ge=0)
+    sigma0: float = Field(1 / 6, gt=0, le=1)
+    popsize: int | None = Field(None, ge=2, description="default 4 + floor(3 ln n)")
+
+
+class NevergradSpec(_Strict):
+    name: Literal["nevergrad"]
+    optimizer: str = "TwoPointsDE"
+    budget: int = Field(200, ge=1)
+    seed: int = Field(0, ge=0)
+    batch: int | None = Field(None, ge=1, description="candidates asked per round; default as cma's popsize")
+
+
+class RandomSpec(_Strict):
+    """Uniform random genomes: the baseline any optimizer must beat at the same budget."""
+
+    name: Literal["random"]
+    budget: int = Field(200, ge=1)
+    seed: int = Field(0, ge=0)
+    batch: int | None = Field(None, ge=1)
+
+
+OptimizerSpec = Annotated[CmaSpec | NevergradSpec | RandomSpec, Field(discriminator="name")]
+
+
+class RuntimeSpec(_Strict):
+    device: str = "auto"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    executor: Literal["local"] = "local"
+    compile: Literal["auto", "on", "off"] = "auto"
+    stop_after_failures: int = Field(
+        5, ge=1, description="stop when the first this-many candidates all fail (a broken setup)"
+    )
+
+
+class OutputSpec(_Strict):
+    dir: str = Field(description="the experiment directory (created; resumed when it exists)")
+
+
+class ExperimentConfig(_Strict):
+    name: str | None = None
+    models: ModelsSpec
+    merge: MergeSpec = MergeSpec()
+    space: SpaceSpec = SpaceSpec()
+    optimizer: OptimizerSpec = CmaSpec(name="cma")
+    evaluation: EvaluationSpec
+    runtime: RuntimeSpec = RuntimeSpec()
+    output: OutputSpec
+
+    @model_validator(mode="after")
+    def _method_fits_models(self) -> ExperimentConfig:
+        method = self.merge.method
+        if method.uses_base and self.models.base is None:
+            raise ValueError(f"merge.method {method.value} needs models.base")
+        if method is Method.slerp and len(self.models.sources) != 1:
+            raise ValueError("merge.method slerp interpolates models.base with exactly one source")
+        return self
+
+    def identity(self) -> dict[str, Any]:
+        """The part of the config a resumed run must share: what defines the search and its fitness."""
+        data = self.model_dump(mode="json")
+        data["optimizer"].pop("budget")
+        data.pop("output")
+        data.pop("name")
+        runtime = data.pop("runtime")
+        data["dtype"] = runtime["dtype"]
+        return data
+
+    def identity_hash(self) -> str:
+        text = json.dumps(self.identity(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _location(loc: tuple) -> str:
+    """pydantic's error location as a dotted path, without its union-branch tags."""
+    parts = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif item in ("cma", "nevergrad", "random") and parts and parts[-1] == "optimizer":
+            continue
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts)
+
+
+def format_validation_error(exc: ValidationError, where: str) -> str:
+    error = exc.errors()[0]
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif error["type"] == "missing":
+        message = "required key is missing"
+    path = _location(error["loc"])
+    more = f" (and {len(exc.errors()) - 1} more problems)" if len(exc.errors()) > 1 else ""
+    return f"{where}: {path + ': ' if path else ''}{message}{more}"
+
+
+def parse_config(data: Any, where: str = "config") -> ExperimentConfig:
+    if not isinstance(data, dict):
+        raise UserError(
+            f"{where}: expected a mapping of sections (models, merge, ...), got {type(data).__name__}"
+        )
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(format_validation_error(exc, where)) from None
+
+
+def load_config(path: str | Path) -> tuple[ExperimentConfig, Path]:
+    """The config and the directory its relative model paths may be relative to."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    return parse_config(data, str(path)), path.resolve().parent
+
+
+def describe_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted paths whose values differ between two config dumps."""
+    changed = []
+    for key in sorted(set(old) | set(new), key=str):
+        path = f"{prefix}{key}"
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += describe_changes(a, b, path + ".")
+        elif a != b:
+            changed.append(path)
+    return changed

@@ -1,0 +1,73 @@
+"""Search progress for people: a rich bar on a terminal (done/budget, best, evals/min, ETA), plain log
+lines elsewhere (CI logs, `nohup`, files)."""
+
+from __future__ import annotations
+
+import time
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from evomerge.store import Candidate
+
+
+class SearchReporter:
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.tty = console.is_terminal
+        self.progress: Progress | None = None
+        self.task = None
+        self.started = time.monotonic()
+        self.start_done = 0
+        self.budget = 0
+
+    def __enter__(self) -> SearchReporter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def stage(self, text: str) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, description=text)
+        else:
+            self.console.print(text, markup=False, highlight=False)
+
+    def start(self, done: int, budget: int, best: float | None) -> None:
+        self.started, self.start_done, self.budget = time.monotonic(), done, budget
+        if done:
+            self.console.print(f"resuming: {done} of {budget} evaluations in the journal", highlight=False)
+        if not self.tty:
+            return
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("best {task.fields[best]}"), TextColumn("{task.fields[rate]} evals/min"),
+            TextColumn("ETA"), TimeRemainingColumn(), console=self.console,
+        )  # fmt: skip
+        self.progress.start()
+        self.task = self.progress.add_task(
+            "searching", total=budget, completed=min(done, budget), best=_fmt(best), rate="-"
+        )
+
+    def evaluated(self, candidate: Candidate, done: int, best: float | None) -> None:
+        elapsed = time.monotonic() - self.started
+        rate = (done - self.start_done) / elapsed * 60 if elapsed > 0 else 0.0
+        if self.progress is not None:
+            self.progress.update(
+                self.task,
+                completed=min(done, self.budget),
+                description="searching",
+                best=_fmt(best),
+                rate=f"{rate:.1f}",
+            )
+            return
+        state = f"fitness {candidate.fitness:.4f}" if candidate.ok else f"failed: {candidate.reason}"
+        self.console.print(
+            f"[{done}/{self.budget}] candidate {candidate.generation}.{candidate.idx} {state} | best {_fmt(best)} | {rate:.1f} evals/min",
+            markup=False, highlight=False, soft_wrap=True,
+        )  # fmt: skip
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"

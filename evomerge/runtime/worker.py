@@ -1,0 +1,113 @@
+"""A worker: the sources resident once, one target model, one evaluator; merges and scores recipes.
+
+Built once per process (or, later, per Ray actor). Everything it takes and returns is plain data
+(recipe dicts, `Outcome`), so the search loop never sees a tensor. A candidate that fails to merge or to
+evaluate comes back as a failed outcome with its reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from evomerge.config import ExperimentConfig
+from evomerge.errors import UserError, first_line
+from evomerge.merge.methods import Method
+from evomerge.merge.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Outcome:
+    ok: bool
+    fitness: float
+    metrics: dict[str, Any] = field(default_factory=dict)
+    reason: str | None = None
+    merge_seconds: float = 0.0
+    eval_seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def open_models(config: ExperimentConfig, config_dir: Path | None):
+    """(base checkpoint or None, source checkpoints, family); headers only. Raises UserError when a
+    model is missing or the models cannot be merged together."""
+    from evomerge.models.checkpoint import Checkpoint
+    from evomerge.models.compat import check_compatible
+
+    base = Checkpoint.open(config.models.base, base_dir=config_dir) if config.models.base else None
+    sources = [Checkpoint.open(ref, base_dir=config_dir) for ref in config.models.sources]
+    family = check_compatible(([base] if base else []) + sources)
+    return base, sources, family
+
+
+class Worker:
+    def __init__(self, config: ExperimentConfig, config_dir: Path | None, manager=None) -> None:
+        import torch
+
+        from evomerge.device import resolve_device
+        from evomerge.evaluate.evaluator import Evaluator
+        from evomerge.evaluate.run import load_tokenizer
+        from evomerge.merge.engine import MergeEngine, load_target
+        from evomerge.models.checkpoint import parse_dtype
+
+        self.config = config
+        self.device = resolve_device(config.runtime.device)
+        self.dtype = parse_dtype(config.runtime.dtype)
+        self.base, self.sources, self.family = open_models(config, config_dir)
+        first = self.base or self.sources[0]
+        started = time.perf_counter()
+        self.target = load_target(first, device=self.device, dtype=self.dtype)
+        compile_ = {"auto": "auto", "on": True, "off": False}[config.runtime.compile]
+        self._engine_args = dict(device=self.device, dtype=self.dtype, compile=compile_)
+        self.engine = MergeEngine(
+            self.base, self.sources, config.merge.method, self.target, **self._engine_args
+        )
+        self.evaluator = Evaluator(self.target, load_tokenizer(first), config.evaluation, manager)
+        self.load_seconds = time.perf_counter() - started
+        self._torch = torch
+
+    def evaluate(self, recipe: dict[str, Any], split: str = "search") -> Outcome:
+        """Merge `recipe` into the target and score it."""
+        started = time.perf_counter()
+        try:
+            parsed = Recipe.from_dict(recipe)
+            if parsed.method is not self.engine.method:
+                self._switch(parsed.method)
+            self.engine.apply(parsed)
+        except Exception as exc:  # a recipe that cannot be merged (bad value, OOM) is a failed candidate
+            return Outcome(
+                False, -math.inf, reason=f"merge: {_reason(exc)}", merge_seconds=time.perf_counter() - started
+            )
+        return self._score(split, time.perf_counter() - started)
+
+    def evaluate_source(self, index: int, split: str = "heldout") -> Outcome:
+        """Source model `index` unchanged (a parent baseline)."""
+        started = time.perf_counter()
+        self.engine.load_input(index)
+        return self._score(split, time.perf_counter() - started)
+
+    def _score(self, split: str, merge_seconds: float) -> Outcome:
+        result = self.evaluator.evaluate(split)
+        return Outcome(result.ok, result.fitness, result.metrics, result.error, merge_seconds, result.seconds)
+
+    def _switch(self, method: Method) -> None:
+        """Rebuild the engine for another method (the finals' default merges); the old one is freed first
+        so that sources are never resident twice."""
+        from evomerge.merge.engine import MergeEngine
+
+        log.info("switching the merge engine to %s", method.value)
+        self.engine = None
+        self.engine = MergeEngine(self.base, self.sources, method, self.target, **self._engine_args)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, UserError):
+        return str(exc)
+    return f"{type(exc).__name__}: {first_line(exc)}"

@@ -1,0 +1,406 @@
+"""The search: config schema, genome codec, optimizers, the SQLite store, and real `evomerge search` runs
+on the shipped zoo (including kill -9 at random moments and resuming)."""
+
+import os
+import pickle
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from evomerge.config import SpaceSpec, parse_config
+from evomerge.errors import UserError
+from evomerge.merge.methods import Method
+from evomerge.search.space import Space, default_params
+from evomerge.store import Candidate, ExperimentStore
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE = REPO / "configs" / "smoke.yaml"
+
+
+def _cli(*args, cwd=REPO, timeout=600):
+    return subprocess.run(
+        [sys.executable, "-m", "evomerge.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=timeout,
+    )  # fmt: skip
+
+
+def _smoke(tmp_path: Path, **changes) -> Path:
+    """configs/smoke.yaml with sections updated (dotted keys), models as absolute paths."""
+    cfg = yaml.safe_load(SMOKE.read_text())
+    cfg["models"] = {
+        "base": str(REPO / "zoo" / "base"),
+        "sources": [str(REPO / "zoo" / n) for n in ("math-en", "lang-x")],
+    }
+    cfg["output"]["dir"] = str(tmp_path / "exp")
+    for dotted, value in changes.items():
+        node = cfg
+        *parents, last = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = value
+    path = tmp_path / f"exp-{len(list(tmp_path.glob('exp-*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _minimal(**changes):
+    cfg = {
+        "models": {"base": "b", "sources": ["s1", "s2"]},
+        "evaluation": {"tasks": [{"name": "zoo_math_x"}]},
+        "output": {"dir": "x"},
+    }
+    cfg.update(changes)
+    return cfg
+
+
+# -- schema -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"space": {"density": {"min": 0}}}, "space.density.min: must be in (0, 1]"),
+        ({"space": {"weight": {"min": 2, "max": 1}}}, "space.weight: min (2.0) is above max (1.0)"),
+        ({"space": {"layer_per_group": 2}}, "space.layer_per_group: unknown key"),
+        ({"optimizer": {"name": "cma", "sigma0": "big"}}, "optimizer.sigma0: Input should be a valid number"),
+        (
+            {"optimizer": {"name": "cma", "popsize": 1}},
+            "optimizer.popsize: Input should be greater than or equal to 2",
+        ),
+        ({"optimizer": {"name": "bayes"}}, "optimizer: Input tag 'bayes' found using 'name' does not match"),
+        ({"merge": {"method": "slerp"}}, "slerp interpolates models.base with exactly one source"),
+        ({"models": {"sources": ["a"]}}, "needs models.base"),
+        ({"evaluation": {"tasks": []}}, "evaluation.tasks: List should have at least 1 item"),
+        ({"runtime": {"dtype": "int8"}}, "runtime.dtype: Input should be 'float32', 'bfloat16' or 'float16'"),
+    ],
+)
+def test_schema_names_the_key(changes, message):
+    with pytest.raises(UserError) as err:
+        parse_config(_minimal(**changes))
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_validate_cli_ok_and_bad(tmp_path):
+    done = _cli("validate", SMOKE)
+    assert done.returncode == 0, done.stderr
+    assert "16 genes" in done.stdout and "valid" in done.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(_minimal(space={"density": {"min": 1.5}})))
+    done = _cli("validate", bad)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [f"error: {bad}: space.density.min: must be in (0, 1]"]
+    missing = _smoke(tmp_path, **{"models.sources": [str(tmp_path / "nope"), str(REPO / "zoo" / "lang-x")]})
+    done = _cli("validate", missing)
+    assert done.returncode == 2 and "model directory not found" in done.stderr
+
+
+def test_validate_unknown_task_suggests(tmp_path):
+    done = _cli(
+        "validate",
+        _smoke(tmp_path, evaluation={"tasks": [{"name": "zoo_math_xx"}], "split": {"heldout": 300}}),
+    )
+    assert done.returncode == 2
+    assert "unknown task 'zoo_math_xx'" in done.stderr and "zoo_math_x" in done.stderr
+
+
+def test_validate_hub_models_unchecked_offline(tmp_path):
+    done = _cli("validate", REPO / "configs" / "evollm-jp.yaml")
+    assert done.returncode == 0, done.stderr
+    assert "unchecked" in done.stdout
+
+
+# -- genome codec -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", list(Method))
+@pytest.mark.parametrize("split, per", [(False, 1), (True, 1), (False, 3)])
+def test_codec_round_trip(method, split, per):
+    sources = 1 if method is Method.slerp else 2
+    space = Space(SpaceSpec(split=split, layers_per_group=per), method, sources, num_layers=4)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        genome = rng.uniform(0, 1, space.size)
+        recipe = space.decode(genome)
+        assert np.allclose(space.encode(recipe), genome)
+        assert set(recipe.groups) == set(space.all_groups)
+
+
+def test_codec_layout_and_defaults():
+    spec = SpaceSpec(layers_per_group=2, weight={"min": 0.0, "max": 2.0}, density={"min": 0.2, "max": 1.0})
+    space = Space(spec, Method.ties, 2, num_layers=4)
+    assert [b.name for b in space.blocks] == ["embed", "layers.0-1", "layers.2-3", "head"]
+    assert space.size == 16 and space.default_popsize() == 4 + int(3 * np.log(16))
+    mid = space.decode(space.start())
+    assert mid.groups["layers.1"].weights == (1.0, 1.0)
+    assert mid.groups["layers.1"].densities == pytest.approx((0.6, 0.6))
+    genome = np.zeros(16)
+    genome[
+        space.genes.index(
+            next(g for g in space.genes if g.block == "layers.2-3" and g.source == 1 and g.kind == "density")
+        )
+    ] = 1
+    recipe = space.decode(genome)
+    assert recipe.groups["layers.3"].densities == pytest.approx((0.2, 1.0))
+    assert recipe.groups["layers.0"].densities == pytest.approx((0.2, 0.2))
+    out = space.decode(np.full(16, 7.0))  # clipped into the box
+    assert out.groups["head"].weights == (2.0, 2.0)
+    no_embed = Space(SpaceSpec(embeddings=False), Method.dare_ties, 2, num_layers=4)
+    assert no_embed.decode(no_embed.start()).groups["embed"] == default_params(Method.dare_ties, 2)
+
+
+# -- optimizers -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "opt",
+    [
+        {"name": "cma", "popsize": 6},
+        {"name": "nevergrad", "optimizer": "TwoPointsDE", "batch": 4},
+        {"name": "random", "batch": 5},
+    ],
+)
+def test_optimizer_state_resumes_identically(opt):
+    from evomerge.config import ExperimentConfig
+    from evomerge.search.optimizers import dump_state, load_state, make_optimizer
+
+    spec = ExperimentConfig.model_validate(_minimal(optimizer={**opt, "budget": 60})).optimizer
+
+    def run(split_at):
+        o = make_optimizer(spec, np.full(5, 0.5), 6)
+        seen = []
+        for g in range(5):
+            if g == split_at:
+                blob = dump_state(o)
+                np.random.seed(999)  # lm-eval reseeds numpy's global RNG: must not matter
+                o = load_state(blob)
+            xs = o.ask()
+            seen.append(np.array(xs))
+            o.tell(xs, [float(np.sum((x - 0.3) ** 2)) for x in xs])
+        return seen
+
+    straight, resumed = run(-1), run(3)
+    assert all(np.array_equal(a, b) for a, b in zip(straight, resumed, strict=True))
+    assert all(((0 <= s) & (s <= 1)).all() for s in straight)
+
+
+def test_nevergrad_refuses_what_cannot_resume():
+    from evomerge.config import NevergradSpec
+    from evomerge.search.optimizers import NevergradOptimizer
+
+    with pytest.raises(UserError, match="NGOpt cannot be checkpointed"):
+        NevergradOptimizer(NevergradSpec(name="nevergrad", optimizer="NGOpt", batch=1), np.full(4, 0.5), 1)
+    with pytest.raises(UserError, match="did you mean"):
+        NevergradOptimizer(NevergradSpec(name="nevergrad", optimizer="TwoPointDE"), np.full(4, 0.5), 4)
+
+
+# -- store ------------------------------------------------------------------------------------------
+
+
+def test_store_is_wal_and_atomic(tmp_path):
+    store = ExperimentStore.create(tmp_path / "e", {"identity": "{}"}, config_text="x: 1\n")
+    assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    row = Candidate(
+        None, 0, 0, [0.5], {"method": "ties"}, "failed", "boom", float("-inf"), {}, 0.1, 0.2, 1.0, 2.0
+    )
+    store.record(row)
+    with pytest.raises(sqlite3.IntegrityError):  # a candidate is journaled once
+        store.record(row)
+    store.save_optimizer(0, pickle.dumps({"a": 1}))
+    store.save_optimizer(1, pickle.dumps({"a": 2}))
+    store.close()
+    again = ExperimentStore.open(tmp_path / "e")
+    [got] = again.candidates()
+    assert got.reason == "boom" and got.fitness == float("-inf") and not got.ok
+    assert again.optimizer()[0] == 1 and again.count() == 1
+    assert not list((tmp_path / "e").glob(".*partial"))
+    with pytest.raises(UserError, match="not empty"):
+        ExperimentStore.create(tmp_path / "e", {}, config_text="")
+
+
+# -- real searches ----------------------------------------------------------------------------------
+
+
+def _journal(exp: Path):
+    db = sqlite3.connect(exp / "experiment.sqlite")
+    rows = db.execute(
+        "SELECT generation, idx, genome, fitness, status FROM candidates ORDER BY generation, idx"
+    ).fetchall()
+    finals = dict(db.execute("SELECT name, fitness FROM finals").fetchall())
+    db.close()
+    return rows, finals
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The smoke search, uninterrupted: the reference for every resume test."""
+    tmp = tmp_path_factory.mktemp("straight")
+    cfg = _smoke(tmp)
+    done = _cli("search", cfg)
+    assert done.returncode == 0, done.stderr
+    return cfg, tmp / "exp", done
+
+
+def test_search_end_to_end(straight):
+    cfg, exp, done = straight
+    rows, finals = _journal(exp)
+    assert len(rows) == 24 and {r[4] for r in rows} == {"ok"}
+    assert set(finals) == {
+        "evolved",
+        "default dare_ties",
+        "parent math-en",
+        "parent lang-x",
+        "default task_arithmetic",
+        "default ties",
+    }
+    assert "held-out leaderboard" in done.stdout and str(exp) in done.stdout
+    assert (exp / "search.log").read_text().count("candidate ") >= 24
+    assert yaml.safe_load((exp / "config.yaml").read_text())["optimizer"]["budget"] == 24
+    # done: running again evaluates nothing new and prints the same leaderboard
+    again = _cli("search", cfg)
+    assert again.returncode == 0, again.stderr
+    assert _journal(exp) == (rows, finals)
+
+
+def test_resume_refuses_changed_config_and_fresh_needs_force(straight, tmp_path):
+    cfg, exp, _ = straight
+    data = yaml.safe_load(cfg.read_text())
+    data["merge"]["method"] = "ties"
+    data["space"]["split"] = True
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(data))
+    done = _cli("search", changed)
+    assert done.returncode == 2
+    assert "changed: merge.method, space.split" in done.stderr
+    done = _cli("search", cfg, "--fresh")
+    assert done.returncode == 2 and "--force" in done.stderr
+    assert len(_journal(exp)[0]) == 24
+
+
+def test_budget_raise_extends(straight, tmp_path):
+    cfg, exp, _ = straight
+    out = tmp_path / "short"
+    first = _cli("search", cfg, "--out", out, "--budget", 9)  # stops inside the second round of 6
+    assert first.returncode == 0, first.stderr
+    rows, _ = _journal(out)
+    assert len(rows) == 9
+    second = _cli("search", cfg, "--out", out)
+    assert second.returncode == 0, second.stderr
+    assert _journal(out) == _journal(exp)
+
+
+def test_killed_and_resumed_ends_like_uninterrupted(straight, tmp_path):
+    """kill -9 the real command at random moments (several times), resume each time: same journal, same
+    best recipe and fitness, same held-out finals as the uninterrupted run."""
+    cfg, exp, _ = straight
+    out = tmp_path / "killed"
+    rng = random.Random(1234)
+    db = out / "experiment.sqlite"
+
+    def progress():
+        if not db.exists():
+            return -1, 0
+        con = sqlite3.connect(db)
+        try:
+            return tuple(
+                con.execute(
+                    "SELECT (SELECT COUNT(*) FROM candidates), (SELECT COUNT(*) FROM finals)"
+                ).fetchone()
+            )
+        except sqlite3.OperationalError:
+            return -1, 0
+        finally:
+            con.close()
+
+    # kill points: during start-up, after a random number of journaled evaluations (plus a random
+    # fraction of the next one), and in the middle of scoring the finalists; then run to the end
+    points = (
+        [("time", rng.uniform(0.5, 3.0))]
+        + [("count", n) for n in sorted(rng.sample(range(1, 24), 4))]
+        + [("finals", 2)]
+    )
+    killed_at = []
+    for kind, value in points + [("end", None)]:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "evomerge.cli", "search", str(cfg), "--out", str(out)], cwd=REPO,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )  # fmt: skip
+        started = time.time()
+        while proc.poll() is None and time.time() - started < 300:
+            done, finals = progress()
+            if (
+                (kind == "time" and time.time() - started > value)
+                or (kind == "count" and done >= value)
+                or (kind == "finals" and finals >= value)
+            ):
+                time.sleep(rng.uniform(0.0, 0.2))
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.02)
+        proc.wait()
+        if proc.returncode == -signal.SIGKILL:
+            killed_at.append(progress())
+            continue
+        assert proc.returncode == 0, proc.stderr.read().decode()
+    assert proc.returncode == 0
+    assert len(killed_at) >= 4 and any(0 < n < 24 for n, _ in killed_at), killed_at
+    assert _journal(out) == _journal(exp)
+    def best(d):
+        return (
+            sqlite3.connect(d / "experiment.sqlite")
+            .execute(
+                "SELECT recipe, fitness FROM candidates WHERE status='ok' ORDER BY fitness DESC, id LIMIT 1"
+            )
+            .fetchone()
+        )
+    assert best(out) == best(exp)
+
+
+def test_failed_candidates_are_journaled_then_stop(tmp_path):
+    # weights of 1e38 overflow float32: every candidate's logits are non-finite
+    cfg = _smoke(tmp_path, **{"space.weight": {"min": 1e38, "max": 1e38}, "runtime.stop_after_failures": 3})
+    done = _cli("search", cfg)
+    assert done.returncode == 2
+    assert "the first 3 candidates all failed" in done.stderr and "non-finite logits" in done.stderr
+    rows, _ = _journal(tmp_path / "exp")
+    assert len(rows) == 3 and {r[4] for r in rows} == {"failed"} and all(r[3] == float("-inf") for r in rows)
+    # with a higher limit the run goes on through every failure to the end of its budget
+    cfg = _smoke(
+        tmp_path,
+        **{
+            "space.weight": {"min": 1e38, "max": 1e38},
+            "runtime.stop_after_failures": 100,
+            "optimizer.budget": 8,
+            "output.dir": str(tmp_path / "exp2"),
+        },
+    )
+    done = _cli("search", cfg)
+    assert done.returncode == 2 and "no candidate succeeded" in done.stderr
+    assert len(_journal(tmp_path / "exp2")[0]) == 8
+
+
+def test_ctrl_c_saves_and_exits_130(tmp_path):
+    cfg = _smoke(tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "evomerge.cli", "search", str(cfg)], cwd=REPO, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    db = tmp_path / "exp" / "experiment.sqlite"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if db.exists() and sqlite3.connect(db).execute("SELECT COUNT(*) FROM candidates").fetchone()[0] >= 2:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err.decode()
+    assert "interrupted" in err.decode()
+    assert len(_journal(tmp_path / "exp")[0]) >= 2
