@@ -11,7 +11,7 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -44,8 +44,20 @@ class MergeSpec(_Strict):
 
 
 class Bounds(_Strict):
+    """A gene kind's range. Subclasses narrow the allowed interval (`_open_low`: the low end excluded)."""
+
     min: float
     max: float
+    _limits: ClassVar[tuple[float, float, bool] | None] = None
+
+    @field_validator("min", "max")
+    @classmethod
+    def _allowed(cls, value: float) -> float:
+        if cls._limits is not None:
+            low, high, open_low = cls._limits
+            if not ((low < value if open_low else low <= value) and value <= high):
+                raise ValueError(f"must be in {'(' if open_low else '['}{low:g}, {high:g}]")
+        return value
 
     @model_validator(mode="after")
     def _ordered(self) -> Bounds:
@@ -59,25 +71,13 @@ class Bounds(_Strict):
 class DensityBounds(Bounds):
     min: float = 0.1
     max: float = 1.0
-
-    @field_validator("min", "max")
-    @classmethod
-    def _in_unit(cls, value: float) -> float:
-        if not 0 < value <= 1:
-            raise ValueError("must be in (0, 1]")
-        return value
+    _limits: ClassVar[tuple[float, float, bool] | None] = (0.0, 1.0, True)
 
 
 class UnitBounds(Bounds):
     min: float = 0.0
     max: float = 1.0
-
-    @field_validator("min", "max")
-    @classmethod
-    def _in_unit(cls, value: float) -> float:
-        if not 0 <= value <= 1:
-            raise ValueError("must be in [0, 1]")
-        return value
+    _limits: ClassVar[tuple[float, float, bool] | None] = (0.0, 1.0, False)
 
 
 class SpaceSpec(_Strict):

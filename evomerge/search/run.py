@@ -100,23 +100,30 @@ class Search:
         reporter: Reporter | None = None,
     ) -> None:
         from evomerge.evaluate.tasks import task_manager
-        from evomerge.runtime.worker import Worker, open_models
+        from evomerge.runtime.worker import open_models
 
-        self.config, self.store, self.reporter = config, store, reporter
+        self.config, self.config_dir, self.store, self.reporter = config, config_dir, store, reporter
         self.budget = config.optimizer.budget
         # cheap checks first: tasks exist, models exist and fit together (headers only)
-        self.manager = task_manager(
-            [t.name for t in config.evaluation.tasks], config.evaluation.include_paths
-        )
+        self.manager = task_manager([t.name for t in config.evaluation.tasks], config.evaluation.include_paths)
         base, sources, _ = open_models(config, config_dir)
         self.num_layers = (base or sources[0]).num_layers
         self.source_names = _labels(config.models.sources)
         self.space = Space(
             config.space, config.merge.method, len(sources), self.num_layers, seed=config.optimizer.seed
         )
-        self._stage("loading models")
-        self.worker = Worker(config, config_dir, self.manager)
-        log.info("models resident in %.1fs; %d genes", self.worker.load_seconds, self.space.size)
+        self._worker = None
+
+    @property
+    def worker(self):
+        """Loaded on first use: a finished experiment reopened only to print its results loads no model."""
+        if self._worker is None:
+            from evomerge.runtime.worker import Worker
+
+            self._stage("loading models")
+            self._worker = Worker(self.config, self.config_dir, self.manager)
+            log.info("models resident in %.1fs; %d genes", self._worker.load_seconds, self.space.size)
+        return self._worker
 
     def _stage(self, text: str) -> None:
         log.info(text)
