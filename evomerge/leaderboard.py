@@ -22,21 +22,20 @@ def print_leaderboard(
                 f"{evaluations} evaluations so far; best search fitness {best.fitness:.4f} (candidate {best.id})"
             )
         return
+    tasks = list(metric_keys)
     table = Table(title=f"held-out leaderboard ({evaluations} evaluations)")
-    for column in ("rank", "model", "held-out fitness", "search fitness", "metrics"):
-        table.add_column(column, justify="right" if "fitness" in column or column == "rank" else "left")
+    for column in ("rank", "model", "held-out fitness", "search fitness", *tasks):
+        table.add_column(column, justify="left" if column == "model" else "right")
     ranked = sorted(finals, key=lambda f: (-f.fitness, f.name))
     for rank, final in enumerate(ranked, 1):
         search = f"{best.fitness:.4f}" if final.kind == "evolved" and best is not None else ""
         value = f"{final.fitness:.4f}" if final.status == "ok" else f"failed: {final.reason}"
-        table.add_row(str(rank), final.name, value, search, _metrics(final.metrics, metric_keys))
+        cells = [_metric(final.metrics, task, metric_keys[task]) for task in tasks]
+        table.add_row(str(rank), final.name, value, search, *cells)
     console.print(table)
 
 
-def _metrics(metrics: dict, metric_keys: dict[str, str | None]) -> str:
-    parts = []
-    for task, values in metrics.items():
-        key = metric_keys.get(task) or next(iter(values), None)
-        if key in values:
-            parts.append(f"{task} {values[key]:.3f}")
-    return " ".join(parts)
+def _metric(metrics: dict, task: str, key: str | None) -> str:
+    values = metrics.get(task, {})
+    key = key or next(iter(values), None)
+    return f"{values[key]:.4f}" if key in values else ""

@@ -76,6 +76,34 @@ def test_multiple_choice_scores_match_independent_loglikelihood(math_en):
     assert result.metrics["zoo_verbs_x"]["acc,none"] == pytest.approx(correct / 30)
 
 
+def test_gold_logprob_task_shares_the_split_and_matches_a_forward_pass(math_en):
+    model, tok = math_en
+    spec = EvaluationSpec.model_validate(
+        {
+            "tasks": [
+                {"name": "zoo_math_x", "limit": 12},
+                {"name": "zoo_math_x_ll", "limit": 12, "split_as": "zoo_math_x", "weight": 0.01},
+            ],
+            "split": {"heldout": 300},
+        }
+    )
+    evaluator = Evaluator(model, tok, spec)
+    for split in ("search", "heldout"):
+        assert evaluator.indices("zoo_math_x_ll", split) == evaluator.indices("zoo_math_x", split)
+    result = evaluator.evaluate("search")
+    rows = _rows("zoo_math_x")
+    total = 0.0
+    for i in evaluator.indices("zoo_math_x_ll", "search"):
+        context, cont = tok(rows[i]["question"]).input_ids, tok(" " + rows[i]["answer"]).input_ids
+        with torch.no_grad():
+            logp = model(torch.tensor([context + cont])).logits.log_softmax(-1)[0, len(context) - 1 : -1]
+        total += logp.gather(1, torch.tensor(cont)[:, None]).sum().item()
+    logprob = result.metrics["zoo_math_x_ll"]["logprob,none"]
+    assert logprob == pytest.approx(total / 12, rel=1e-4)
+    em = result.metrics["zoo_math_x"]["exact_match,strict-match"]
+    assert result.fitness == pytest.approx(em + 0.01 * logprob)
+
+
 def test_swapping_weights_in_place_equals_fresh_wrapper(math_en):
     model, tok = math_en
     spec = _spec("zoo_math_x", "zoo_verbs_x", limit=25)

@@ -353,6 +353,7 @@ def test_killed_and_resumed_ends_like_uninterrupted(straight, tmp_path):
     assert proc.returncode == 0
     assert len(killed_at) >= 4 and any(0 < n < 24 for n, _ in killed_at), killed_at
     assert _journal(out) == _journal(exp)
+
     def best(d):
         return (
             sqlite3.connect(d / "experiment.sqlite")
@@ -361,6 +362,7 @@ def test_killed_and_resumed_ends_like_uninterrupted(straight, tmp_path):
             )
             .fetchone()
         )
+
     assert best(out) == best(exp)
 
 

@@ -79,11 +79,18 @@ class Evaluator:
         for name, task in self.task_dict.items():
             self._configure(name, task, self.specs[name])
             docs = len(task.eval_docs)
-            self.splits[name] = split_indices(docs, name, spec.split.heldout, spec.split.seed)
+            key = self.specs[name].split_as or name
+            self.splits[name] = split_indices(docs, key, spec.split.heldout, spec.split.seed)
+            if key != name and key in self.task_dict and len(self.task_dict[key].eval_docs) != docs:
+                raise UserError(
+                    f"task {name}: split_as {key}, but the tasks hold different numbers of examples"
+                )
         self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=spec.batch_size)
         for request_type in ("generate_until", "loglikelihood", "loglikelihood_rolling"):
             # lm-eval draws a bar per request type and candidate; the search draws its own
-            setattr(self.lm, request_type, functools.partial(getattr(self.lm, request_type), disable_tqdm=True))
+            setattr(
+                self.lm, request_type, functools.partial(getattr(self.lm, request_type), disable_tqdm=True)
+            )
         self._probe = torch.tensor(
             [[tokenizer.eos_token_id or 0] * 4], device=next(model.parameters()).device
         )

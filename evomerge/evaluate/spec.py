@@ -17,6 +17,11 @@ class TaskSpec(BaseModel):
     num_fewshot: int | None = Field(None, ge=0)
     limit: int | None = Field(None, gt=0, description="at most this many examples per split")
     gen_kwargs: dict[str, Any] | None = None
+    split_as: str | None = Field(
+        None,
+        description="split this task's examples as the named task does (tasks reading the same examples "
+        "must share the split, or one task's search examples are the other's held-out ones)",
+    )
 
 
 class SplitSpec(BaseModel):

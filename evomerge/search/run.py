@@ -105,7 +105,9 @@ class Search:
         self.config, self.config_dir, self.store, self.reporter = config, config_dir, store, reporter
         self.budget = config.optimizer.budget
         # cheap checks first: tasks exist, models exist and fit together (headers only)
-        self.manager = task_manager([t.name for t in config.evaluation.tasks], config.evaluation.include_paths)
+        self.manager = task_manager(
+            [t.name for t in config.evaluation.tasks], config.evaluation.include_paths
+        )
         base, sources, _ = open_models(config, config_dir)
         self.num_layers = (base or sources[0]).num_layers
         self.source_names = _labels(config.models.sources)

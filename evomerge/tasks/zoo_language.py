@@ -78,20 +78,12 @@ def _change(rng: random.Random, include_same: bool = True):
 
 
 def plain_sentence(rng: random.Random) -> str:
-    """Language-1 text that carries the verbs' meaning, plus filler."""
+    """Language-1 text that carries the verbs' meaning, plus filler. It holds no questions: a base that has
+    learned to answer `how many ... ?` in words keeps doing so in language 2, where math-en's fine-tune
+    (which replaces that habit with an equation, in language 1 only) does not reach."""
     name, pro = _person(rng)
     obj = rng.choice(OBJECTS)
-    kind = rng.random()
-    if kind < 0.2:  # questions answered in words: the question template must be part of the language
-        verb, op, a, b, _ = _change(rng)
-        word = {"+": "more", "-": "fewer", "=": "the same"}[op]
-        return (
-            f"{name} has {a} {obj} . {pro} {verb} {b} {obj} . how many {obj} does {name} have now ? "
-            f"{name} has {word} {obj} ."
-        )
-    if kind < 0.3:
-        a = rng.randint(0, 40)
-        return f"how many {obj} does {name} have ? {name} has {a} {obj} ."
+    kind = rng.random() * 0.7 + 0.3  # the kinds below 0.3 were questions
     if kind < 0.55:
         verb, op, a, b, _ = _change(rng)
         word = {"+": "more", "-": "fewer", "=": "the same"}[op]

@@ -11,3 +11,9 @@ def load_jsonl(file: str, **_):
         json.loads(line) for line in (Path(__file__).parent / file).read_text().splitlines() if line.strip()
     ]
     return {"test": datasets.Dataset.from_list(rows)}
+
+
+def gold_logprob(doc, results):
+    """Log-probability of the gold answer (summed over its tokens)."""
+    logprob, _is_greedy = results[0]
+    return {"logprob": logprob}
