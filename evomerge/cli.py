@@ -143,6 +143,41 @@ def validate(config: Path = typer.Argument(..., help="Experiment config (YAML)."
     console.print(f"{config}: valid{note}", markup=False, highlight=False)
 
 
+@app.command()
+def report(
+    experiments: list[Path] = typer.Argument(..., help="Experiment directories."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Write the files here instead of into each experiment directory."
+    ),
+) -> None:
+    """Write leaderboard.md, report.html, leaderboard.csv and plots; print the leaderboard."""
+    from rich.table import Table
+
+    from evomerge.report.render import cross_rows, heldout_rows, top_rows, write_report
+    from evomerge.report.view import ExperimentView
+
+    views = [ExperimentView.load(path) for path in experiments]
+    for view in views:
+        target = out / view.dir.name if out is not None and len(views) > 1 else (out or view.dir)
+        write_report(view, target, views if len(views) > 1 else None)
+        header, rows = heldout_rows(view) if view.finals else top_rows(view)
+        table = Table(title=f"{view.name}: {'held-out' if view.finals else 'search split (unfinished)'}")
+        for column in header:
+            table.add_column(column, overflow="fold")
+        for row in rows[:10]:
+            table.add_row(*row)
+        console.print(table)
+        console.print(f"report: {target / 'report.html'}", highlight=False)
+    if len(views) > 1:
+        header, rows = cross_rows(views)
+        table = Table(title="all experiments")
+        for column in header:
+            table.add_column(column, overflow="fold")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+
+
 def main() -> None:
     # lm-eval and transformers draw tqdm bars per batch; tqdm reads this when first imported, which
     # happens lazily inside the commands, after this line

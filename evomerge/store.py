@@ -105,11 +105,15 @@ class Final:
 
 
 class ExperimentStore:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, readonly: bool = False) -> None:
         self.dir = path
-        self.db = sqlite3.connect(path / DB_NAME, isolation_level=None, timeout=30)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
+        if readonly:  # readers (reports) never write, so a running search is never blocked or altered
+            uri = f"{(path / DB_NAME).resolve().as_uri()}?mode=ro"
+            self.db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=30)
+        else:
+            self.db = sqlite3.connect(path / DB_NAME, isolation_level=None, timeout=30)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
         version = self.meta("schema_version")
         if version != str(SCHEMA_VERSION):
             raise UserError(
@@ -123,12 +127,12 @@ class ExperimentStore:
         return (path / DB_NAME).is_file()
 
     @classmethod
-    def open(cls, path: str | Path) -> ExperimentStore:
+    def open(cls, path: str | Path, *, readonly: bool = False) -> ExperimentStore:
         path = Path(path)
         if not cls.exists(path):
             raise UserError(f"no experiment at {path} (expected {path / DB_NAME})")
         try:
-            return cls(path)
+            return cls(path, readonly)
         except sqlite3.DatabaseError as exc:
             raise UserError(f"{path / DB_NAME}: not a readable experiment database ({exc})") from None
 

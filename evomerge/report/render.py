@@ -1,0 +1,244 @@
+"""Write an experiment's report: leaderboard.md (+ PNG plots beside it), a self-contained report.html
+(plots embedded, every string from configs or model names escaped) and leaderboard.csv."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import os
+from pathlib import Path
+
+from evomerge.report.view import ExperimentView
+
+TOP = 10
+
+
+def fitness_plot(view: ExperimentView) -> bytes:
+    """Per-evaluation fitness (dots, failed ones marked at the bottom) and the best so far (line)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=110)
+    xs = list(range(1, len(view.candidates) + 1))
+    ok = [(x, c.fitness) for x, c in zip(xs, view.candidates, strict=True) if c.ok]
+    if ok:
+        ax.scatter([p[0] for p in ok], [p[1] for p in ok], s=9, alpha=0.5, label="evaluation")
+        floor = min(p[1] for p in ok)
+        best = [b if b > float("-inf") else None for b in view.best_so_far()]
+        ax.plot(xs, [floor if b is None else b for b in best], color="C3", lw=2, label="best so far")
+    failed = [x for x, c in zip(xs, view.candidates, strict=True) if not c.ok]
+    if failed:
+        low = min((p[1] for p in ok), default=0.0)
+        ax.scatter(failed, [low] * len(failed), marker="x", color="k", s=14, label="failed")
+    ax.set_xlabel("evaluations")
+    ax.set_ylabel("fitness (search split)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    return _png(fig)
+
+
+def recipe_plot(view: ExperimentView) -> bytes | None:
+    """The best recipe as a heatmap: tensor groups x (source, weight | density)."""
+    best = view.best
+    if best is None:
+        return None
+    plt = _pyplot()
+    groups = best.recipe["groups"]
+    names = list(groups)
+    columns, rows = [], []
+    sample = groups[names[0]]
+    for j, source in enumerate(view.sources):
+        if sample.get("weights"):
+            columns.append((f"{source}\nweight", "weights", j))
+        if sample.get("densities"):
+            columns.append((f"{source}\ndensity", "densities", j))
+    if not columns:
+        columns = [("t", "t", None)]
+    for name in names:
+        g = groups[name]
+        rows.append([g[key] if j is None else g[key][j] for _, key, j in columns])
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(columns), 0.9 + 0.32 * len(names)), dpi=110)
+    image = ax.imshow(rows, aspect="auto", cmap="viridis")
+    for i, row in enumerate(rows):
+        for k, value in enumerate(row):
+            ax.text(k, i, f"{value:.2f}", ha="center", va="center", color="w", fontsize=7)
+    ax.set_xticks(range(len(columns)), [c[0] for c in columns], fontsize=7)
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.set_title(f"best recipe (candidate {best.id}, {best.recipe['method']})", fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.05)
+    return _png(fig)
+
+
+def _pyplot():
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png")
+    _pyplot().close(fig)
+    return buffer.getvalue()
+
+
+# -- tables (rows of plain strings, shared by markdown, HTML and the terminal) ----------------------------
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
+def summary_rows(view: ExperimentView) -> list[tuple[str, str]]:
+    cfg = view.config
+    rows = [
+        ("experiment", view.name),
+        ("directory", str(view.dir)),
+        ("method", cfg.get("merge", {}).get("method", "")),
+        ("optimizer", cfg.get("optimizer", {}).get("name", "")),
+        ("evaluations", f"{len(view.candidates)} of {view.budget}" + ("" if view.finished else " (in progress or stopped)")),
+        ("failed", str(len(view.candidates) - len(view.ok))),
+        ("wall time", f"{view.wall_seconds / 60:.1f} min"),
+        ("evals/min (busy)", f"{view.evals_per_minute:.1f}"),
+    ]  # fmt: skip
+    return rows
+
+
+def heldout_rows(view: ExperimentView) -> tuple[list[str], list[list[str]]]:
+    header = ["model", "held-out fitness", "gain over best parent", *view.tasks]
+    parent = view.best_parent()
+    rows = []
+    for f in sorted(view.finals, key=lambda f: (-f.fitness, f.name)):
+        gain = f"{f.fitness - parent.fitness:+.4f}" if parent is not None and f.status == "ok" else ""
+        value = _fmt(f.fitness) if f.status == "ok" else f"failed: {f.reason}"
+        rows.append([f.name, value, gain, *(_fmt(view.metric(f.metrics, t)) for t in view.tasks)])
+    return header, rows
+
+
+def top_rows(view: ExperimentView, n: int = TOP) -> tuple[list[str], list[list[str]]]:
+    header = ["rank", "candidate", "generation.idx", "search fitness", *view.tasks]
+    rows = [
+        [str(i), str(c.id), f"{c.generation}.{c.idx}", _fmt(c.fitness), *(_fmt(view.metric(c.metrics, t)) for t in view.tasks)]
+        for i, c in enumerate(view.ranked()[:n], 1)
+    ]  # fmt: skip
+    return header, rows
+
+
+def cross_rows(views: list[ExperimentView]) -> tuple[list[str], list[list[str]]]:
+    header = [
+        "experiment",
+        "evaluations",
+        "best search fitness",
+        "evolved held-out",
+        "best parent held-out",
+        "gain",
+    ]
+    rows = []
+    for v in views:
+        evolved = next((f for f in v.finals if f.kind == "evolved"), None)
+        parent = v.best_parent()
+        gain = f"{evolved.fitness - parent.fitness:+.4f}" if evolved and parent else ""
+        best = v.best
+        rows.append([
+            v.name, str(len(v.candidates)), _fmt(best.fitness if best else None),
+            _fmt(evolved.fitness if evolved else None), _fmt(parent.fitness if parent else None), gain,
+        ])  # fmt: skip
+    return header, rows
+
+
+# -- writers ----------------------------------------------------------------------------------------------
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    esc = lambda s: html.escape(str(s), quote=False).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    lines = ["| " + " | ".join(map(esc, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(esc, row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def write_report(view: ExperimentView, out: Path, cross: list[ExperimentView] | None = None) -> list[Path]:
+    """Writes leaderboard.md, fitness.png, recipe.png, report.html and leaderboard.csv into `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    plots = {"fitness.png": fitness_plot(view), "recipe.png": recipe_plot(view)}
+    written = []
+    for name, data in plots.items():
+        if data is not None:
+            _atomic_write(out / name, data)
+            written.append(out / name)
+    sections = [("Summary", ["", ""], [list(r) for r in summary_rows(view)])]
+    if view.finals:
+        sections.append(("Held-out split: finalists, parents and default merges", *heldout_rows(view)))
+    sections.append((f"Top {TOP} candidates (search split)", *top_rows(view)))
+    if view.failures:
+        sections.append(
+            ("Failed candidates", ["reason", "count"], [[r, str(n)] for r, n in view.failures.most_common()])
+        )
+    if cross:
+        sections.append(("All experiments", *cross_rows(cross)))
+
+    md = [f"# evomerge report: {html.escape(view.name, quote=False)}", ""]  # Markdown renders raw HTML
+    for title, header, rows in sections:
+        md += [f"## {title}", "", _md_table(header, rows), ""]
+    md += ["## Plots", "", "![fitness](fitness.png)", ""] + (
+        ["![best recipe](recipe.png)", ""] if plots["recipe.png"] else []
+    )
+    _atomic_write(out / "leaderboard.md", "\n".join(md).encode())
+
+    images = "".join(
+        f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{base64.b64encode(data).decode()}"></figure>'
+        for name, data in plots.items() if data is not None
+    )  # fmt: skip
+    body = "".join(f"<h2>{html.escape(t)}</h2>{_html_table(h, r)}" for t, h, r in sections)
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>evomerge report: {html.escape(view.name)}</title><style>{_CSS}</style></head><body>"
+        f"<h1>evomerge report: {html.escape(view.name)}</h1>{body}<h2>Plots</h2>{images}</body></html>"
+    )
+    _atomic_write(out / "report.html", page.encode())
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(
+        [
+            "candidate",
+            "generation",
+            "idx",
+            "status",
+            "fitness",
+            *view.tasks,
+            "merge_seconds",
+            "eval_seconds",
+            "reason",
+        ]
+    )
+    for c in sorted(view.candidates, key=lambda c: (not c.ok, -c.fitness if c.ok else 0, c.id)):
+        writer.writerow([
+            c.id, c.generation, c.idx, c.status, c.fitness if c.ok else "",
+            *(view.metric(c.metrics, t) for t in view.tasks), f"{c.merge_seconds:.4f}", f"{c.eval_seconds:.4f}", c.reason or "",
+        ])  # fmt: skip
+    _atomic_write(out / "leaderboard.csv", buffer.getvalue().encode())
+    return written + [out / "leaderboard.md", out / "report.html", out / "leaderboard.csv"]
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+_CSS = (
+    "body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin:.5em 0 1.5em}"
+    "th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left}th{background:#f2f2f2}"
+    "figure{display:inline-block;margin:0 1em 1em 0}img{max-width:100%}"
+)

@@ -1,0 +1,101 @@
+"""What a report shows, read from an experiment's store (read-only: a running search is never disturbed)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from evomerge.errors import UserError
+from evomerge.store import Candidate, ExperimentStore, Final
+
+
+@dataclass
+class ExperimentView:
+    dir: Path
+    config: dict[str, Any]
+    candidates: list[Candidate]
+    finals: list[Final]
+
+    @classmethod
+    def load(cls, path: str | Path) -> ExperimentView:
+        path = Path(path)
+        if not path.is_dir():
+            raise UserError(f"not a directory: {path}")
+        store = ExperimentStore.open(path, readonly=True)
+        try:
+            config = json.loads(store.meta("config") or "{}")
+            view = cls(path, config, store.candidates(), store.finals())
+        finally:
+            store.close()
+        if not view.candidates:
+            raise UserError(f"experiment {path} has no evaluations yet")
+        return view
+
+    @property
+    def name(self) -> str:
+        return self.config.get("name") or self.dir.name
+
+    @property
+    def budget(self) -> int:
+        return int(self.config.get("optimizer", {}).get("budget", len(self.candidates)))
+
+    @property
+    def tasks(self) -> dict[str, str | None]:
+        """Task name -> the metric it contributes to fitness (None: the task's first)."""
+        return {t["name"]: t.get("metric") for t in self.config.get("evaluation", {}).get("tasks", [])}
+
+    @property
+    def sources(self) -> list[str]:
+        refs = self.config.get("models", {}).get("sources", [])
+        names = [Path(r.rstrip("/")).name or r for r in refs]
+        return [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]
+
+    @property
+    def ok(self) -> list[Candidate]:
+        return [c for c in self.candidates if c.ok]
+
+    @property
+    def failures(self) -> Counter:
+        return Counter(c.reason or "unknown" for c in self.candidates if not c.ok)
+
+    def ranked(self) -> list[Candidate]:
+        return sorted(self.ok, key=lambda c: (-c.fitness, c.id))
+
+    @property
+    def best(self) -> Candidate | None:
+        ranked = self.ranked()
+        return ranked[0] if ranked else None
+
+    @property
+    def wall_seconds(self) -> float:
+        return max(c.finished_at for c in self.candidates) - min(c.started_at for c in self.candidates)
+
+    @property
+    def evals_per_minute(self) -> float:
+        busy = sum(c.merge_seconds + c.eval_seconds for c in self.candidates)
+        return 60 * len(self.candidates) / busy if busy > 0 else math.nan
+
+    @property
+    def finished(self) -> bool:
+        return any(f.kind == "evolved" for f in self.finals)
+
+    def best_parent(self) -> Final | None:
+        parents = [f for f in self.finals if f.kind == "parent" and f.status == "ok"]
+        return max(parents, key=lambda f: f.fitness) if parents else None
+
+    def metric(self, metrics: dict[str, Any], task: str) -> float | None:
+        values = metrics.get(task, {})
+        key = self.tasks.get(task) or next(iter(values), None)
+        return values.get(key) if key else None
+
+    def best_so_far(self) -> list[float]:
+        out, best = [], -math.inf
+        for c in self.candidates:
+            if c.ok:
+                best = max(best, c.fitness)
+            out.append(best)
+        return out

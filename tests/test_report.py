@@ -1,0 +1,138 @@
+"""`evomerge report` on real experiments made by the real `evomerge search` (the smoke config)."""
+
+import csv
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _cli(*args, timeout=600):
+    return subprocess.run(
+        [sys.executable, "-m", "evomerge.cli", *map(str, args)], capture_output=True, text=True, cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=timeout,
+    )  # fmt: skip
+
+
+def _config(tmp_path: Path, name: str, **changes) -> Path:
+    cfg = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
+    cfg["name"] = name
+    cfg["models"] = {
+        "base": str(REPO / "zoo" / "base"),
+        "sources": [str(REPO / "zoo" / n) for n in ("math-en", "lang-x")],
+    }
+    cfg["output"]["dir"] = str(tmp_path / "exp")
+    cfg.update(changes)
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("report")
+    done = _cli("search", _config(tmp, "<script>alert('x')</script> & co"))
+    assert done.returncode == 0, done.stderr
+    return tmp / "exp"
+
+
+def test_report_files_and_content(finished):
+    done = _cli("report", finished)
+    assert done.returncode == 0, done.stderr
+    for name in ("leaderboard.md", "report.html", "leaderboard.csv", "fitness.png", "recipe.png"):
+        assert (finished / name).stat().st_size > 0, name
+    md = (finished / "leaderboard.md").read_text()
+    assert "gain over best parent" in md and "parent math-en" in md and "default dare_ties" in md
+    assert "24 of 24" in md and "![fitness](fitness.png)" in md
+    rows = list(csv.DictReader((finished / "leaderboard.csv").open()))
+    db = sqlite3.connect(finished / "experiment.sqlite")
+    assert len(rows) == db.execute("SELECT COUNT(*) FROM candidates").fetchone()[0]
+    best = db.execute("SELECT id, fitness FROM candidates ORDER BY fitness DESC, id LIMIT 1").fetchone()
+    assert int(rows[0]["candidate"]) == best[0] and float(rows[0]["fitness"]) == pytest.approx(best[1])
+    assert (finished / "fitness.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "held-out" in done.stdout and "evolved" in done.stdout
+
+
+def test_html_is_self_contained_and_escaped(finished):
+    _cli("report", finished)
+    page = (finished / "report.html").read_text()
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; co" in page
+    assert "<script" not in page
+    assert "http://" not in page and "https://" not in page  # no network: plots are data: URIs
+    assert page.count("data:image/png;base64,") == 2
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed")
+def test_html_renders_in_headless_chromium(finished, tmp_path):
+    from PIL import Image
+
+    _cli("report", finished)
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         f"--screenshot={shot}", "--window-size=1200,1600", (finished / "report.html").as_uri()],
+        capture_output=True, timeout=120, check=True,
+    )  # fmt: skip
+    image = Image.open(shot).convert("L")
+    low, high = image.getextrema()
+    assert high - low > 100  # text and plots on a white page, not a blank screen
+    assert sum(image.histogram()[:128]) > 2000
+
+
+def test_several_experiments_and_out_dir(finished, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(finished, other, ignore=shutil.ignore_patterns("*.png", "*.md", "*.html", "*.csv"))
+    done = _cli("report", finished, other, "--out", tmp_path / "reports")
+    assert done.returncode == 0, done.stderr
+    md = (tmp_path / "reports" / "other" / "leaderboard.md").read_text()
+    assert "## All experiments" in md and md.count("<script>") == 0
+    assert not (other / "report.html").exists()
+
+
+def test_report_while_search_runs_and_after_kill(tmp_path):
+    cfg = _config(tmp_path, "live")
+    exp = tmp_path / "exp"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "evomerge.cli", "search", str(cfg)], cwd=REPO, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    db = exp / "experiment.sqlite"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if db.exists() and sqlite3.connect(db).execute("SELECT COUNT(*) FROM candidates").fetchone()[0] >= 3:
+            break
+        time.sleep(0.1)
+    live = _cli("report", exp, "--out", tmp_path / "live")
+    assert live.returncode == 0, live.stderr
+    assert "search split (unfinished)" in live.stdout
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed = _cli("report", exp)
+    assert killed.returncode == 0, killed.stderr
+    assert "(in progress or stopped)" in (exp / "leaderboard.md").read_text()
+    resumed = _cli("search", cfg)  # the reports left the store intact: the run resumes and finishes
+    assert resumed.returncode == 0, resumed.stderr
+    assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM candidates").fetchone()[0] == 24
+
+
+def test_bad_input(tmp_path, finished):
+    done = _cli("report", tmp_path)
+    assert done.returncode == 2 and "no experiment at" in done.stderr
+    done = _cli("report", tmp_path / "missing")
+    assert done.returncode == 2 and "not a directory" in done.stderr
+    from evomerge.store import ExperimentStore
+
+    ExperimentStore.create(tmp_path / "empty", {"config": "{}"}, config_text="").close()
+    done = _cli("report", tmp_path / "empty")
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        f"error: experiment {tmp_path / 'empty'} has no evaluations yet"
+    ]
