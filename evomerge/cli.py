@@ -178,6 +178,23 @@ def report(
         console.print(table)
 
 
+@app.command()
+def export(
+    experiment: Path = typer.Argument(..., help="Experiment directory."),
+    out_dir: Path = typer.Argument(..., help="Directory to write the Hugging Face model into."),
+    rank: int = typer.Option(1, help="Which candidate: 1 = the best on the search split."),
+    force: bool = typer.Option(False, help="Replace OUT_DIR if it is not empty."),
+) -> None:
+    """Write a candidate as a model dir with a model card and a mergekit config that rebuilds it."""
+    from evomerge.report.export import export_candidate
+
+    summary = export_candidate(experiment, out_dir, rank=rank, force=force)
+    console.print(
+        f"exported candidate {summary.candidate} (rank {summary.rank}, {summary.tensors} tensors) to {summary.out_dir}",
+        highlight=False,
+    )
+
+
 def main() -> None:
     # lm-eval and transformers draw tqdm bars per batch; tqdm reads this when first imported, which
     # happens lazily inside the commands, after this line

@@ -1,6 +1,7 @@
-"""`evomerge report` on real experiments made by the real `evomerge search` (the smoke config)."""
+"""`evomerge report` and `export` on real experiments made by the real `evomerge search` (the smoke config)."""
 
 import csv
+import json
 import os
 import shutil
 import signal
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -136,3 +138,75 @@ def test_bad_input(tmp_path, finished):
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
         f"error: experiment {tmp_path / 'empty'} has no evaluations yet"
     ]
+
+
+@pytest.fixture(scope="module")
+def ties_experiment(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ties")
+    cfg = _config(tmp, "ties", merge={"method": "ties"}, space={"layers_per_group": 1, "split": True})
+    data = yaml.safe_load(cfg.read_text())
+    data["optimizer"]["budget"] = 8
+    cfg.write_text(yaml.safe_dump(data))
+    done = _cli("search", cfg)
+    assert done.returncode == 0, done.stderr
+    return tmp / "exp"
+
+
+def _tensors(directory):
+    from safetensors.torch import load_file
+
+    return load_file(directory / "model.safetensors")
+
+
+def test_export_loads_and_mergekit_rebuilds_it(ties_experiment, tmp_path):
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "model"
+    done = _cli("export", ties_experiment, out, "--rank", 2)
+    assert done.returncode == 0, done.stderr
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 4
+    card = (out / "README.md").read_text()
+    assert "rank 2" in card and "| layers.3.mlp |" in card
+    config = yaml.safe_load((out / "mergekit_config.yml").read_text())
+    theirs = tmp_path / "mergekit"
+    run_merge(
+        MergeConfiguration.model_validate(config), str(theirs), MergeOptions(copy_tokenizer=True, quiet=True)
+    )
+    ours, ref = _tensors(out), _tensors(theirs)
+    assert set(ours) == set(ref)
+    assert max((ours[k] - ref[k]).abs().max().item() for k in ours) <= 1e-5
+    again = tmp_path / "again"
+    done = _cli("merge", out / "mergekit_config.yml", again)
+    assert done.returncode == 0, done.stderr
+    rebuilt = _tensors(again)
+    assert all(torch.equal(ours[k], rebuilt[k]) for k in ours)
+
+
+def test_export_dare_is_the_searched_candidate(finished, tmp_path):
+    """A DARE export has the candidate's own masks: scoring it gives the journaled search fitness."""
+    out = tmp_path / "dare"
+    done = _cli("export", finished, out)
+    assert done.returncode == 0, done.stderr
+    assert "seeds its masks from the candidate" in (out / "mergekit_config.yml").read_text()
+    scored = _cli(
+        "eval", out, "--task", "zoo_math_x", "--split", "search", "--heldout", 300, "--limit", 24, "--json"
+    )
+    assert scored.returncode == 0, scored.stderr
+    db = sqlite3.connect(finished / "experiment.sqlite")
+    fitness = db.execute(
+        "SELECT fitness FROM candidates WHERE status='ok' ORDER BY fitness DESC, id LIMIT 1"
+    ).fetchone()[0]
+    assert json.loads(scored.stdout)["metrics"]["zoo_math_x"]["exact_match,strict-match"] == pytest.approx(
+        fitness
+    )
+
+
+def test_export_bad_input(finished, tmp_path):
+    done = _cli("export", finished, tmp_path / "x", "--rank", 999)
+    assert done.returncode == 2 and "--rank 999" in done.stderr and not (tmp_path / "x").exists()
+    done = _cli("export", tmp_path, tmp_path / "y")
+    assert done.returncode == 2 and "no experiment at" in done.stderr

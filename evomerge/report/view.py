@@ -19,6 +19,7 @@ class ExperimentView:
     config: dict[str, Any]
     candidates: list[Candidate]
     finals: list[Final]
+    config_dir: Path | None = None
 
     @classmethod
     def load(cls, path: str | Path) -> ExperimentView:
@@ -28,7 +29,10 @@ class ExperimentView:
         store = ExperimentStore.open(path, readonly=True)
         try:
             config = json.loads(store.meta("config") or "{}")
-            view = cls(path, config, store.candidates(), store.finals())
+            config_dir = store.meta("config_dir")
+            view = cls(
+                path, config, store.candidates(), store.finals(), Path(config_dir) if config_dir else None
+            )
         finally:
             store.close()
         if not view.candidates:

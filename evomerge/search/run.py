@@ -61,7 +61,13 @@ def candidate_seed(seed: int, generation: int, idx: int) -> int:
 
 
 def open_experiment(
-    config: ExperimentConfig, config_text: str, out: Path, *, fresh: bool, force: bool
+    config: ExperimentConfig,
+    config_text: str,
+    out: Path,
+    *,
+    fresh: bool,
+    force: bool,
+    config_dir: Path | None = None,
 ) -> tuple[ExperimentStore, bool]:
     """The experiment store at `out`: created, or opened to resume after checking the config still matches."""
     identity = config.identity()
@@ -77,6 +83,8 @@ def open_experiment(
             )
         if store.meta("config") != json.dumps(config.model_dump(mode="json"), sort_keys=True):
             store.set_meta("config", json.dumps(config.model_dump(mode="json"), sort_keys=True))
+        if config_dir is not None and store.meta("config_dir") != str(config_dir):
+            store.set_meta("config_dir", str(config_dir))
         return store, True
     if fresh and ExperimentStore.exists(out) and not force:
         raise UserError(f"{out} holds an experiment; --fresh would delete it: add --force to confirm")
@@ -86,6 +94,7 @@ def open_experiment(
         "identity": json.dumps(identity, sort_keys=True),
         "identity_hash": config.identity_hash(),
         "config": json.dumps(config.model_dump(mode="json"), sort_keys=True),
+        "config_dir": str(config_dir or Path.cwd()),  # where relative model paths may resolve (export)
     }
     store = ExperimentStore.create(out, meta, config_text=config_text, replace=fresh)
     return store, False
@@ -301,7 +310,12 @@ def run_search(
         )
     out = Path(out if out is not None else config.output.dir)  # relative to the working directory
     store, resumed = open_experiment(
-        config, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), out, fresh=fresh, force=force
+        config,
+        yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False),
+        out,
+        fresh=fresh,
+        force=force,
+        config_dir=config_dir,
     )
     handler = logging.FileHandler(out / "search.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

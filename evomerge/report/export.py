@@ -1,0 +1,197 @@
+"""`evomerge export`: a candidate of an experiment as a normal Hugging Face model directory.
+
+The weights are merged with the exact kernels (true top-k for TIES, the candidate's own seeded DARE masks),
+tensor by tensor, into a staged directory that appears complete or not at all. Beside them: a model card
+and a `mergekit_config.yml` that expresses the per-group recipe as mergekit `filter` conditionals, so
+`mergekit-yaml` (deterministic methods) and `evomerge merge` rebuild the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from evomerge.errors import UserError
+from evomerge.merge.methods import Method, TensorParams, merge_tensor
+from evomerge.merge.recipe import Recipe
+from evomerge.models.architecture import EMBED, HEAD, Family
+from evomerge.report.view import ExperimentView
+
+
+@dataclass
+class ExportSummary:
+    out_dir: Path
+    candidate: int
+    rank: int
+    tensors: int
+
+
+def group_filters(family: Family, group: str, tensors: list[str]) -> list[str]:
+    """Substrings that select exactly the tensors of `group` (mergekit: first matching filter wins)."""
+    if group in (EMBED, HEAD):
+        return [t for t in tensors if family.group(t) == group]
+    parts = group.split(".")  # layers.N or layers.N.attn|mlp
+    prefix = f"model.layers.{parts[1]}"
+    if len(parts) == 2:
+        return [prefix + "."]
+    markers = family.attn_markers if parts[2] == "attn" else family.mlp_markers
+    return [prefix + marker for marker in markers]
+
+
+def recipe_to_mergekit(
+    recipe: Recipe, base: str | None, sources: list[str], family: Family, tensors: list[str], dtype: str
+) -> dict[str, Any]:
+    """A mergekit merge config giving every tensor the parameters `recipe` gives it."""
+    method = recipe.method
+    filters = {group: group_filters(family, group, tensors) for group in recipe.groups}
+
+    def setting(value_of) -> list[dict[str, Any]]:
+        return [
+            {"filter": f, "value": value_of(params)}
+            for group, params in recipe.groups.items()
+            for f in filters[group]
+        ]
+
+    normalize = method.default_normalize if recipe.normalize is None else recipe.normalize
+    shared: dict[str, Any] = {}
+    models = []
+    if method is Method.slerp:
+        shared["t"] = setting(lambda p: float(p.t))
+        models = [{"model": base}, {"model": sources[0]}]
+    else:
+        for j, ref in enumerate(sources):
+            params: dict[str, Any] = {"weight": setting(lambda p, j=j: float(p.weights[j]))}
+            if method.uses_density:
+                params["density"] = setting(lambda p, j=j: float(p.densities[j]))
+            models.append({"model": ref, "parameters": params})
+        if method is not Method.linear:
+            shared["lambda"] = float(recipe.lam)
+        shared["normalize"] = bool(normalize)
+        if method in (Method.dare_linear, Method.dare_ties):
+            shared["rescale"] = bool(recipe.rescale)
+    config: dict[str, Any] = {
+        "merge_method": method.value,
+        "models": models,
+        "parameters": shared,
+        "dtype": dtype,
+    }
+    if method.uses_base:
+        config["base_model"] = base
+    return config
+
+
+def export_candidate(
+    exp_dir: str | Path, out_dir: str | Path, *, rank: int = 1, force: bool = False
+) -> ExportSummary:
+    from evomerge.merge.mergekit_config import ConfigPlan, MergeConfig
+    from evomerge.models.checkpoint import Checkpoint, parse_dtype
+    from evomerge.models.compat import check_compatible
+    from evomerge.models.writer import (
+        ShardWriter,
+        check_destination,
+        copy_tokenizer,
+        staged_directory,
+        write_config,
+    )
+
+    out_dir = Path(out_dir)
+    check_destination(out_dir, force)
+    view = ExperimentView.load(exp_dir)
+    ranked = view.ranked()
+    if not 1 <= rank <= len(ranked):
+        raise UserError(f"--rank {rank}: {exp_dir} has {len(ranked)} successful candidates")
+    candidate = ranked[rank - 1]
+    recipe = Recipe.from_dict(candidate.recipe)
+    models = view.config["models"]
+    base_dir = view.config_dir
+    base = Checkpoint.open(models["base"], base_dir=base_dir) if models.get("base") else None
+    sources = [Checkpoint.open(ref, base_dir=base_dir) for ref in models["sources"]]
+    family = check_compatible(([base] if base else []) + sources)
+    first = base or sources[0]
+    names = list(first.tensors)
+    dtype_name = view.config.get("runtime", {}).get("dtype", "float32")
+    dtype = parse_dtype(dtype_name)
+    params: dict[str, TensorParams] = recipe.tensor_params(names, family)
+
+    mergekit = recipe_to_mergekit(
+        recipe, str(base.path) if base else None, [str(s.path) for s in sources], family, names, dtype_name
+    )
+    plan = ConfigPlan(MergeConfig.model_validate(mergekit))
+    for name in names:  # the config must mean exactly this recipe, tensor by tensor
+        theirs, ours = plan.tensor_params(name, family, first.num_layers), params[name]
+        if (theirs.weights, theirs.densities, theirs.normalize, theirs.lam) != (
+            ours.weights,
+            ours.densities,
+            ours.normalize,
+            ours.lam,
+        ) or (recipe.method is Method.slerp and theirs.t != ours.t):
+            raise RuntimeError(f"internal error: mergekit config differs from the recipe at {name}")
+
+    with staged_directory(out_dir, force) as stage:
+        writer = ShardWriter(stage)
+        for name in names:
+            b = base.get(name, dtype=dtype) if base else None
+            inputs = [s.get(name, dtype=dtype) for s in sources]
+            writer.add(name, merge_tensor(recipe.method, name, b, inputs, params[name]).to(dtype))
+        writer.finish()
+        write_config(stage, first.config, dtype)
+        copy_tokenizer(first.path, stage)
+        (stage / "mergekit_config.yml").write_text(
+            "# Rebuilds this model: mergekit-yaml mergekit_config.yml OUT  (or: evomerge merge mergekit_config.yml OUT)\n"
+            + _dare_note(recipe)
+            + yaml.safe_dump(mergekit, sort_keys=False)
+        )
+        (stage / "README.md").write_text(model_card(view, candidate, rank, recipe))
+    return ExportSummary(out_dir, candidate.id, rank, len(names))
+
+
+def _dare_note(recipe: Recipe) -> str:
+    if recipe.method not in (Method.dare_linear, Method.dare_ties):
+        return ""
+    return (
+        f"# DARE drops entries at random: evomerge seeds its masks from the candidate (seed {recipe.seed});\n"
+        "# mergekit draws its own, so its rebuild matches in distribution, not bit for bit.\n"
+    )
+
+
+def model_card(view: ExperimentView, candidate, rank: int, recipe: Recipe) -> str:
+    models = view.config["models"]
+    heldout = next((f for f in view.finals if f.kind == "evolved" and f.candidate_id == candidate.id), None)
+    lines = [
+        f"# {view.name}: evolved merge (candidate {candidate.id}, rank {rank})",
+        "",
+        "Found by evomerge, an evolutionary search over merge recipes, without training.",
+        "",
+        f"- method: `{recipe.method.value}`",
+        f"- base: `{models.get('base')}`",
+        "- sources: " + ", ".join(f"`{s}`" for s in models["sources"]),
+        f"- optimizer: {view.config.get('optimizer', {}).get('name')} , {len(view.candidates)} evaluations "
+        f"(this candidate: generation {candidate.generation}, #{candidate.idx})",
+        f"- search-split fitness: {candidate.fitness:.4f}",
+    ]
+    if heldout is not None:
+        lines.append(f"- held-out fitness: {heldout.fitness:.4f}")
+    lines += ["", "## Scores", "", "| task | search split | held-out |", "|---|---:|---:|"]
+    for task in view.tasks:
+        s = view.metric(candidate.metrics, task)
+        h = view.metric(heldout.metrics, task) if heldout else None
+        lines.append(f"| {task} | {'' if s is None else f'{s:.4f}'} | {'' if h is None else f'{h:.4f}'} |")
+    lines += ["", "## Recipe", ""]
+    names = view.sources
+    if recipe.method is Method.slerp:
+        lines += ["| group | t |", "|---|---:|"] + [f"| {g} | {p.t:.4f} |" for g, p in recipe.groups.items()]
+    else:
+        cols = [f"{n} weight" for n in names] + (
+            [f"{n} density" for n in names] if recipe.method.uses_density else []
+        )
+        lines += ["| group | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+        for g, p in recipe.groups.items():
+            values = list(p.weights) + (list(p.densities) if recipe.method.uses_density else [])
+            lines.append(f"| {g} | " + " | ".join(f"{v:.4f}" for v in values) + " |")
+    lines += ["", "`mergekit_config.yml` rebuilds these weights. The full recipe as JSON:", "", "```json",
+              json.dumps(candidate.recipe, indent=1), "```", ""]  # fmt: skip
+    return "\n".join(lines)
