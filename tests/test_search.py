@@ -406,3 +406,22 @@ def test_ctrl_c_saves_and_exits_130(tmp_path):
     assert proc.returncode == 130, err.decode()
     assert "interrupted" in err.decode()
     assert len(_journal(tmp_path / "exp")[0]) >= 2
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        {"name": "nevergrad", "optimizer": "TwoPointsDE", "budget": 10, "batch": 4},
+        {"name": "random", "budget": 10, "batch": 4},
+    ],
+)
+def test_other_optimizers_run_and_resume(tmp_path, optimizer):
+    cfg = _smoke(tmp_path, optimizer={**optimizer, "seed": 3})
+    first = _cli("search", cfg, "--budget", 6)
+    assert first.returncode == 0, first.stderr
+    second = _cli("search", cfg)
+    assert second.returncode == 0, second.stderr
+    resumed, _ = _journal(tmp_path / "exp")
+    straight = _cli("search", cfg, "--out", tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr
+    assert resumed == _journal(tmp_path / "straight")[0] and len(resumed) == 10
