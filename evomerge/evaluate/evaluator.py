@@ -95,6 +95,15 @@ class Evaluator:
             [[tokenizer.eos_token_id or 0] * 4], device=next(model.parameters()).device
         )
 
+    def set_model(self, model: torch.nn.Module) -> None:
+        """Score another model object from now on (a data-flow candidate is a new module over the same
+        resident layers); the tasks and the wrapper stay as they are."""
+        if next(model.parameters()).device != next(self.model.parameters()).device:
+            raise UserError("set_model: the new model is on another device")
+        self.model = model
+        self.lm._model = model
+        self.lm._config = model.config
+
     @staticmethod
     def _configure(name: str, task, spec: TaskSpec) -> None:
         if spec.num_fewshot:
