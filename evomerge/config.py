@@ -93,6 +93,32 @@ class SpaceSpec(_Strict):
     t: UnitBounds = UnitBounds()
 
 
+class ScaleBounds(Bounds):
+    min: float = 0.0
+    max: float = 2.0
+
+
+class DfsSpec(_Strict):
+    """Data-flow space: which layers of the sources (A first) a token passes through, and with what scale.
+    The slots are all layers of the sources in order, repeated `repeats` times."""
+
+    repeats: int = Field(2, ge=1, le=8)
+    scale: Literal["scalar", "matrix"] = Field(
+        "scalar", description="a scale gene per slot, or Sakana's M x M matrix (previous layer, this layer)"
+    )
+    scale_bounds: ScaleBounds = ScaleBounds()
+    keep_ends: bool = Field(True, description="model A's first and last layers at both ends of every path")
+    init_a_path: bool = Field(True, description="start where model A's own path is the most likely")
+    min_layers: int = Field(1, ge=1)
+    max_layers: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _lengths(self) -> DfsSpec:
+        if self.max_layers is not None and self.max_layers < self.min_layers:
+            raise ValueError(f"max_layers ({self.max_layers}) is below min_layers ({self.min_layers})")
+        return self
+
+
 class CmaSpec(_Strict):
     name: Literal["cma"]
     budget: int = Field(200, ge=1, description="evaluations on the search split")
@@ -140,6 +166,7 @@ class ExperimentConfig(_Strict):
     models: ModelsSpec
     merge: MergeSpec = MergeSpec()
     space: SpaceSpec = SpaceSpec()
+    dfs: DfsSpec | None = Field(None, description="search the data-flow space of models.sources instead")
     optimizer: OptimizerSpec = CmaSpec(name="cma")
     evaluation: EvaluationSpec
     runtime: RuntimeSpec = RuntimeSpec()
@@ -147,6 +174,8 @@ class ExperimentConfig(_Strict):
 
     @model_validator(mode="after")
     def _method_fits_models(self) -> ExperimentConfig:
+        if self.dfs is not None:
+            return self  # DFS merges no weights: models.base and merge are not used
         method = self.merge.method
         if method.uses_base and self.models.base is None:
             raise ValueError(f"merge.method {method.value} needs models.base")

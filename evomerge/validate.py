@@ -60,7 +60,12 @@ def validate_config(path: str | Path) -> Validation:
     if num_layers is None:
         num_layers = _hub_num_layers(refs[0], offline=refs[0] in report.unchecked)
     if num_layers:
-        space = Space(config.space, config.merge.method, len(config.models.sources), num_layers)
+        if config.dfs is not None:
+            from evomerge.search.dfs_space import DfsSpace
+
+            space = DfsSpace(config.dfs, [num_layers] * len(config.models.sources))
+        else:
+            space = Space(config.space, config.merge.method, len(config.models.sources), num_layers)
         popsize = (
             getattr(config.optimizer, "popsize", None)
             or getattr(config.optimizer, "batch", None)
@@ -68,7 +73,7 @@ def validate_config(path: str | Path) -> Validation:
         )
         rounds = math.ceil(config.optimizer.budget / popsize)
         report.lines.append(
-            f"search: {space.size} genes over {len(space.blocks)} blocks, {config.optimizer.name} with "
+            f"search: {space.size} genes ({'data-flow space' if config.dfs else f'{len(space.blocks)} blocks'}), {config.optimizer.name} with "
             f"{popsize} candidates per round, budget {config.optimizer.budget} ({rounds} rounds)"
         )
     else:

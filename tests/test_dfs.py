@@ -2,6 +2,8 @@
 (real transformers models of the Llama, Mistral and Qwen2 families)."""
 
 import gc
+import json
+from pathlib import Path
 
 import psutil
 import pytest
@@ -110,8 +112,6 @@ def test_evaluator_scores_path_candidates_like_models():
     """The same Evaluator (one lm-eval wrapper, one task dict) scores DFS candidates: the identity path of
     math-en scores exactly what math-en scores; a path through lang-x's layers scores what the
     equivalent standard model scores."""
-    from pathlib import Path
-
     from evomerge.evaluate import EvaluationSpec, Evaluator
     from evomerge.evaluate.run import load_model_and_tokenizer
 
@@ -133,3 +133,88 @@ def test_evaluator_scores_path_candidates_like_models():
     mixed = evaluator.evaluate("search")
     reference = Evaluator(_hand_built([a, b], path), tok, spec).evaluate("search")
     assert mixed.ok and mixed.metrics == reference.metrics
+
+
+# -- the DFS genome ---------------------------------------------------------------------------------
+
+
+def _space(**spec):
+    from evomerge.config import DfsSpec
+    from evomerge.search.dfs_space import DfsSpace
+
+    return DfsSpace(DfsSpec(**spec), [4, 3])
+
+
+def test_dfs_genome_layout_and_start():
+    space = _space(repeats=2)
+    assert space.t == 14 and space.size == 28
+    assert (
+        space.slots[:7] == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2)]
+        and space.slots[7:] == space.slots[:7]
+    )
+    start = space.decode(space.start())
+    assert start == {"kind": "dfs", "path": [[0, 0], [0, 1], [0, 2], [0, 3]], "scales": [1.0, 1.0, 1.0, 1.0]}
+
+
+def test_dfs_genome_indicators_scales_ends_and_lengths():
+    space = _space(repeats=2, keep_ends=False, scale_bounds={"min": 0.0, "max": 2.0})
+    x = [0.0] * space.size
+    for k, value in ((5, 0.9), (8, 0.6), (12, 0.7)):  # B.1, then A.1 and B.1 of the second repeat
+        x[k] = value
+    x[space.t + 5], x[space.t + 8], x[space.t + 12] = 0.25, 1.0, 0.5
+    assert space.decode(x) == {"kind": "dfs", "path": [[1, 1], [0, 1], [1, 1]], "scales": [0.5, 2.0, 1.0]}
+    ends = _space(repeats=2, keep_ends=True).decode(x)["path"]
+    assert ends[0] == [0, 0] and ends[-1] == [0, 3] and ends[1:-1] == [[1, 1], [0, 1], [1, 1]]
+    short = _space(repeats=2, keep_ends=False, max_layers=2).decode(x)["path"]
+    assert short == [[1, 1], [1, 1]]  # the two strongest indicators, in path order
+    padded = _space(repeats=2, keep_ends=False, min_layers=4).decode(x)["path"]
+    assert len(padded) == 4
+
+
+def test_dfs_matrix_scales_are_indexed_by_previous_and_current_layer():
+    space = _space(repeats=1, keep_ends=False, scale="matrix")
+    assert space.size == 7 + 49
+    x = [0.0] * space.size
+    x[0] = x[5] = 0.9  # A.0 then B.1 (global layer indices 0 and 5)
+    x[7 + 0 * 7 + 5] = 0.75  # W[0, 5]
+    assert space.decode(x)["scales"] == [1.0, 1.5]
+
+
+# -- a real DFS search ------------------------------------------------------------------------------
+
+
+def test_dfs_search_report_and_export_refusal(tmp_path):
+    import os
+    import sqlite3
+    import subprocess
+    import sys
+
+    import yaml
+
+    repo = Path(__file__).resolve().parent.parent
+    cfg = yaml.safe_load((repo / "configs" / "smoke-dfs.yaml").read_text())
+    cfg["models"] = {"sources": [str(repo / "zoo" / "math-en"), str(repo / "zoo" / "lang-x")]}
+    cfg["output"]["dir"] = str(tmp_path / "exp")
+    path = tmp_path / "dfs.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+
+    def cli(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "evomerge.cli", *map(str, args)], capture_output=True, text=True, cwd=repo,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600,
+        )  # fmt: skip
+
+    done = cli("search", path)
+    assert done.returncode == 0, done.stderr
+    db = sqlite3.connect(tmp_path / "exp" / "experiment.sqlite")
+    recipes = [json.loads(r[0]) for r in db.execute("SELECT recipe FROM candidates")]
+    assert len(recipes) == 24 and all(r["kind"] == "dfs" for r in recipes)
+    assert any(len(r["path"]) != 4 or any(s != 1.0 for s in r["scales"]) for r in recipes)
+    assert all(len(r["path"]) <= 10 for r in recipes)  # max_layers 8, plus the two kept ends
+    finals = {r[0] for r in db.execute("SELECT name FROM finals")}
+    assert finals == {"evolved", "parent math-en", "parent lang-x"}
+    report = cli("report", tmp_path / "exp")
+    assert report.returncode == 0, report.stderr
+    assert (tmp_path / "exp" / "recipe.png").stat().st_size > 0
+    export = cli("export", tmp_path / "exp", tmp_path / "out")
+    assert export.returncode == 2 and "not supported yet" in export.stderr

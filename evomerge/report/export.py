@@ -105,6 +105,8 @@ def export_candidate(
     if not 1 <= rank <= len(ranked):
         raise UserError(f"--rank {rank}: {exp_dir} has {len(ranked)} successful candidates")
     candidate = ranked[rank - 1]
+    if candidate.recipe.get("kind") == "dfs":
+        raise UserError("exporting a data-flow (DFS) candidate is not supported yet; PS candidates export")
     recipe = Recipe.from_dict(candidate.recipe)
     models = view.config["models"]
     base_dir = view.config_dir

@@ -43,6 +43,8 @@ def recipe_plot(view: ExperimentView) -> bytes | None:
     if best is None:
         return None
     plt = _pyplot()
+    if best.recipe.get("kind") == "dfs":
+        return _path_plot(plt, view, best)
     groups = best.recipe["groups"]
     names = list(groups)
     columns, rows = [], []
@@ -66,6 +68,25 @@ def recipe_plot(view: ExperimentView) -> bytes | None:
     ax.set_yticks(range(len(names)), names, fontsize=7)
     ax.set_title(f"best recipe (candidate {best.id}, {best.recipe['method']})", fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.05)
+    return _png(fig)
+
+
+def _path_plot(plt, view: ExperimentView, best) -> bytes:
+    """A DFS path as a strip: one cell per hop, coloured by source, labelled with layer and scale."""
+    path, scales = best.recipe["path"], best.recipe["scales"]
+    fig, ax = plt.subplots(figsize=(min(2 + 0.55 * len(path), 16), 1.9), dpi=110)
+    for hop, ((source, layer), scale) in enumerate(zip(path, scales, strict=True)):
+        ax.add_patch(plt.Rectangle((hop, 0), 0.95, 1, color=f"C{source}", alpha=0.35 + 0.65 * min(scale, 2) / 2))
+        ax.text(hop + 0.47, 0.62, f"L{layer}", ha="center", va="center", fontsize=7)
+        ax.text(hop + 0.47, 0.3, f"×{scale:.2f}", ha="center", va="center", fontsize=6)
+    ax.set_xlim(0, len(path))
+    ax.set_ylim(0, 1)
+    ax.set_yticks([])
+    ax.set_xlabel("hop")
+    names = view.sources
+    handles = [plt.Rectangle((0, 0), 1, 1, color=f"C{i}") for i in range(len(names))]
+    ax.legend(handles, names, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)
+    ax.set_title(f"best path (candidate {best.id}): source, layer, scale", fontsize=9)
     return _png(fig)
 
 

@@ -107,6 +107,45 @@ class Worker:
         self.engine = MergeEngine(self.base, self.sources, method, self.target, **self._engine_args)
 
 
+class DfsWorker:
+    """The sources loaded once as models; each candidate is a layer path over their layers (no copy)."""
+
+    def __init__(self, config: ExperimentConfig, config_dir: Path | None, manager=None) -> None:
+        from evomerge.device import resolve_device
+        from evomerge.evaluate.evaluator import Evaluator
+        from evomerge.evaluate.run import load_tokenizer
+        from evomerge.merge.engine import load_target
+        from evomerge.models.checkpoint import Checkpoint, parse_dtype
+        from evomerge.models.compat import check_compatible
+
+        started = time.perf_counter()
+        device, dtype = resolve_device(config.runtime.device), parse_dtype(config.runtime.dtype)
+        checkpoints = [Checkpoint.open(ref, base_dir=config_dir) for ref in config.models.sources]
+        check_compatible(checkpoints)
+        self.models = [load_target(c, device=device, dtype=dtype) for c in checkpoints]
+        self.evaluator = Evaluator(self.models[0], load_tokenizer(checkpoints[0]), config.evaluation, manager)
+        self.load_seconds = time.perf_counter() - started
+
+    def evaluate(self, recipe: dict[str, Any], split: str = "search") -> Outcome:
+        from evomerge.merge.dfs import path_model
+
+        started = time.perf_counter()
+        try:
+            model = path_model(self.models, [tuple(slot) for slot in recipe["path"]], recipe["scales"])
+        except Exception as exc:
+            return Outcome(False, -math.inf, reason=f"path: {_reason(exc)}", merge_seconds=time.perf_counter() - started)
+        self.evaluator.set_model(model)
+        return self._score(split, time.perf_counter() - started)
+
+    def evaluate_source(self, index: int, split: str = "heldout") -> Outcome:
+        self.evaluator.set_model(self.models[index])
+        return self._score(split, 0.0)
+
+    def _score(self, split: str, build_seconds: float) -> Outcome:
+        result = self.evaluator.evaluate(split)
+        return Outcome(result.ok, result.fitness, result.metrics, result.error, build_seconds, result.seconds)
+
+
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, UserError):
         return str(exc)

@@ -25,6 +25,7 @@ from evomerge.config import ExperimentConfig, describe_changes, load_config
 from evomerge.errors import UserError
 from evomerge.merge.methods import Method
 from evomerge.merge.recipe import Recipe
+from evomerge.search.dfs_space import DfsSpace
 from evomerge.search.optimizers import dump_state, load_state, make_optimizer
 from evomerge.search.space import Space, default_params
 from evomerge.store import Candidate, ExperimentStore, Final
@@ -120,19 +121,23 @@ class Search:
         base, sources, _ = open_models(config, config_dir)
         self.num_layers = (base or sources[0]).num_layers
         self.source_names = _labels(config.models.sources)
-        self.space = Space(
-            config.space, config.merge.method, len(sources), self.num_layers, seed=config.optimizer.seed
-        )
+        if config.dfs is not None:
+            self.space = DfsSpace(config.dfs, [s.num_layers for s in sources])
+        else:
+            self.space = Space(
+                config.space, config.merge.method, len(sources), self.num_layers, seed=config.optimizer.seed
+            )
         self._worker = None
 
     @property
     def worker(self):
         """Loaded on first use: a finished experiment reopened only to print its results loads no model."""
         if self._worker is None:
-            from evomerge.runtime.worker import Worker
+            from evomerge.runtime.worker import DfsWorker, Worker
 
             self._stage("loading models")
-            self._worker = Worker(self.config, self.config_dir, self.manager)
+            kind = DfsWorker if self.config.dfs is not None else Worker
+            self._worker = kind(self.config, self.config_dir, self.manager)
             log.info("models resident in %.1fs; %d genes", self._worker.load_seconds, self.space.size)
         return self._worker
 
@@ -141,11 +146,15 @@ class Search:
         if self.reporter:
             self.reporter.stage(text)
 
-    def recipe(self, genome: np.ndarray, generation: int, idx: int) -> Recipe:
+    def recipe(self, genome: np.ndarray, generation: int, idx: int) -> dict:
+        """The candidate's recipe as plain data (what the journal stores and the worker takes)."""
+        if isinstance(self.space, DfsSpace):
+            return self.space.decode(genome)
         seed = candidate_seed(self.config.optimizer.seed, generation, idx)
-        return self.space.decode(
+        recipe = self.space.decode(
             genome, seed=seed, normalize=self.config.merge.normalize, rescale=self.config.merge.rescale
         )
+        return recipe.to_dict()
 
     def run(self) -> None:
         """Evaluate until the budget is spent (journaled evaluations count)."""
@@ -194,7 +203,7 @@ class Search:
             generation += 1
 
     def _evaluate(self, genome: np.ndarray, generation: int, idx: int) -> Candidate:
-        recipe = self.recipe(genome, generation, idx).to_dict()
+        recipe = self.recipe(genome, generation, idx)
         started = time.time()
         outcome = self.worker.evaluate(recipe, "search")
         candidate = Candidate(
@@ -239,11 +248,17 @@ class Search:
             self.store.clear_finals("evolved")  # a resumed, longer run found a better recipe
             have.pop("evolved")
         jobs = [("evolved", "evolved", best.id, best.recipe)]
+        if self.config.dfs is not None:  # DFS merges no weights: the baselines are the sources themselves
+            jobs += [(f"parent {label}", "parent", i, None) for i, label in enumerate(self.source_names)]
+            return self._run_finals(jobs, have)
         method = self.config.merge.method
         methods = [method] + [m for m in self._default_methods() if m is not method]
         jobs.append((f"default {method.value}", "default", None, self._default_recipe(method)))
         jobs += [(f"parent {label}", "parent", i, None) for i, label in enumerate(self.source_names)]
         jobs += [(f"default {m.value}", "default", None, self._default_recipe(m)) for m in methods[1:]]
+        return self._run_finals(jobs, have)
+
+    def _run_finals(self, jobs: list, have: dict) -> list[Final]:
         for name, kind, ref, recipe in jobs:
             if name in have:
                 continue
