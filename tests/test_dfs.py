@@ -183,7 +183,7 @@ def test_dfs_matrix_scales_are_indexed_by_previous_and_current_layer():
 # -- a real DFS search ------------------------------------------------------------------------------
 
 
-def test_dfs_search_report_and_export_refusal(tmp_path):
+def test_dfs_search_report_and_export(tmp_path):
     import os
     import sqlite3
     import subprocess
@@ -217,4 +217,20 @@ def test_dfs_search_report_and_export_refusal(tmp_path):
     assert report.returncode == 0, report.stderr
     assert (tmp_path / "exp" / "recipe.png").stat().st_size > 0
     export = cli("export", tmp_path / "exp", tmp_path / "out")
-    assert export.returncode == 2 and "not supported yet" in export.stderr
+    assert export.returncode == 0, export.stderr
+    best = json.loads(
+        db.execute(
+            "SELECT recipe FROM candidates WHERE status='ok' ORDER BY fitness DESC, id LIMIT 1"
+        ).fetchone()[0]
+    )
+    assert any(scale != 1.0 for scale in best["scales"])  # so the stored scales matter below
+    import evomerge
+
+    exported = evomerge.load_model(tmp_path / "out", dtype=torch.float32).eval()
+    assert exported.config.num_hidden_layers == len(best["path"])
+    sources = [_load(repo / "zoo" / "math-en"), _load(repo / "zoo" / "lang-x")]
+    live = path_model(sources, [tuple(p) for p in best["path"]], best["scales"])
+    with torch.no_grad():
+        assert torch.allclose(exported(IDS).logits, live(IDS).logits, atol=1e-5)
+    assert torch.equal(_greedy(exported), _greedy(live))
+    assert "| hop | source | layer | scale |" in (tmp_path / "out" / "README.md").read_text()

@@ -106,7 +106,7 @@ def export_candidate(
         raise UserError(f"--rank {rank}: {exp_dir} has {len(ranked)} successful candidates")
     candidate = ranked[rank - 1]
     if candidate.recipe.get("kind") == "dfs":
-        raise UserError("exporting a data-flow (DFS) candidate is not supported yet; PS candidates export")
+        return _export_path(view, candidate, rank, out_dir, force)
     recipe = Recipe.from_dict(candidate.recipe)
     models = view.config["models"]
     base_dir = view.config_dir
@@ -149,6 +149,74 @@ def export_candidate(
         )
         (stage / "README.md").write_text(model_card(view, candidate, rank, recipe))
     return ExportSummary(out_dir, candidate.id, rank, len(names))
+
+
+HOP_SCALES = "evomerge_hop_scales"
+
+
+def _export_path(view: ExperimentView, candidate, rank: int, out_dir: Path, force: bool) -> ExportSummary:
+    """A DFS winner as a standard model of A's architecture with one layer per hop (copied from its source).
+    A hop's input scale cannot be folded exactly into standard weights (the residual stream carries it
+    and RMSNorm's epsilon breaks scale invariance), so the scales go into config.json as
+    `evomerge_hop_scales`, which `evomerge.load_model` applies; plain transformers ignores them."""
+    from evomerge.models.checkpoint import Checkpoint, parse_dtype
+    from evomerge.models.compat import check_compatible
+    from evomerge.models.writer import ShardWriter, copy_tokenizer, staged_directory, write_config
+
+    sources = [Checkpoint.open(ref, base_dir=view.config_dir) for ref in view.config["models"]["sources"]]
+    family = check_compatible(sources)
+    a = sources[0]
+    dtype = parse_dtype(view.config.get("runtime", {}).get("dtype", "float32"))
+    path, scales = [tuple(slot) for slot in candidate.recipe["path"]], candidate.recipe["scales"]
+    config = dict(a.config)
+    config["num_hidden_layers"] = len(path)
+    if config.get("layer_types"):
+        config["layer_types"] = [sources[s].config["layer_types"][layer] for s, layer in path]
+    config[HOP_SCALES] = [float(x) for x in scales]
+    count = 0
+    with staged_directory(out_dir, force) as stage:
+        writer = ShardWriter(stage)
+        for name in a.tensors:
+            if family.layer_index(name) is None:
+                writer.add(name, a.get(name, dtype=dtype))
+                count += 1
+        for hop, (s, layer) in enumerate(path):
+            prefix = f"model.layers.{layer}."
+            for name in sources[s].tensors:
+                if name.startswith(prefix):
+                    writer.add(
+                        f"model.layers.{hop}." + name[len(prefix) :], sources[s].get(name, dtype=dtype)
+                    )
+                    count += 1
+        writer.finish()
+        write_config(stage, config, dtype)
+        copy_tokenizer(a.path, stage)
+        (stage / "README.md").write_text(_path_card(view, candidate, rank))
+    return ExportSummary(out_dir, candidate.id, rank, count)
+
+
+def _path_card(view: ExperimentView, candidate, rank: int) -> str:
+    names = view.sources
+    lines = [
+        f"# {view.name}: evolved data-flow merge (candidate {candidate.id}, rank {rank})",
+        "",
+        "Found by evomerge's data-flow-space search: no weight was changed; the model is the path of source",
+        "layers below, each hop's input hidden state multiplied by its scale.",
+        "",
+        "Load it with `evomerge.load_model(path)`, which applies the scales stored in config.json",
+        f"(`{HOP_SCALES}`); plain `AutoModelForCausalLM.from_pretrained` loads the layers without them.",
+        "",
+        f"- sources: {', '.join(f'`{s}`' for s in view.config['models']['sources'])}",
+        f"- search-split fitness: {candidate.fitness:.4f}",
+        "",
+        "| hop | source | layer | scale |",
+        "|---:|---|---:|---:|",
+    ]
+    for hop, ((s, layer), scale) in enumerate(
+        zip(candidate.recipe["path"], candidate.recipe["scales"], strict=True)
+    ):
+        lines.append(f"| {hop} | {names[s]} | {layer} | {scale:.4f} |")
+    return "\n".join(lines) + "\n"
 
 
 def _dare_note(recipe: Recipe) -> str:

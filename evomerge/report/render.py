@@ -76,7 +76,9 @@ def _path_plot(plt, view: ExperimentView, best) -> bytes:
     path, scales = best.recipe["path"], best.recipe["scales"]
     fig, ax = plt.subplots(figsize=(min(2 + 0.55 * len(path), 16), 1.9), dpi=110)
     for hop, ((source, layer), scale) in enumerate(zip(path, scales, strict=True)):
-        ax.add_patch(plt.Rectangle((hop, 0), 0.95, 1, color=f"C{source}", alpha=0.35 + 0.65 * min(scale, 2) / 2))
+        ax.add_patch(
+            plt.Rectangle((hop, 0), 0.95, 1, color=f"C{source}", alpha=0.35 + 0.65 * min(scale, 2) / 2)
+        )
         ax.text(hop + 0.47, 0.62, f"L{layer}", ha="center", va="center", fontsize=7)
         ax.text(hop + 0.47, 0.3, f"×{scale:.2f}", ha="center", va="center", fontsize=6)
     ax.set_xlim(0, len(path))

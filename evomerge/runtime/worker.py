@@ -133,7 +133,9 @@ class DfsWorker:
         try:
             model = path_model(self.models, [tuple(slot) for slot in recipe["path"]], recipe["scales"])
         except Exception as exc:
-            return Outcome(False, -math.inf, reason=f"path: {_reason(exc)}", merge_seconds=time.perf_counter() - started)
+            return Outcome(
+                False, -math.inf, reason=f"path: {_reason(exc)}", merge_seconds=time.perf_counter() - started
+            )
         self.evaluator.set_model(model)
         return self._score(split, time.perf_counter() - started)
 
