@@ -1,6 +1,7 @@
 """The search: config schema, genome codec, optimizers, the SQLite store, and real `evomerge search` runs
 on the shipped zoo (including kill -9 at random moments and resuming)."""
 
+import json
 import os
 import pickle
 import random
@@ -268,6 +269,14 @@ def test_search_end_to_end(straight):
     again = _cli("search", cfg)
     assert again.returncode == 0, again.stderr
     assert _journal(exp) == (rows, finals)
+    # an experiment made before an optional key (default None) joined the schema still resumes
+    db = sqlite3.connect(exp / "experiment.sqlite")
+    identity = json.loads(db.execute("SELECT value FROM meta WHERE key='identity'").fetchone()[0])
+    identity.pop("dfs")
+    with db:
+        db.execute("UPDATE meta SET value=? WHERE key='identity'", (json.dumps(identity),))
+    db.close()
+    assert _cli("search", cfg).returncode == 0
 
 
 def test_resume_refuses_changed_config_and_fresh_needs_force(straight, tmp_path):

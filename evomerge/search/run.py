@@ -75,7 +75,7 @@ def open_experiment(
     if ExperimentStore.exists(out) and not fresh:
         store = ExperimentStore.open(out)
         old = json.loads(store.meta("identity") or "{}")
-        if old != identity:
+        if _pruned(old) != _pruned(identity):
             changed = ", ".join(describe_changes(old, identity)) or "the config"
             store.close()
             raise UserError(
@@ -301,6 +301,16 @@ class Search:
         params = default_params(method, len(self.source_names))
         groups = {g: params for g in self.space.all_groups}
         return Recipe(method, groups, seed=candidate_seed(self.config.optimizer.seed, -1, 0)).to_dict()
+
+
+def _pruned(value):
+    """Config dump without None entries: an optional key added to the schema later (default None) must
+    not make older experiments look changed."""
+    if isinstance(value, dict):
+        return {k: _pruned(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_pruned(v) for v in value]
+    return value
 
 
 def _labels(refs: list[str]) -> list[str]:
