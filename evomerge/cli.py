@@ -121,14 +121,15 @@ def search(
         raise UserError("--budget must be at least 1")
     try:
         with SearchReporter(err_console) as reporter:
-            result = run_search(config, out=out, fresh=fresh, force=force, budget=budget, reporter=reporter)
+            results = run_search(config, out=out, fresh=fresh, force=force, budget=budget, reporter=reporter)
     except KeyboardInterrupt:
         err_console.print(
             "interrupted: every finished evaluation is saved; run the same command to resume", markup=False
         )
         raise typer.Exit(130) from None
-    print_leaderboard(console, result.finals, result.best, result.evaluations, result.metric_keys)
-    console.print(f"experiment: {result.dir}", highlight=False)
+    for result in results:
+        print_leaderboard(console, result.finals, result.best, result.evaluations, result.metric_keys)
+        console.print(f"experiment: {result.dir}", highlight=False)
 
 
 @app.command()
@@ -156,7 +157,7 @@ def report(
     from evomerge.report.render import cross_rows, heldout_rows, top_rows, write_report
     from evomerge.report.view import ExperimentView
 
-    views = [ExperimentView.load(path) for path in experiments]
+    views = [ExperimentView.load(path) for path in _expand_stages(experiments)]
     for view in views:
         target = out / view.dir.name if out is not None and len(views) > 1 else (out or view.dir)
         write_report(view, target, views if len(views) > 1 else None)
@@ -176,6 +177,17 @@ def report(
         for row in rows:
             table.add_row(*row)
         console.print(table)
+
+
+def _expand_stages(paths: list[Path]) -> list[Path]:
+    """A staged experiment's directory stands for its stages (in the order they ran)."""
+    out = []
+    for path in paths:
+        stages = sorted(
+            (p for p in path.iterdir() if (p / "experiment.sqlite").is_file()), key=lambda p: p.stat().st_ctime
+        ) if path.is_dir() and not (path / "experiment.sqlite").exists() else []
+        out += stages or [path]
+    return out
 
 
 @app.command()

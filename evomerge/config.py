@@ -147,6 +147,21 @@ class RandomSpec(_Strict):
 OptimizerSpec = Annotated[CmaSpec | NevergradSpec | RandomSpec, Field(discriminator="name")]
 
 
+class StageSpec(_Strict):
+    """One stage of a staged experiment: the experiment's sections, with these replaced. In `sources`,
+    `previous` stands for the previous stage's best candidate (exported as a model)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    sources: list[str] | None = None
+    merge: MergeSpec | None = None
+    space: SpaceSpec | None = None
+    dfs: DfsSpec | None = None
+    optimizer: OptimizerSpec | None = None
+
+
+PREVIOUS = "previous"
+
+
 class RuntimeSpec(_Strict):
     device: str = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -171,6 +186,40 @@ class ExperimentConfig(_Strict):
     evaluation: EvaluationSpec
     runtime: RuntimeSpec = RuntimeSpec()
     output: OutputSpec
+    stages: list[StageSpec] | None = Field(
+        None, min_length=1, description="run these searches in turn (e.g. PS, then DFS over its best)"
+    )
+
+    @model_validator(mode="after")
+    def _stages_fit(self) -> ExperimentConfig:
+        if not self.stages:
+            return self
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError("stages: two stages have the same name")
+        if PREVIOUS in (self.stages[0].sources or []):
+            raise ValueError(f"stages[0].sources: the first stage has no {PREVIOUS!r} stage")
+        for i in range(len(self.stages)):
+            self.stage_config(i, Path("previous-stage-model"))  # each stage must be a valid experiment
+        return self
+
+    def stage_config(self, index: int, previous: Path | None) -> ExperimentConfig:
+        """Stage `index` as a plain experiment (its output dir is the experiment's dir / stage name)."""
+        stage = self.stages[index]
+        data = self.model_dump(mode="json", exclude={"stages"})
+        if stage.sources is not None:
+            data["models"]["sources"] = [str(previous) if s == PREVIOUS else s for s in stage.sources]
+        data["dfs"] = None
+        for key in ("merge", "space", "dfs", "optimizer"):
+            value = getattr(stage, key)
+            if value is not None:
+                data[key] = value.model_dump(mode="json")
+        data["name"] = f"{self.name or 'experiment'}/{stage.name}"
+        data["output"] = {"dir": str(Path(self.output.dir) / stage.name)}
+        try:
+            return ExperimentConfig.model_validate(data)
+        except ValidationError as exc:
+            raise ValueError(format_validation_error(exc, f"stages[{index}] ({stage.name})")) from None
 
     @model_validator(mode="after")
     def _method_fits_models(self) -> ExperimentConfig:

@@ -28,7 +28,6 @@ def validate_config(path: str | Path) -> Validation:
     from evomerge.evaluate.tasks import task_manager
     from evomerge.models.checkpoint import Checkpoint
     from evomerge.models.compat import check_compatible
-    from evomerge.search.space import Space
 
     config, config_dir = load_config(path)
     report = Validation(config)
@@ -59,6 +58,17 @@ def validate_config(path: str | Path) -> Validation:
     report.lines.append("tasks: " + ", ".join(t.name for t in config.evaluation.tasks) + " (found)")
     if num_layers is None:
         num_layers = _hub_num_layers(refs[0], offline=refs[0] in report.unchecked)
+    for i, stage in enumerate(config.stages or []):
+        stage_config = config.stage_config(i, None)
+        report.lines.append(f"stage {stage.name}: " + _search_line(stage_config, num_layers))
+    if not config.stages:
+        report.lines.append("search: " + _search_line(config, num_layers))
+    return report
+
+
+def _search_line(config: ExperimentConfig, num_layers: int | None) -> str:
+    from evomerge.search.space import Space
+
     if num_layers:
         if config.dfs is not None:
             from evomerge.search.dfs_space import DfsSpace
@@ -72,13 +82,12 @@ def validate_config(path: str | Path) -> Validation:
             or space.default_popsize()
         )
         rounds = math.ceil(config.optimizer.budget / popsize)
-        report.lines.append(
-            f"search: {space.size} genes ({'data-flow space' if config.dfs else f'{len(space.blocks)} blocks'}), {config.optimizer.name} with "
-            f"{popsize} candidates per round, budget {config.optimizer.budget} ({rounds} rounds)"
+        kind = "data-flow space" if config.dfs else f"{len(space.blocks)} blocks"
+        return (
+            f"{space.size} genes ({kind}), {config.optimizer.name} with {popsize} candidates per round, "
+            f"budget {config.optimizer.budget} ({rounds} rounds)"
         )
-    else:
-        report.lines.append("search: number of layers unknown until the models are reachable")
-    return report
+    return "number of layers unknown until the models are reachable"
 
 
 def _is_local(ref: str, config_dir: Path) -> bool:

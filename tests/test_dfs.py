@@ -234,3 +234,86 @@ def test_dfs_search_report_and_export(tmp_path):
         assert torch.allclose(exported(IDS).logits, live(IDS).logits, atol=1e-5)
     assert torch.equal(_greedy(exported), _greedy(live))
     assert "| hop | source | layer | scale |" in (tmp_path / "out" / "README.md").read_text()
+
+
+# -- PS + DFS stages --------------------------------------------------------------------------------
+
+
+def test_stage_config_errors():
+    from evomerge.config import parse_config
+    from evomerge.errors import UserError
+
+    base = {
+        "models": {"base": "b", "sources": ["s1", "s2"]},
+        "evaluation": {"tasks": [{"name": "zoo_math_x"}]},
+        "output": {"dir": "x"},
+    }
+    with pytest.raises(UserError, match="the first stage has no 'previous' stage"):
+        parse_config({**base, "stages": [{"name": "a", "sources": ["previous", "s2"]}]})
+    with pytest.raises(UserError, match="two stages have the same name"):
+        parse_config({**base, "stages": [{"name": "a"}, {"name": "a"}]})
+    with pytest.raises(UserError, match=r"stages\[1\]\.dfs\.repeats: Input should be greater"):
+        parse_config({**base, "stages": [{"name": "a"}, {"name": "b", "dfs": {"repeats": 0}}]})
+    with pytest.raises(UserError, match=r"stages\[1\] \(b\): .*slerp interpolates models.base with exactly one"):
+        parse_config({**base, "stages": [{"name": "a"}, {"name": "b", "merge": {"method": "slerp"}}]})
+
+
+def test_ps_then_dfs_stages_resume_and_report(tmp_path):
+    import os
+    import sqlite3
+    import subprocess
+    import sys
+
+    import yaml
+
+    repo = Path(__file__).resolve().parent.parent
+    cfg = yaml.safe_load((repo / "configs" / "smoke-stages.yaml").read_text())
+    cfg["models"] = {
+        "base": str(repo / "zoo" / "base"),
+        "sources": [str(repo / "zoo" / n) for n in ("math-en", "lang-x")],
+    }
+    cfg["stages"][1]["sources"] = ["previous", str(repo / "zoo" / "lang-x")]
+    cfg["output"]["dir"] = str(tmp_path / "exp")
+    path = tmp_path / "stages.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+
+    def cli(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "evomerge.cli", *map(str, args)], capture_output=True, text=True, cwd=repo,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600,
+        )  # fmt: skip
+
+    def journal(stage):
+        db = sqlite3.connect(tmp_path / "exp" / stage / "experiment.sqlite")
+        rows = db.execute("SELECT generation, idx, genome, fitness FROM candidates ORDER BY id").fetchall()
+        config = json.loads(db.execute("SELECT value FROM meta WHERE key='config'").fetchone()[0])
+        return rows, config
+
+    done = cli("search", path)
+    assert done.returncode == 0, done.stderr
+    ps, ps_config = journal("ps")
+    dfs, dfs_config = journal("dfs")
+    assert len(ps) == 12 and len(dfs) == 12 and ps_config["merge"]["method"] == "dare_ties"
+    best_model = tmp_path / "exp" / "ps" / "ps-best"
+    assert (
+        dfs_config["models"]["sources"][0] == str(best_model.resolve()) and dfs_config["dfs"]["repeats"] == 2
+    )
+    assert (best_model / "model.safetensors").is_file()
+    # model A of the DFS stage is the PS winner: its identity path scores what the PS winner scored
+    db = sqlite3.connect(tmp_path / "exp" / "dfs" / "experiment.sqlite")
+    parent = db.execute("SELECT fitness FROM finals WHERE name='parent ps-best'").fetchone()[0]
+    db = sqlite3.connect(tmp_path / "exp" / "ps" / "experiment.sqlite")
+    assert parent == pytest.approx(
+        db.execute("SELECT fitness FROM finals WHERE name='evolved'").fetchone()[0], abs=0.05
+    )
+    again = cli("search", path)  # finished: resumes both stages, evaluates nothing
+    assert again.returncode == 0, again.stderr
+    assert journal("ps")[0] == ps and journal("dfs")[0] == dfs
+    report = cli("report", tmp_path / "exp")
+    assert report.returncode == 0, report.stderr
+    assert (
+        "smoke-stages/ps" in report.stdout
+        and "smoke-stages/dfs" in report.stdout
+        and "all experiments" in report.stdout
+    )
+    assert cli("search", path, "--fresh").returncode == 2

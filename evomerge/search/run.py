@@ -327,13 +327,51 @@ def run_search(
     force: bool = False,
     budget: int | None = None,
     reporter: Reporter | None = None,
-) -> SearchResult:
+) -> list[SearchResult]:
+    """One result per stage (one for a plain experiment)."""
     config, config_dir = load_config(config_path)
+    out = Path(out if out is not None else config.output.dir)  # relative to the working directory
+    if not config.stages:
+        return [_run_one(config, config_dir, out, fresh, force, budget, reporter)]
+    from evomerge.report.export import export_candidate
+
+    if fresh and out.exists() and any(out.iterdir()):
+        if not force:
+            raise UserError(f"{out} holds a staged experiment; --fresh would delete it: add --force to confirm")
+        if not all((child / "experiment.sqlite").is_file() for child in out.iterdir() if child.is_dir()):
+            raise UserError(f"{out} is not a staged experiment directory; refusing to delete it")
+        import shutil
+
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results, previous = [], None
+    for index, stage in enumerate(config.stages):
+        stage_config = config.stage_config(index, previous)
+        result = _run_one(stage_config, config_dir, out / stage.name, False, False, budget, reporter)
+        results.append(result)
+        if not result.finals:
+            break
+        previous = (out / stage.name / f"{stage.name}-best").resolve()
+        if not previous.exists():  # written once, atomically; a resumed run reuses it
+            if reporter:
+                reporter.stage(f"exporting the best of stage {stage.name}")
+            export_candidate(out / stage.name, previous)
+    return results
+
+
+def _run_one(
+    config: ExperimentConfig,
+    config_dir: Path,
+    out: Path,
+    fresh: bool,
+    force: bool,
+    budget: int | None,
+    reporter: Reporter | None,
+) -> SearchResult:
     if budget is not None:
         config = config.model_copy(
             update={"optimizer": config.optimizer.model_copy(update={"budget": budget})}
         )
-    out = Path(out if out is not None else config.output.dir)  # relative to the working directory
     store, resumed = open_experiment(
         config,
         yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False),
