@@ -277,6 +277,11 @@ def parse_config(data: Any, where: str = "config") -> ExperimentConfig:
         raise UserError(
             f"{where}: expected a mapping of sections (models, merge, ...), got {type(data).__name__}"
         )
+    if "merge_method" in data:
+        raise UserError(
+            f"{where} is a mergekit merge config (it has merge_method): run it with `evomerge merge`; "
+            "an experiment config looks like configs/demo.yaml"
+        )
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as exc:

@@ -104,6 +104,11 @@ def test_validate_cli_ok_and_bad(tmp_path):
     assert done.returncode == 2 and "model directory not found" in done.stderr
 
 
+def test_validate_points_a_merge_config_to_evomerge_merge():
+    done = _cli("validate", REPO / "configs" / "example-ties.yaml")
+    assert done.returncode == 2 and "is a mergekit merge config" in done.stderr and "evomerge merge" in done.stderr
+
+
 def test_validate_unknown_task_suggests(tmp_path):
     done = _cli(
         "validate",
