@@ -113,8 +113,8 @@ def search(
     budget: int | None = typer.Option(None, help="Override optimizer.budget (raise it to extend a run)."),
 ) -> None:
     """Evolve merge recipes; resumes the experiment when its directory exists."""
-    from evomerge.leaderboard import print_leaderboard
     from evomerge.progress import SearchReporter
+    from evomerge.report.view import ExperimentView
     from evomerge.search.run import run_search
 
     if budget is not None and budget < 1:
@@ -128,7 +128,7 @@ def search(
         )
         raise typer.Exit(130) from None
     for result in results:
-        print_leaderboard(console, result.finals, result.best, result.evaluations, result.metric_keys)
+        _print_view(ExperimentView.load(result.dir))
         console.print(f"experiment: {result.dir}", highlight=False)
 
 
@@ -152,31 +152,38 @@ def report(
     ),
 ) -> None:
     """Write leaderboard.md, report.html, leaderboard.csv and plots; print the leaderboard."""
-    from rich.table import Table
-
-    from evomerge.report.render import cross_rows, heldout_rows, top_rows, write_report
+    from evomerge.report.render import cross_rows, write_report
     from evomerge.report.view import ExperimentView
 
     views = [ExperimentView.load(path) for path in _expand_stages(experiments)]
     for view in views:
         target = out / view.dir.name if out is not None and len(views) > 1 else (out or view.dir)
         write_report(view, target, views if len(views) > 1 else None)
-        header, rows = heldout_rows(view) if view.finals else top_rows(view)
-        table = Table(title=f"{view.name}: {'held-out' if view.finals else 'search split (unfinished)'}")
-        for column in header:
-            table.add_column(column, overflow="fold")
-        for row in rows[:10]:
-            table.add_row(*row)
-        console.print(table)
+        _print_view(view)
         console.print(f"report: {target / 'report.html'}", highlight=False)
     if len(views) > 1:
-        header, rows = cross_rows(views)
-        table = Table(title="all experiments")
-        for column in header:
-            table.add_column(column, overflow="fold")
-        for row in rows:
-            table.add_row(*row)
-        console.print(table)
+        _print_table("all experiments", *cross_rows(views))
+
+
+def _print_view(view) -> None:
+    """An experiment's leaderboard: held-out finalists when it has them, else its best candidates."""
+    from evomerge.report.render import heldout_rows, top_rows
+
+    if view.finals:
+        _print_table(f"{view.name}: held-out ({len(view.candidates)} evaluations)", *heldout_rows(view))
+    else:
+        _print_table(f"{view.name}: search split (unfinished)", *top_rows(view))
+
+
+def _print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in header:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
 
 
 def _expand_stages(paths: list[Path]) -> list[Path]:

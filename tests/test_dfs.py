@@ -3,6 +3,10 @@
 
 import gc
 import json
+import os
+import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import psutil
@@ -13,6 +17,14 @@ from transformers import AutoModelForCausalLM
 from evomerge.merge.dfs import path_model
 
 FAMILIES = ("llama", "mistral", "qwen2")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "evomerge.cli", *map(str, args)], capture_output=True, text=True, cwd=REPO,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600,
+    )  # fmt: skip
 
 
 def _load(path):
@@ -184,27 +196,16 @@ def test_dfs_matrix_scales_are_indexed_by_previous_and_current_layer():
 
 
 def test_dfs_search_report_and_export(tmp_path):
-    import os
-    import sqlite3
-    import subprocess
-    import sys
 
     import yaml
 
-    repo = Path(__file__).resolve().parent.parent
-    cfg = yaml.safe_load((repo / "configs" / "smoke-dfs.yaml").read_text())
-    cfg["models"] = {"sources": [str(repo / "zoo" / "math-en"), str(repo / "zoo" / "lang-x")]}
+    cfg = yaml.safe_load((REPO / "configs" / "smoke-dfs.yaml").read_text())
+    cfg["models"] = {"sources": [str(REPO / "zoo" / "math-en"), str(REPO / "zoo" / "lang-x")]}
     cfg["output"]["dir"] = str(tmp_path / "exp")
     path = tmp_path / "dfs.yaml"
     path.write_text(yaml.safe_dump(cfg))
 
-    def cli(*args):
-        return subprocess.run(
-            [sys.executable, "-m", "evomerge.cli", *map(str, args)], capture_output=True, text=True, cwd=repo,
-            env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600,
-        )  # fmt: skip
-
-    done = cli("search", path)
+    done = _cli("search", path)
     assert done.returncode == 0, done.stderr
     db = sqlite3.connect(tmp_path / "exp" / "experiment.sqlite")
     recipes = [json.loads(r[0]) for r in db.execute("SELECT recipe FROM candidates")]
@@ -213,10 +214,10 @@ def test_dfs_search_report_and_export(tmp_path):
     assert all(len(r["path"]) <= 10 for r in recipes)  # max_layers 8, plus the two kept ends
     finals = {r[0] for r in db.execute("SELECT name FROM finals")}
     assert finals == {"evolved", "parent math-en", "parent lang-x"}
-    report = cli("report", tmp_path / "exp")
+    report = _cli("report", tmp_path / "exp")
     assert report.returncode == 0, report.stderr
     assert (tmp_path / "exp" / "recipe.png").stat().st_size > 0
-    export = cli("export", tmp_path / "exp", tmp_path / "out")
+    export = _cli("export", tmp_path / "exp", tmp_path / "out")
     assert export.returncode == 0, export.stderr
     best = json.loads(
         db.execute(
@@ -228,7 +229,7 @@ def test_dfs_search_report_and_export(tmp_path):
 
     exported = evomerge.load_model(tmp_path / "out", dtype=torch.float32).eval()
     assert exported.config.num_hidden_layers == len(best["path"])
-    sources = [_load(repo / "zoo" / "math-en"), _load(repo / "zoo" / "lang-x")]
+    sources = [_load(REPO / "zoo" / "math-en"), _load(REPO / "zoo" / "lang-x")]
     live = path_model(sources, [tuple(p) for p in best["path"]], best["scales"])
     with torch.no_grad():
         assert torch.allclose(exported(IDS).logits, live(IDS).logits, atol=1e-5)
@@ -259,29 +260,18 @@ def test_stage_config_errors():
 
 
 def test_ps_then_dfs_stages_resume_and_report(tmp_path):
-    import os
-    import sqlite3
-    import subprocess
-    import sys
 
     import yaml
 
-    repo = Path(__file__).resolve().parent.parent
-    cfg = yaml.safe_load((repo / "configs" / "smoke-stages.yaml").read_text())
+    cfg = yaml.safe_load((REPO / "configs" / "smoke-stages.yaml").read_text())
     cfg["models"] = {
-        "base": str(repo / "zoo" / "base"),
-        "sources": [str(repo / "zoo" / n) for n in ("math-en", "lang-x")],
+        "base": str(REPO / "zoo" / "base"),
+        "sources": [str(REPO / "zoo" / n) for n in ("math-en", "lang-x")],
     }
-    cfg["stages"][1]["sources"] = ["previous", str(repo / "zoo" / "lang-x")]
+    cfg["stages"][1]["sources"] = ["previous", str(REPO / "zoo" / "lang-x")]
     cfg["output"]["dir"] = str(tmp_path / "exp")
     path = tmp_path / "stages.yaml"
     path.write_text(yaml.safe_dump(cfg))
-
-    def cli(*args):
-        return subprocess.run(
-            [sys.executable, "-m", "evomerge.cli", *map(str, args)], capture_output=True, text=True, cwd=repo,
-            env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600,
-        )  # fmt: skip
 
     def journal(stage):
         db = sqlite3.connect(tmp_path / "exp" / stage / "experiment.sqlite")
@@ -289,7 +279,7 @@ def test_ps_then_dfs_stages_resume_and_report(tmp_path):
         config = json.loads(db.execute("SELECT value FROM meta WHERE key='config'").fetchone()[0])
         return rows, config
 
-    done = cli("search", path)
+    done = _cli("search", path)
     assert done.returncode == 0, done.stderr
     ps, ps_config = journal("ps")
     dfs, dfs_config = journal("dfs")
@@ -306,14 +296,14 @@ def test_ps_then_dfs_stages_resume_and_report(tmp_path):
     assert parent == pytest.approx(
         db.execute("SELECT fitness FROM finals WHERE name='evolved'").fetchone()[0], abs=0.05
     )
-    again = cli("search", path)  # finished: resumes both stages, evaluates nothing
+    again = _cli("search", path)  # finished: resumes both stages, evaluates nothing
     assert again.returncode == 0, again.stderr
     assert journal("ps")[0] == ps and journal("dfs")[0] == dfs
-    report = cli("report", tmp_path / "exp")
+    report = _cli("report", tmp_path / "exp")
     assert report.returncode == 0, report.stderr
     assert (
         "smoke-stages/ps" in report.stdout
         and "smoke-stages/dfs" in report.stdout
         and "all experiments" in report.stdout
     )
-    assert cli("search", path, "--fresh").returncode == 2
+    assert _cli("search", path, "--fresh").returncode == 2

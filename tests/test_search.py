@@ -267,7 +267,8 @@ def test_search_end_to_end(straight):
         "default task_arithmetic",
         "default ties",
     }
-    assert "held-out leaderboard" in done.stdout and str(exp) in done.stdout
+    assert "smoke: held-out (24 evaluations)" in done.stdout and "gain over best" in done.stdout
+    assert str(exp) in done.stdout
     assert (exp / "search.log").read_text().count("candidate ") >= 24
     assert yaml.safe_load((exp / "config.yaml").read_text())["optimizer"]["budget"] == 24
     # done: running again evaluates nothing new and prints the same leaderboard

@@ -52,7 +52,6 @@ class SearchResult:
     best: Candidate | None
     finals: list[Final] = field(default_factory=list)
     resumed: bool = False
-    metric_keys: dict[str, str | None] = field(default_factory=dict)
 
 
 def candidate_seed(seed: int, generation: int, idx: int) -> int:
@@ -393,8 +392,7 @@ def _run_one(
         search.run()
         done = store.count()
         finals = search.finish() if done >= config.optimizer.budget else []
-        keys = {t.name: t.metric for t in config.evaluation.tasks}
-        return SearchResult(out, done, config.optimizer.budget, store.best(), finals, resumed, keys)
+        return SearchResult(out, done, config.optimizer.budget, store.best(), finals, resumed)
     finally:
         root.removeHandler(handler)
         handler.close()
