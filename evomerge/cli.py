@@ -154,8 +154,9 @@ def report(
     """Write leaderboard.md, report.html, leaderboard.csv and plots; print the leaderboard."""
     from evomerge.report.render import cross_rows, write_report
     from evomerge.report.view import ExperimentView
+    from evomerge.store import experiment_dirs
 
-    views = [ExperimentView.load(path) for path in _expand_stages(experiments)]
+    views = [ExperimentView.load(path) for path in experiment_dirs(experiments)]
     for view in views:
         target = out / view.dir.name if out is not None and len(views) > 1 else (out or view.dir)
         write_report(view, target, views if len(views) > 1 else None)
@@ -184,17 +185,6 @@ def _print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
     for row in rows:
         table.add_row(*row)
     console.print(table)
-
-
-def _expand_stages(paths: list[Path]) -> list[Path]:
-    """A staged experiment's directory stands for its stages (in the order they ran)."""
-    out = []
-    for path in paths:
-        stages = sorted(
-            (p for p in path.iterdir() if (p / "experiment.sqlite").is_file()), key=lambda p: p.stat().st_ctime
-        ) if path.is_dir() and not (path / "experiment.sqlite").exists() else []
-        out += stages or [path]
-    return out
 
 
 @app.command()

@@ -247,6 +247,12 @@ class ExperimentConfig(_Strict):
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def source_labels(refs: list[str]) -> list[str]:
+    """Short, unique names for model references (directory or repo name), as reports and finals show them."""
+    names = [Path(ref.rstrip("/")).name or ref for ref in refs]
+    return [name if names.count(name) == 1 else f"{name}#{i}" for i, name in enumerate(names)]
+
+
 def _location(loc: tuple) -> str:
     """pydantic's error location as a dotted path, without its union-branch tags."""
     parts = []

@@ -265,6 +265,20 @@ class ExperimentStore:
             db.execute("DELETE FROM finals WHERE kind = ?", (kind,))
 
 
+def experiment_dirs(paths: list[Path]) -> list[Path]:
+    """The experiments behind `paths`: a staged experiment's directory stands for its stages (each an
+    experiment directory inside it), in the order they were created."""
+    out = []
+    for path in paths:
+        stages = []
+        if path.is_dir() and not ExperimentStore.exists(path):
+            stages = sorted(
+                (p for p in path.iterdir() if ExperimentStore.exists(p)), key=lambda p: p.stat().st_ctime
+            )
+        out += stages or [path]
+    return out
+
+
 def _candidate(row) -> Candidate:
     fitness = row[7] if row[7] is not None else -math.inf
     return Candidate(

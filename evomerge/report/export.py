@@ -15,11 +15,13 @@ from typing import Any
 
 import yaml
 
+from evomerge.config import ExperimentConfig
 from evomerge.errors import UserError
 from evomerge.merge.methods import Method, TensorParams, merge_tensor
 from evomerge.merge.recipe import Recipe
 from evomerge.models.architecture import EMBED, HEAD, Family
 from evomerge.report.view import ExperimentView
+from evomerge.runtime.worker import open_models
 
 
 @dataclass
@@ -88,8 +90,7 @@ def export_candidate(
     exp_dir: str | Path, out_dir: str | Path, *, rank: int = 1, force: bool = False
 ) -> ExportSummary:
     from evomerge.merge.mergekit_config import ConfigPlan, MergeConfig
-    from evomerge.models.checkpoint import Checkpoint, parse_dtype
-    from evomerge.models.compat import check_compatible
+    from evomerge.models.checkpoint import parse_dtype
     from evomerge.models.writer import (
         ShardWriter,
         check_destination,
@@ -108,11 +109,7 @@ def export_candidate(
     if candidate.recipe.get("kind") == "dfs":
         return _export_path(view, candidate, rank, out_dir, force)
     recipe = Recipe.from_dict(candidate.recipe)
-    models = view.config["models"]
-    base_dir = view.config_dir
-    base = Checkpoint.open(models["base"], base_dir=base_dir) if models.get("base") else None
-    sources = [Checkpoint.open(ref, base_dir=base_dir) for ref in models["sources"]]
-    family = check_compatible(([base] if base else []) + sources)
+    base, sources, family = open_models(ExperimentConfig.model_validate(view.config), view.config_dir)
     first = base or sources[0]
     names = list(first.tensors)
     dtype_name = view.config.get("runtime", {}).get("dtype", "float32")
@@ -159,12 +156,10 @@ def _export_path(view: ExperimentView, candidate, rank: int, out_dir: Path, forc
     A hop's input scale cannot be folded exactly into standard weights (the residual stream carries it
     and RMSNorm's epsilon breaks scale invariance), so the scales go into config.json as
     `evomerge_hop_scales`, which `evomerge.load_model` applies; plain transformers ignores them."""
-    from evomerge.models.checkpoint import Checkpoint, parse_dtype
-    from evomerge.models.compat import check_compatible
+    from evomerge.models.checkpoint import parse_dtype
     from evomerge.models.writer import ShardWriter, copy_tokenizer, staged_directory, write_config
 
-    sources = [Checkpoint.open(ref, base_dir=view.config_dir) for ref in view.config["models"]["sources"]]
-    family = check_compatible(sources)
+    _, sources, family = open_models(ExperimentConfig.model_validate(view.config), view.config_dir)
     a = sources[0]
     dtype = parse_dtype(view.config.get("runtime", {}).get("dtype", "float32"))
     path, scales = [tuple(slot) for slot in candidate.recipe["path"]], candidate.recipe["scales"]

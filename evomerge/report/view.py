@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from evomerge.config import source_labels
 from evomerge.errors import UserError
 from evomerge.store import Candidate, ExperimentStore, Final
 
@@ -54,9 +55,7 @@ class ExperimentView:
 
     @property
     def sources(self) -> list[str]:
-        refs = self.config.get("models", {}).get("sources", [])
-        names = [Path(r.rstrip("/")).name or r for r in refs]
-        return [n if names.count(n) == 1 else f"{n}#{i}" for i, n in enumerate(names)]
+        return source_labels(self.config.get("models", {}).get("sources", []))
 
     @property
     def ok(self) -> list[Candidate]:

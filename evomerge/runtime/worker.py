@@ -49,29 +49,24 @@ def open_models(config: ExperimentConfig, config_dir: Path | None):
 
 class Worker:
     def __init__(self, config: ExperimentConfig, config_dir: Path | None, manager=None) -> None:
-        import torch
-
         from evomerge.device import resolve_device
         from evomerge.evaluate.evaluator import Evaluator
         from evomerge.evaluate.run import load_tokenizer
         from evomerge.merge.engine import MergeEngine, load_target
         from evomerge.models.checkpoint import parse_dtype
 
-        self.config = config
-        self.device = resolve_device(config.runtime.device)
-        self.dtype = parse_dtype(config.runtime.dtype)
-        self.base, self.sources, self.family = open_models(config, config_dir)
+        device, dtype = resolve_device(config.runtime.device), parse_dtype(config.runtime.dtype)
+        self.base, self.sources, _ = open_models(config, config_dir)
         first = self.base or self.sources[0]
         started = time.perf_counter()
-        self.target = load_target(first, device=self.device, dtype=self.dtype)
+        self.target = load_target(first, device=device, dtype=dtype)
         compile_ = {"auto": "auto", "on": True, "off": False}[config.runtime.compile]
-        self._engine_args = dict(device=self.device, dtype=self.dtype, compile=compile_)
+        self._engine_args = dict(device=device, dtype=dtype, compile=compile_)
         self.engine = MergeEngine(
             self.base, self.sources, config.merge.method, self.target, **self._engine_args
         )
         self.evaluator = Evaluator(self.target, load_tokenizer(first), config.evaluation, manager)
         self.load_seconds = time.perf_counter() - started
-        self._torch = torch
 
     def evaluate(self, recipe: dict[str, Any], split: str = "search") -> Outcome:
         """Merge `recipe` into the target and score it."""
@@ -85,17 +80,13 @@ class Worker:
             return Outcome(
                 False, -math.inf, reason=f"merge: {_reason(exc)}", merge_seconds=time.perf_counter() - started
             )
-        return self._score(split, time.perf_counter() - started)
+        return _score(self.evaluator, split, time.perf_counter() - started)
 
     def evaluate_source(self, index: int, split: str = "heldout") -> Outcome:
         """Source model `index` unchanged (a parent baseline)."""
         started = time.perf_counter()
         self.engine.load_input(index)
-        return self._score(split, time.perf_counter() - started)
-
-    def _score(self, split: str, merge_seconds: float) -> Outcome:
-        result = self.evaluator.evaluate(split)
-        return Outcome(result.ok, result.fitness, result.metrics, result.error, merge_seconds, result.seconds)
+        return _score(self.evaluator, split, time.perf_counter() - started)
 
     def _switch(self, method: Method) -> None:
         """Rebuild the engine for another method (the finals' default merges); the old one is freed first
@@ -115,13 +106,11 @@ class DfsWorker:
         from evomerge.evaluate.evaluator import Evaluator
         from evomerge.evaluate.run import load_tokenizer
         from evomerge.merge.engine import load_target
-        from evomerge.models.checkpoint import Checkpoint, parse_dtype
-        from evomerge.models.compat import check_compatible
+        from evomerge.models.checkpoint import parse_dtype
 
         started = time.perf_counter()
         device, dtype = resolve_device(config.runtime.device), parse_dtype(config.runtime.dtype)
-        checkpoints = [Checkpoint.open(ref, base_dir=config_dir) for ref in config.models.sources]
-        check_compatible(checkpoints)
+        _, checkpoints, _ = open_models(config, config_dir)
         self.models = [load_target(c, device=device, dtype=dtype) for c in checkpoints]
         self.evaluator = Evaluator(self.models[0], load_tokenizer(checkpoints[0]), config.evaluation, manager)
         self.load_seconds = time.perf_counter() - started
@@ -137,15 +126,17 @@ class DfsWorker:
                 False, -math.inf, reason=f"path: {_reason(exc)}", merge_seconds=time.perf_counter() - started
             )
         self.evaluator.set_model(model)
-        return self._score(split, time.perf_counter() - started)
+        return _score(self.evaluator, split, time.perf_counter() - started)
 
     def evaluate_source(self, index: int, split: str = "heldout") -> Outcome:
         self.evaluator.set_model(self.models[index])
-        return self._score(split, 0.0)
+        return _score(self.evaluator, split, 0.0)
 
-    def _score(self, split: str, build_seconds: float) -> Outcome:
-        result = self.evaluator.evaluate(split)
-        return Outcome(result.ok, result.fitness, result.metrics, result.error, build_seconds, result.seconds)
+
+def _score(evaluator, split: str, build_seconds: float) -> Outcome:
+    """Evaluate the model the evaluator holds now; `build_seconds` is what making it took (merge, path)."""
+    result = evaluator.evaluate(split)
+    return Outcome(result.ok, result.fitness, result.metrics, result.error, build_seconds, result.seconds)
 
 
 def _reason(exc: BaseException) -> str:

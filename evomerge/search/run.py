@@ -21,7 +21,7 @@ from typing import Protocol
 import numpy as np
 import yaml
 
-from evomerge.config import ExperimentConfig, describe_changes, load_config
+from evomerge.config import ExperimentConfig, describe_changes, load_config, source_labels
 from evomerge.errors import UserError
 from evomerge.merge.methods import Method
 from evomerge.merge.recipe import Recipe
@@ -71,6 +71,7 @@ def open_experiment(
 ) -> tuple[ExperimentStore, bool]:
     """The experiment store at `out`: created, or opened to resume after checking the config still matches."""
     identity = config.identity()
+    snapshot = json.dumps(config.model_dump(mode="json"), sort_keys=True)
     if ExperimentStore.exists(out) and not fresh:
         store = ExperimentStore.open(out)
         old = json.loads(store.meta("identity") or "{}")
@@ -81,8 +82,8 @@ def open_experiment(
                 f"{out} holds an experiment with a different config (changed: {changed}); "
                 "resume with the original config, or start over with --fresh --force or another --out"
             )
-        if store.meta("config") != json.dumps(config.model_dump(mode="json"), sort_keys=True):
-            store.set_meta("config", json.dumps(config.model_dump(mode="json"), sort_keys=True))
+        if store.meta("config") != snapshot:
+            store.set_meta("config", snapshot)
         if config_dir is not None and store.meta("config_dir") != str(config_dir):
             store.set_meta("config_dir", str(config_dir))
         return store, True
@@ -93,7 +94,7 @@ def open_experiment(
     meta = {
         "identity": json.dumps(identity, sort_keys=True),
         "identity_hash": config.identity_hash(),
-        "config": json.dumps(config.model_dump(mode="json"), sort_keys=True),
+        "config": snapshot,
         "config_dir": str(config_dir or Path.cwd()),  # where relative model paths may resolve (export)
     }
     store = ExperimentStore.create(out, meta, config_text=config_text, replace=fresh)
@@ -119,7 +120,7 @@ class Search:
         )
         base, sources, _ = open_models(config, config_dir)
         self.num_layers = (base or sources[0]).num_layers
-        self.source_names = _labels(config.models.sources)
+        self.source_names = source_labels(config.models.sources)
         if config.dfs is not None:
             self.space = DfsSpace(config.dfs, [s.num_layers for s in sources])
         else:
@@ -312,12 +313,6 @@ def _pruned(value):
     return value
 
 
-def _labels(refs: list[str]) -> list[str]:
-    """Short names for the sources (directory or repo name), unique."""
-    names = [Path(ref.rstrip("/")).name or ref for ref in refs]
-    return [name if names.count(name) == 1 else f"{name}#{i}" for i, name in enumerate(names)]
-
-
 def run_search(
     config_path: str | Path,
     *,
@@ -336,7 +331,9 @@ def run_search(
 
     if fresh and out.exists() and any(out.iterdir()):
         if not force:
-            raise UserError(f"{out} holds a staged experiment; --fresh would delete it: add --force to confirm")
+            raise UserError(
+                f"{out} holds a staged experiment; --fresh would delete it: add --force to confirm"
+            )
         if not all((child / "experiment.sqlite").is_file() for child in out.iterdir() if child.is_dir()):
             raise UserError(f"{out} is not a staged experiment directory; refusing to delete it")
         import shutil
