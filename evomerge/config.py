@@ -119,28 +119,34 @@ class DfsSpec(_Strict):
         return self
 
 
-class CmaSpec(_Strict):
-    name: Literal["cma"]
+class _OptimizerSpec(_Strict):
     budget: int = Field(200, ge=1, description="evaluations on the search split")
     seed: int = Field(0, ge=0)
+    overlap: int | None = Field(
+        None,
+        ge=0,
+        description="candidates of the next round asked before the current round is told, so that workers "
+        "freed at the round's end have work; default half a round. Part of the search's definition, not "
+        "of the executor: every executor runs the same candidates",
+    )
+
+
+class CmaSpec(_OptimizerSpec):
+    name: Literal["cma"]
     sigma0: float = Field(1 / 6, gt=0, le=1)
     popsize: int | None = Field(None, ge=2, description="default 4 + floor(3 ln n)")
 
 
-class NevergradSpec(_Strict):
+class NevergradSpec(_OptimizerSpec):
     name: Literal["nevergrad"]
     optimizer: str = "TwoPointsDE"
-    budget: int = Field(200, ge=1)
-    seed: int = Field(0, ge=0)
     batch: int | None = Field(None, ge=1, description="candidates asked per round; default as cma's popsize")
 
 
-class RandomSpec(_Strict):
+class RandomSpec(_OptimizerSpec):
     """Uniform random genomes: the baseline any optimizer must beat at the same budget."""
 
     name: Literal["random"]
-    budget: int = Field(200, ge=1)
-    seed: int = Field(0, ge=0)
     batch: int | None = Field(None, ge=1)
 
 
@@ -162,10 +168,25 @@ class StageSpec(_Strict):
 PREVIOUS = "previous"
 
 
+class RaySpec(_Strict):
+    address: str | None = Field(
+        None, description="an existing cluster to join ('auto' or host:port); default: start a local one"
+    )
+    workers: int | None = Field(
+        None,
+        ge=1,
+        description="actors, each holding the sources once; default one per GPU, else per CPU slot",
+    )
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPU slot of a worker (its torch threads on CPU)")
+
+
 class RuntimeSpec(_Strict):
     device: str = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    executor: Literal["local"] = "local"
+    executor: Literal["local", "ray"] = Field(
+        "local", description="local: one worker in this process; ray: actors on this machine or a cluster"
+    )
+    ray: RaySpec = RaySpec()
     compile: Literal["auto", "on", "off"] = "auto"
     stop_after_failures: int = Field(
         5, ge=1, description="stop when the first this-many candidates all fail (a broken setup)"

@@ -177,20 +177,22 @@ def test_codec_layout_and_defaults():
 def test_optimizer_state_resumes_identically(opt):
     from evomerge.config import ExperimentConfig
     from evomerge.search.optimizers import dump_state, load_state, make_optimizer
+    from evomerge.search.run import Schedule
 
     spec = ExperimentConfig.model_validate(_minimal(optimizer={**opt, "budget": 60})).optimizer
 
     def run(split_at):
-        o = make_optimizer(spec, np.full(5, 0.5), 6)
+        s = Schedule.start(make_optimizer(spec, np.full(5, 0.5), 6, overlap=2), overlap=2)
         seen = []
         for g in range(5):
             if g == split_at:
-                blob = dump_state(o)
+                blob = dump_state(s)
                 np.random.seed(999)  # lm-eval reseeds numpy's global RNG: must not matter
-                o = load_state(blob)
-            xs = o.ask()
+                s = load_state(blob)
+            xs = s.rounds[g]
+            assert len(xs) == s.batch and len(s.rounds[g + 1]) == 2  # the next round's first two are out
             seen.append(np.array(xs))
-            o.tell(xs, [float(np.sum((x - 0.3) ** 2)) for x in xs])
+            s.tell([float(np.sum((x - 0.3) ** 2)) for x in xs])
         return seen
 
     straight, resumed = run(-1), run(3)

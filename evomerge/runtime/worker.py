@@ -1,6 +1,6 @@
 """A worker: the sources resident once, one target model, one evaluator; merges and scores recipes.
 
-Built once per process (or, later, per Ray actor). Everything it takes and returns is plain data
+Built once per process (local executor) or per Ray actor. Everything it takes and returns is plain data
 (recipe dicts, `Outcome`), so the search loop never sees a tensor. A candidate that fails to merge or to
 evaluate comes back as a failed outcome with its reason.
 """
@@ -47,7 +47,25 @@ def open_models(config: ExperimentConfig, config_dir: Path | None):
     return base, sources, family
 
 
-class Worker:
+def build_worker(config: ExperimentConfig | dict, config_dir: str | Path | None, manager=None):
+    """The worker an experiment needs (PS or DFS). Takes the config as plain data too, which is how it
+    travels to a Ray actor."""
+    if isinstance(config, dict):
+        config = ExperimentConfig.model_validate(config)
+    config_dir = Path(config_dir) if config_dir is not None else None
+    kind = DfsWorker if config.dfs is not None else Worker
+    return kind(config, config_dir, manager)
+
+
+class _Runs:
+    def run(self, job) -> Outcome:
+        """An executor's job: a recipe to merge and score, or a source scored as it is."""
+        if job.recipe is not None:
+            return self.evaluate(job.recipe, job.split)
+        return self.evaluate_source(job.source, job.split)
+
+
+class Worker(_Runs):
     def __init__(self, config: ExperimentConfig, config_dir: Path | None, manager=None) -> None:
         from evomerge.device import resolve_device
         from evomerge.evaluate.evaluator import Evaluator
@@ -98,7 +116,7 @@ class Worker:
         self.engine = MergeEngine(self.base, self.sources, method, self.target, **self._engine_args)
 
 
-class DfsWorker:
+class DfsWorker(_Runs):
     """The sources loaded once as models; each candidate is a layer path over their layers (no copy)."""
 
     def __init__(self, config: ExperimentConfig, config_dir: Path | None, manager=None) -> None:

@@ -1,7 +1,8 @@
 """Optimizers behind one ask/tell interface, over the unit box [0, 1]^n, minimising a loss.
 
-Each adapter asks a whole round (a CMA-ES generation, a batch for the others) and is told the round's
-losses. Its state is one picklable object: the experiment store saves it after every tell, and a resumed
+A round is a CMA-ES generation (a batch for the others). Candidates may be asked in parts (the search
+asks a few of the next round before it tells the current one) and each round is told whole, in the order
+the rounds were asked. Its state is one picklable object: the experiment store saves it after every tell, and a resumed
 run continues on exactly the trajectory it would have followed. No adapter touches global RNG state
 (lm-eval reseeds numpy's global generator; cma draws from it by default).
 """
@@ -20,13 +21,13 @@ from evomerge.errors import UserError, first_line
 class Optimizer(Protocol):
     batch: int
 
-    def ask(self) -> list[np.ndarray]: ...
+    def ask(self, n: int) -> list[np.ndarray]: ...
 
     def tell(self, genomes: list[np.ndarray], losses: list[float]) -> None: ...
 
 
 class CmaOptimizer:
-    def __init__(self, spec: CmaSpec, x0: np.ndarray, popsize: int) -> None:
+    def __init__(self, spec: CmaSpec, x0: np.ndarray, popsize: int, overlap: int = 0) -> None:
         import warnings
 
         with warnings.catch_warnings():  # cma warns at import when matplotlib cannot be imported
@@ -34,22 +35,22 @@ class CmaOptimizer:
             import cma
 
         self.rng = np.random.RandomState(spec.seed)
-        self.batch = spec.popsize or popsize
+        self.batch = round_size(spec, popsize)
         options = {
             "bounds": [0.0, 1.0], "popsize": self.batch, "seed": spec.seed + 1,  # cma: seed 0 = from the clock
             "verbose": -9, "randn": self.rng.randn, "CMA_diagonal": False,
         }  # fmt: skip
         self.es = cma.CMAEvolutionStrategy(np.asarray(x0, dtype=float), spec.sigma0, options)
 
-    def ask(self) -> list[np.ndarray]:
-        return [np.asarray(x, dtype=float) for x in self.es.ask()]
+    def ask(self, n: int) -> list[np.ndarray]:
+        return [np.asarray(x, dtype=float) for x in self.es.ask(n)] if n else []
 
     def tell(self, genomes: list[np.ndarray], losses: list[float]) -> None:
         self.es.tell([list(g) for g in genomes], list(losses))
 
 
 class NevergradOptimizer:
-    def __init__(self, spec: NevergradSpec, x0: np.ndarray, batch: int) -> None:
+    def __init__(self, spec: NevergradSpec, x0: np.ndarray, batch: int, overlap: int = 0) -> None:
         import nevergrad as ng
 
         if spec.optimizer not in ng.optimizers.registry:
@@ -58,32 +59,35 @@ class NevergradOptimizer:
             close = difflib.get_close_matches(spec.optimizer, list(ng.optimizers.registry), n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise UserError(f"optimizer.optimizer: unknown nevergrad optimizer {spec.optimizer!r}{hint}")
-        self.batch = spec.batch or batch
+        self.batch = round_size(spec, batch)
         param = ng.p.Array(init=np.asarray(x0, dtype=float)).set_mutation(sigma=1 / 6).set_bounds(0.0, 1.0)
         param.random_state = np.random.RandomState(spec.seed)
         self.opt = ng.optimizers.registry[spec.optimizer](
-            parametrization=param, budget=spec.budget, num_workers=self.batch
+            parametrization=param, budget=spec.budget, num_workers=self.batch + overlap
         )
-        self._pending: list = []
+        self._pending: list = []  # asked, not yet told, in ask order
         _check_picklable(self, spec.optimizer)
 
-    def ask(self) -> list[np.ndarray]:
-        self._pending = [self.opt.ask() for _ in range(self.batch)]
-        return [np.asarray(c.value, dtype=float) for c in self._pending]
+    def ask(self, n: int) -> list[np.ndarray]:
+        asked = [self.opt.ask() for _ in range(n)]
+        self._pending += asked
+        return [np.asarray(c.value, dtype=float) for c in asked]
 
     def tell(self, genomes: list[np.ndarray], losses: list[float]) -> None:
-        for candidate, loss in zip(self._pending, losses, strict=False):
+        told, self._pending = self._pending[: len(genomes)], self._pending[len(genomes) :]
+        for candidate, genome, loss in zip(told, genomes, losses, strict=True):
+            if not np.array_equal(np.asarray(candidate.value, dtype=float), genome):
+                raise RuntimeError("nevergrad: rounds must be told in the order they were asked")
             self.opt.tell(candidate, loss)
-        self._pending = []
 
 
 class RandomOptimizer:
-    def __init__(self, spec: RandomSpec, size: int, batch: int) -> None:
+    def __init__(self, spec: RandomSpec, size: int, batch: int, overlap: int = 0) -> None:
         self.rng = np.random.RandomState(spec.seed)
-        self.size, self.batch = size, spec.batch or batch
+        self.size, self.batch = size, round_size(spec, batch)
 
-    def ask(self) -> list[np.ndarray]:
-        return [self.rng.uniform(0.0, 1.0, self.size) for _ in range(self.batch)]
+    def ask(self, n: int) -> list[np.ndarray]:
+        return [self.rng.uniform(0.0, 1.0, self.size) for _ in range(n)]
 
     def tell(self, genomes: list[np.ndarray], losses: list[float]) -> None:
         pass
@@ -94,7 +98,7 @@ def _check_picklable(optimizer: NevergradOptimizer, name: str) -> None:
     instantiates the lazily chosen sub-optimizer, which is where e.g. NGOpt's threaded COBYLA appears.)"""
     try:
         probe = pickle.loads(pickle.dumps(optimizer))
-        probe.ask()
+        probe.ask(1)
         pickle.dumps(probe)
     except Exception as exc:
         raise UserError(
@@ -115,12 +119,17 @@ def _stop_threads(optimizer) -> None:
         stop.stop()
 
 
-def make_optimizer(spec, x0: np.ndarray, default_batch: int) -> Optimizer:
+def round_size(spec, default: int) -> int:
+    """Candidates per round: cma's popsize, the others' batch, or the search space's default."""
+    return (spec.popsize if isinstance(spec, CmaSpec) else spec.batch) or default
+
+
+def make_optimizer(spec, x0: np.ndarray, default_batch: int, overlap: int = 0) -> Optimizer:
     if isinstance(spec, CmaSpec):
-        return CmaOptimizer(spec, x0, default_batch)
+        return CmaOptimizer(spec, x0, default_batch, overlap)
     if isinstance(spec, NevergradSpec):
-        return NevergradOptimizer(spec, x0, default_batch)
-    return RandomOptimizer(spec, len(x0), default_batch)
+        return NevergradOptimizer(spec, x0, default_batch, overlap)
+    return RandomOptimizer(spec, len(x0), default_batch, overlap)
 
 
 def dump_state(optimizer: Optimizer) -> bytes:

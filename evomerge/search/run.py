@@ -1,10 +1,10 @@
 """`evomerge search`: evolve recipes, journal every evaluation, resume exactly, score the finalists.
 
-The loop is generation by generation: the optimizer asks a round, each candidate is decoded, merged and
-scored by the worker and journaled at once, and the round is told. Resuming loads the optimizer state
-saved after the last tell and asks the next round again; being seeded, it asks the same genomes, so the
-candidates already in the journal are taken from it and only the missing ones are evaluated. A run
-killed any number of times therefore ends exactly where the uninterrupted run ends.
+The optimizer asks rounds (see `Schedule` for how they overlap); candidates go to an executor (one local
+worker, or Ray actors) as it has room, each result is journaled the moment it arrives, and a round is
+told once all of it is journaled. The schedule (optimizer + asked rounds) is saved after every tell.
+Resuming loads it, takes the candidates already in the journal from the journal and evaluates only the
+missing ones, so a run killed any number of times ends exactly where the uninterrupted run ends.
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ from evomerge.config import ExperimentConfig, describe_changes, load_config, sou
 from evomerge.errors import UserError
 from evomerge.merge.methods import Method
 from evomerge.merge.recipe import Recipe
+from evomerge.runtime.executor import Executor, Job, WorkerFactory, make_executor
+from evomerge.runtime.worker import Outcome
 from evomerge.search.dfs_space import DfsSpace
-from evomerge.search.optimizers import dump_state, load_state, make_optimizer
+from evomerge.search.optimizers import Optimizer, dump_state, load_state, make_optimizer, round_size
 from evomerge.search.space import Space, default_params
 from evomerge.store import Candidate, ExperimentStore, Final
 
@@ -101,6 +103,54 @@ def open_experiment(
     return store, False
 
 
+@dataclass
+class Schedule:
+    """The optimizer with the rounds it has asked and not yet been told; saved whole after every tell.
+
+    The generation barrier: CMA-ES updates once per generation, so a generation's last, slow candidates
+    would leave every other worker idle. The schedule therefore asks the first `overlap` candidates of
+    the next round *before* it tells the current one (sampled from the current distribution; the rest of
+    the round is asked after the tell). While round g's stragglers run, freed workers take round g+1's
+    early candidates, and no worker waits as long as overlap >= workers - 1. The order of asks and tells
+    is fixed (ask round g+1's rest, ask round g+2's first `overlap`, tell round g+1, ...) and does not
+    depend on which evaluation finishes first, so every executor and any number of workers run exactly
+    the same candidates, and a resumed run continues the same trajectory. Telling CMA-ES a few samples
+    drawn one update earlier did not slow it on test functions (ellipsoid, Rastrigin, noisy sphere).
+    """
+
+    optimizer: Optimizer
+    overlap: int
+    told: int = -1  # the last round told
+    rounds: dict[int, list[np.ndarray]] = field(default_factory=dict)  # asked, not told, by round
+
+    @classmethod
+    def start(cls, optimizer: Optimizer, overlap: int) -> Schedule:
+        schedule = cls(optimizer, overlap)
+        schedule.rounds[0] = optimizer.ask(optimizer.batch)
+        schedule.rounds[1] = optimizer.ask(overlap)
+        return schedule
+
+    @property
+    def batch(self) -> int:
+        return self.optimizer.batch
+
+    def tell(self, losses: list[float]) -> None:
+        """Tell the oldest round, then ask the rest of the next one and the first of the one after."""
+        generation = self.told + 1
+        self.optimizer.tell(self.rounds.pop(generation), losses)
+        self.told = generation
+        upcoming = self.rounds.setdefault(generation + 1, [])
+        upcoming += self.optimizer.ask(self.batch - len(upcoming))
+        self.rounds[generation + 2] = self.optimizer.ask(self.overlap)
+
+
+def resolve_overlap(spec, batch: int) -> int:
+    overlap = batch // 2 if spec.overlap is None else spec.overlap
+    if overlap > batch:
+        raise UserError(f"optimizer.overlap ({overlap}) exceeds the round size ({batch})")
+    return overlap
+
+
 class Search:
     def __init__(
         self,
@@ -108,6 +158,7 @@ class Search:
         config_dir: Path | None,
         store: ExperimentStore,
         reporter: Reporter | None = None,
+        worker_factory: WorkerFactory | None = None,
     ) -> None:
         from evomerge.evaluate.tasks import task_manager
         from evomerge.runtime.worker import open_models
@@ -127,19 +178,22 @@ class Search:
             self.space = Space(
                 config.space, config.merge.method, len(sources), self.num_layers, seed=config.optimizer.seed
             )
-        self._worker = None
+        self.worker_factory = worker_factory
+        self._executor: Executor | None = None
 
     @property
-    def worker(self):
-        """Loaded on first use: a finished experiment reopened only to print its results loads no model."""
-        if self._worker is None:
-            from evomerge.runtime.worker import DfsWorker, Worker
+    def executor(self) -> Executor:
+        """Started on first use: a finished experiment reopened only to print its results loads no model."""
+        if self._executor is None:
+            self._executor = make_executor(
+                self.config, self.config_dir, self.manager, self.worker_factory, self._stage
+            )
+        return self._executor
 
-            self._stage("loading models")
-            kind = DfsWorker if self.config.dfs is not None else Worker
-            self._worker = kind(self.config, self.config_dir, self.manager)
-            log.info("models resident in %.1fs; %d genes", self._worker.load_seconds, self.space.size)
-        return self._worker
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.close()
+            self._executor = None
 
     def _stage(self, text: str) -> None:
         log.info(text)
@@ -156,58 +210,88 @@ class Search:
         )
         return recipe.to_dict()
 
-    def run(self) -> None:
-        """Evaluate until the budget is spent (journaled evaluations count)."""
+    def _schedule(self) -> Schedule:
         saved = self.store.optimizer()
         if saved is not None:
-            generation, blob = saved[0] + 1, saved[1]
-            optimizer = load_state(blob)
-        else:
-            generation = 0
-            optimizer = make_optimizer(
-                self.config.optimizer, self.space.start(), self.space.default_popsize()
-            )
-        batch = optimizer.batch
-        done = self.store.count()
-        best = self.store.best()
+            schedule = load_state(saved[1])
+            if not isinstance(schedule, Schedule):
+                raise UserError(
+                    f"{self.store.dir} was made by an older evomerge whose optimizer checkpoints this one "
+                    "cannot continue; start over with --fresh --force"
+                )
+            return schedule
+        spec, popsize = self.config.optimizer, self.space.default_popsize()
+        overlap = resolve_overlap(spec, round_size(spec, popsize))
+        optimizer = make_optimizer(spec, self.space.start(), popsize, overlap)
+        return Schedule.start(optimizer, overlap)
+
+    def run(self) -> None:
+        """Evaluate until the budget is spent (journaled evaluations count).
+
+        Candidates go to the executor as it has room, in round order; each result is journaled the
+        moment it arrives; a round is told as soon as all of its candidates are journaled."""
+        schedule = self._schedule()
+        batch = schedule.batch
+        journal = {(c.generation, c.idx): c for c in self.store.candidates()}
+        done, best = len(journal), self.store.best()
         if self.reporter:
             self.reporter.start(done, self.budget, best.fitness if best else None)
-        while generation * batch < self.budget:
-            genomes = optimizer.ask()
-            journal = {c.idx: c for c in self.store.candidates(generation)}
-            results: list[Candidate] = []
-            for idx, genome in enumerate(genomes):
-                if idx in journal:
-                    known = journal[idx]
-                    if not np.allclose(known.genome, genome, rtol=0, atol=1e-12):
-                        raise UserError(
-                            f"{self.store.dir}: the optimizer's state does not reproduce candidate {generation}.{idx} "
-                            "of the journal (was the database edited?); start over with --fresh --force"
-                        )
-                    results.append(known)
-                    continue
-                if generation * batch + idx >= self.budget:
+        in_flight: dict[tuple[int, int], tuple[list[float], dict, float]] = {}
+        while True:
+            while self._round_complete(schedule, journal):
+                generation = schedule.told + 1
+                results = [journal[(generation, idx)] for idx in range(batch)]
+                schedule.tell([-c.fitness if c.ok else FAILED_LOSS for c in results])
+                self.store.save_optimizer(schedule.told, dump_state(schedule))
+            for key, genome in self._waiting(schedule, journal, in_flight):
+                if len(in_flight) >= self.executor.capacity:
                     break
-                candidate = self._evaluate(genome, generation, idx)
-                results.append(candidate)
+                recipe = self.recipe(genome, *key)
+                in_flight[key] = ([float(x) for x in genome], recipe, time.time())
+                self.executor.submit(Job(key, "search", recipe=recipe))
+            if not in_flight:
+                return
+            for job, outcome in self.executor.wait():
+                candidate = self._record(job.key, *in_flight.pop(job.key), outcome)
+                journal[job.key] = candidate
                 done += 1
                 if candidate.ok and (best is None or candidate.fitness > best.fitness):
                     best = candidate
                 self._check_failures(done)
                 if self.reporter:
                     self.reporter.evaluated(candidate, done, best.fitness if best else None)
-            if len(results) < len(genomes):
-                break  # the budget ends inside this round: it is told when a larger budget completes it
-            optimizer.tell(genomes, [-c.fitness if c.ok else FAILED_LOSS for c in results])
-            self.store.save_optimizer(generation, dump_state(optimizer))
-            generation += 1
 
-    def _evaluate(self, genome: np.ndarray, generation: int, idx: int) -> Candidate:
-        recipe = self.recipe(genome, generation, idx)
-        started = time.time()
-        outcome = self.worker.evaluate(recipe, "search")
+    def _round_complete(self, schedule: Schedule, journal: dict) -> bool:
+        generation = schedule.told + 1
+        genomes = schedule.rounds.get(generation, [])
+        return len(genomes) == schedule.batch and all((generation, i) in journal for i in range(len(genomes)))
+
+    def _waiting(self, schedule: Schedule, journal: dict, in_flight: dict):
+        """Asked candidates within the budget that are neither journaled nor running, in round order."""
+        batch = schedule.batch
+        for generation in sorted(schedule.rounds):
+            for idx, genome in enumerate(schedule.rounds[generation]):
+                key = (generation, idx)
+                if generation * batch + idx >= self.budget:
+                    return
+                known = journal.get(key)
+                if known is not None:
+                    if not np.allclose(known.genome, genome, rtol=0, atol=1e-12):
+                        raise UserError(
+                            f"{self.store.dir}: the optimizer's state does not reproduce candidate "
+                            f"{generation}.{idx} of the journal (was the database edited?); "
+                            "start over with --fresh --force"
+                        )
+                    continue
+                if key not in in_flight:
+                    yield key, genome
+
+    def _record(
+        self, key: tuple[int, int], genome: list[float], recipe: dict, started: float, outcome: Outcome
+    ) -> Candidate:
+        generation, idx = key
         candidate = Candidate(
-            None, generation, idx, [float(x) for x in genome], recipe, "ok" if outcome.ok else "failed",
+            None, generation, idx, genome, recipe, "ok" if outcome.ok else "failed",
             outcome.reason, outcome.fitness if outcome.ok else -math.inf, outcome.metrics,
             outcome.merge_seconds, outcome.eval_seconds, started, time.time(),
         )  # fmt: skip
@@ -259,36 +343,39 @@ class Search:
         return self._run_finals(jobs, have)
 
     def _run_finals(self, jobs: list, have: dict) -> list[Final]:
-        for name, kind, ref, recipe in jobs:
-            if name in have:
-                continue
-            self._stage(f"held-out: {name}")
-            started = time.time()
-            outcome = (
-                self.worker.evaluate_source(ref, "heldout")
-                if kind == "parent"
-                else self.worker.evaluate(recipe, "heldout")
-            )
-            self.store.record_final(
-                Final(
+        todo = [job for job in jobs if job[0] not in have]
+        by_name = {job[0]: job for job in todo}
+        running = 0
+        while todo or running:
+            while todo and running < self.executor.capacity:
+                name, kind, ref, recipe = todo.pop(0)
+                self._stage(f"held-out: {name}")
+                source = ref if kind == "parent" else None
+                self.executor.submit(Job(name, "heldout", recipe=recipe, source=source))
+                running += 1
+            for job, outcome in self.executor.wait():
+                running -= 1
+                name, kind, ref, recipe = by_name[job.key]
+                self.store.record_final(
+                    Final(
+                        name,
+                        kind,
+                        ref if kind == "evolved" else None,
+                        recipe,
+                        "heldout",
+                        "ok" if outcome.ok else "failed",
+                        outcome.reason,
+                        outcome.fitness if outcome.ok else -math.inf,
+                        outcome.metrics,
+                        outcome.merge_seconds + outcome.eval_seconds,
+                        time.time(),
+                    )  # fmt: skip
+                )
+                log.info(
+                    "held-out %s: %s",
                     name,
-                    kind,
-                    ref if kind == "evolved" else None,
-                    recipe,
-                    "heldout",
-                    "ok" if outcome.ok else "failed",
-                    outcome.reason,
-                    outcome.fitness if outcome.ok else -math.inf,
-                    outcome.metrics,
-                    time.time() - started,
-                    time.time(),
-                )  # fmt: skip
-            )
-            log.info(
-                "held-out %s: %s",
-                name,
-                f"{outcome.fitness:.4f}" if outcome.ok else f"failed ({outcome.reason})",
-            )
+                    f"{outcome.fitness:.4f}" if outcome.ok else f"failed ({outcome.reason})",
+                )
         return self.store.finals()
 
     def _default_methods(self) -> list[Method]:
@@ -386,9 +473,12 @@ def _run_one(
             "%s experiment %s (config %s)", "resuming" if resumed else "starting", out, config.identity_hash()
         )
         search = Search(config, config_dir, store, reporter)
-        search.run()
-        done = store.count()
-        finals = search.finish() if done >= config.optimizer.budget else []
+        try:
+            search.run()
+            done = store.count()
+            finals = search.finish() if done >= config.optimizer.budget else []
+        finally:
+            search.close()
         return SearchResult(out, done, config.optimizer.budget, store.best(), finals, resumed)
     finally:
         root.removeHandler(handler)
