@@ -111,6 +111,8 @@ def search(
     fresh: bool = typer.Option(False, help="Start over instead of resuming an existing experiment."),
     force: bool = typer.Option(False, help="With --fresh: allow deleting the existing experiment."),
     budget: int | None = typer.Option(None, help="Override optimizer.budget (raise it to extend a run)."),
+    executor: str | None = typer.Option(None, help="Override runtime.executor: local or ray."),
+    workers: int | None = typer.Option(None, help="Override runtime.ray.workers (with the ray executor)."),
 ) -> None:
     """Evolve merge recipes; resumes the experiment when its directory exists."""
     from evomerge.progress import SearchReporter
@@ -119,9 +121,22 @@ def search(
 
     if budget is not None and budget < 1:
         raise UserError("--budget must be at least 1")
+    if executor not in (None, "local", "ray"):
+        raise UserError(f"--executor must be local or ray, not {executor!r}")
+    if workers is not None and workers < 1:
+        raise UserError("--workers must be at least 1")
     try:
         with SearchReporter(err_console) as reporter:
-            results = run_search(config, out=out, fresh=fresh, force=force, budget=budget, reporter=reporter)
+            results = run_search(
+                config,
+                out=out,
+                fresh=fresh,
+                force=force,
+                budget=budget,
+                executor=executor,
+                workers=workers,
+                reporter=reporter,
+            )
     except KeyboardInterrupt:
         err_console.print(
             "interrupted: every finished evaluation is saved; run the same command to resume", markup=False

@@ -255,7 +255,9 @@ def test_stage_config_errors():
         parse_config({**base, "stages": [{"name": "a"}, {"name": "a"}]})
     with pytest.raises(UserError, match=r"stages\[1\]\.dfs\.repeats: Input should be greater"):
         parse_config({**base, "stages": [{"name": "a"}, {"name": "b", "dfs": {"repeats": 0}}]})
-    with pytest.raises(UserError, match=r"stages\[1\] \(b\): .*slerp interpolates models.base with exactly one"):
+    with pytest.raises(
+        UserError, match=r"stages\[1\] \(b\): .*slerp interpolates models.base with exactly one"
+    ):
         parse_config({**base, "stages": [{"name": "a"}, {"name": "b", "merge": {"method": "slerp"}}]})
 
 

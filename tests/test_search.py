@@ -10,46 +10,20 @@ import sqlite3
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from helpers import REPO, SMOKE
+from helpers import cli as _cli
+from helpers import journal as _journal
+from helpers import smoke as _smoke
 
 from evomerge.config import SpaceSpec, parse_config
 from evomerge.errors import UserError
 from evomerge.merge.methods import Method
 from evomerge.search.space import Space, default_params
 from evomerge.store import Candidate, ExperimentStore
-
-REPO = Path(__file__).resolve().parent.parent
-SMOKE = REPO / "configs" / "smoke.yaml"
-
-
-def _cli(*args, cwd=REPO, timeout=600):
-    return subprocess.run(
-        [sys.executable, "-m", "evomerge.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=timeout,
-    )  # fmt: skip
-
-
-def _smoke(tmp_path: Path, **changes) -> Path:
-    """configs/smoke.yaml with sections updated (dotted keys), models as absolute paths."""
-    cfg = yaml.safe_load(SMOKE.read_text())
-    cfg["models"] = {
-        "base": str(REPO / "zoo" / "base"),
-        "sources": [str(REPO / "zoo" / n) for n in ("math-en", "lang-x")],
-    }
-    cfg["output"]["dir"] = str(tmp_path / "exp")
-    for dotted, value in changes.items():
-        node = cfg
-        *parents, last = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[last] = value
-    path = tmp_path / f"exp-{len(list(tmp_path.glob('exp-*.yaml')))}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def _minimal(**changes):
@@ -106,7 +80,11 @@ def test_validate_cli_ok_and_bad(tmp_path):
 
 def test_validate_points_a_merge_config_to_evomerge_merge():
     done = _cli("validate", REPO / "configs" / "example-ties.yaml")
-    assert done.returncode == 2 and "is a mergekit merge config" in done.stderr and "evomerge merge" in done.stderr
+    assert (
+        done.returncode == 2
+        and "is a mergekit merge config" in done.stderr
+        and "evomerge merge" in done.stderr
+    )
 
 
 def test_validate_unknown_task_suggests(tmp_path):
@@ -235,16 +213,6 @@ def test_store_is_wal_and_atomic(tmp_path):
 
 
 # -- real searches ----------------------------------------------------------------------------------
-
-
-def _journal(exp: Path):
-    db = sqlite3.connect(exp / "experiment.sqlite")
-    rows = db.execute(
-        "SELECT generation, idx, genome, fitness, status FROM candidates ORDER BY generation, idx"
-    ).fetchall()
-    finals = dict(db.execute("SELECT name, fitness FROM finals").fetchall())
-    db.close()
-    return rows, finals
 
 
 @pytest.fixture(scope="module")

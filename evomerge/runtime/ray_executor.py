@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3
 
 
-class _Actor:
+class EvalWorker:
     """The body of a Ray actor (wrapped with `ray.remote` when the executor starts)."""
 
     def __init__(self, factory: WorkerFactory, threads: int | None) -> None:
@@ -106,7 +106,7 @@ class RayExecutor:
         self.ray = ray
         self.factory = factory
         threads = None if gpus_per_worker else max(1, int(cpus_per_worker))
-        self._actor_class = ray.remote(_Actor).options(
+        self._actor_class = ray.remote(EvalWorker).options(
             num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=0, max_task_retries=0
         )
         self._threads = threads

@@ -407,10 +407,14 @@ def run_search(
     fresh: bool = False,
     force: bool = False,
     budget: int | None = None,
+    executor: str | None = None,
+    workers: int | None = None,
     reporter: Reporter | None = None,
 ) -> list[SearchResult]:
-    """One result per stage (one for a plain experiment)."""
+    """One result per stage (one for a plain experiment). `executor` and `workers` override the runtime
+    section (they change where candidates run, never which candidates run)."""
     config, config_dir = load_config(config_path)
+    config = _override_runtime(config, executor, workers)
     out = Path(out if out is not None else config.output.dir)  # relative to the working directory
     if not config.stages:
         return [_run_one(config, config_dir, out, fresh, force, budget, reporter)]
@@ -440,6 +444,21 @@ def run_search(
                 reporter.stage(f"exporting the best of stage {stage.name}")
             export_candidate(out / stage.name, previous)
     return results
+
+
+def _override_runtime(
+    config: ExperimentConfig, executor: str | None, workers: int | None
+) -> ExperimentConfig:
+    if executor is None and workers is None:
+        return config
+    data = config.model_dump(mode="json")
+    if executor is not None:
+        data["runtime"]["executor"] = executor
+    if workers is not None:
+        if data["runtime"]["executor"] != "ray":
+            raise UserError("--workers applies to the ray executor: add --executor ray")
+        data["runtime"]["ray"]["workers"] = workers
+    return ExperimentConfig.model_validate(data)
 
 
 def _run_one(

@@ -1,0 +1,49 @@
+"""Shared by the tests that run real searches: the smoke config, the CLI in a subprocess, the journal."""
+
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+SMOKE = REPO / "configs" / "smoke.yaml"
+
+
+def cli(*args, cwd=REPO, timeout=600):
+    return subprocess.run(
+        [sys.executable, "-m", "evomerge.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=timeout,
+    )  # fmt: skip
+
+
+def smoke(tmp_path: Path, **changes) -> Path:
+    """configs/smoke.yaml with sections updated (dotted keys), models as absolute paths."""
+    cfg = yaml.safe_load(SMOKE.read_text())
+    cfg["models"] = {
+        "base": str(REPO / "zoo" / "base"),
+        "sources": [str(REPO / "zoo" / n) for n in ("math-en", "lang-x")],
+    }
+    cfg["output"]["dir"] = str(tmp_path / "exp")
+    for dotted, value in changes.items():
+        node = cfg
+        *parents, last = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = value
+    path = tmp_path / f"exp-{len(list(tmp_path.glob('exp-*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def journal(exp: Path):
+    """(candidates in (generation, idx) order, {final name: fitness})."""
+    db = sqlite3.connect(exp / "experiment.sqlite")
+    rows = db.execute(
+        "SELECT generation, idx, genome, fitness, status FROM candidates ORDER BY generation, idx"
+    ).fetchall()
+    finals = dict(db.execute("SELECT name, fitness FROM finals").fetchall())
+    db.close()
+    return rows, finals

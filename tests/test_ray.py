@@ -1,0 +1,156 @@
+"""The Ray executor on a real local Ray cluster (2 CPUs, started once for the module) and the zoo:
+same journal as the local executor, a killed worker costs one retry, a candidate that keeps killing its
+worker is journaled as failed, a killed driver resumes, and bad worker counts are one-line errors."""
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import ray
+from helpers import REPO, cli, journal, smoke
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A private 2-CPU Ray cluster; in-process searches use it, CLI searches join it by address."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    """The smoke search on the local executor: the reference journal."""
+    tmp = tmp_path_factory.mktemp("local")
+    done = cli("search", smoke(tmp))
+    assert done.returncode == 0, done.stderr
+    return journal(tmp / "exp")
+
+
+def _content(rows):
+    """Journal rows without what depends on timing."""
+    return [(g, i, genome, fitness, status) for g, i, genome, fitness, status in rows]
+
+
+def _actor_pids(busy: bool) -> list[int]:
+    """Processes of our Ray workers (their titles name the method they are running)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            title = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if title.startswith("ray::EvalWorker.run" if busy else "ray::EvalWorker"):
+            found.append(int(entry.name))
+    return found
+
+
+def _count(exp: Path) -> int:
+    try:
+        con = sqlite3.connect(f"file:{exp / 'experiment.sqlite'}?mode=ro", uri=True, timeout=5)
+        try:
+            return con.execute("SELECT COUNT(*) FROM candidates").fetchone()[0]
+        finally:
+            con.close()
+    except sqlite3.OperationalError:
+        return 0
+
+
+def _search(cfg: Path, *args) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "evomerge.cli", "search", str(cfg), *args], cwd=REPO,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+
+
+def test_ray_two_workers_journal_equals_local(tmp_path, cluster, local_run):
+    from evomerge.search.run import run_search
+
+    cfg = smoke(tmp_path, **{"runtime.executor": "ray", "runtime.ray.workers": 2})
+    (result,) = run_search(cfg)
+    assert result.evaluations == 24
+    rows, finals = journal(tmp_path / "exp")
+    assert _content(rows) == _content(local_run[0])
+    assert finals == local_run[1]
+    db = sqlite3.connect(tmp_path / "exp" / "experiment.sqlite")
+    # candidates really ran side by side: some started before the previous one finished
+    spans = db.execute("SELECT started_at, finished_at FROM candidates ORDER BY started_at").fetchall()
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:], strict=False))
+
+
+def test_killed_worker_is_retried_on_a_new_one(tmp_path, cluster, local_run):
+    cfg = smoke(tmp_path, **{"runtime.ray.address": cluster})
+    proc = _search(cfg, "--executor", "ray", "--workers", "2")
+    killed, deadline = None, time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        busy = _actor_pids(busy=True)
+        if killed is None and busy and _count(tmp_path / "exp") >= 5:
+            killed = busy[0]
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.01)
+    assert proc.wait(timeout=60) == 0, proc.stderr.read().decode()
+    assert killed is not None
+    rows, finals = journal(tmp_path / "exp")
+    assert _content(rows) == _content(local_run[0])  # nothing lost, nothing twice, same numbers
+    assert finals == local_run[1]
+    log = (tmp_path / "exp" / "search.log").read_text()
+    assert log.count("retrying on a new worker") == 1
+
+
+def test_candidate_that_kills_three_workers_is_journaled_failed(tmp_path, cluster):
+    cfg = smoke(tmp_path, **{"runtime.ray.address": cluster, "optimizer.budget": 8})
+    proc = _search(cfg, "--executor", "ray", "--workers", "1")
+    kills, deadline = [], time.time() + 300
+    while proc.poll() is None and time.time() < deadline and len(kills) < 3:
+        busy = _actor_pids(busy=True)
+        if busy and _count(tmp_path / "exp") >= 2 and busy[0] not in kills:
+            kills.append(busy[0])
+            os.kill(busy[0], signal.SIGKILL)
+        time.sleep(0.01)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()
+    assert len(kills) == 3
+    db = sqlite3.connect(tmp_path / "exp" / "experiment.sqlite")
+    rows = db.execute("SELECT generation, idx, status, reason FROM candidates").fetchall()
+    assert len(rows) == 8 and len({(g, i) for g, i, _, _ in rows}) == 8
+    failed = [r for r in rows if r[2] == "failed"]
+    assert len(failed) == 1 and "worker died 3 times" in failed[0][3]
+
+
+def test_killed_ray_driver_resumes(tmp_path, cluster, local_run):
+    cfg = smoke(tmp_path, **{"runtime.ray.address": cluster})
+    proc = _search(cfg, "--executor", "ray", "--workers", "2")
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline and _count(tmp_path / "exp") < 9:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 9 <= _count(tmp_path / "exp") < 24
+    deadline = time.time() + 60  # the dead driver's workers go with it
+    while _actor_pids(busy=False) and time.time() < deadline:
+        time.sleep(0.2)
+    done = cli("search", cfg, "--executor", "ray", "--workers", "2")
+    assert done.returncode == 0, done.stderr
+    rows, finals = journal(tmp_path / "exp")
+    assert _content(rows) == _content(local_run[0]) and finals == local_run[1]
+
+
+def test_worker_count_errors_are_one_line(tmp_path, cluster):
+    cfg = smoke(tmp_path, **{"runtime.ray.address": cluster})
+    done = cli("search", cfg, "--workers", "2")
+    assert (
+        done.returncode == 2
+        and done.stderr.strip() == "error: --workers applies to the ray executor: add --executor ray"
+    )
+    done = cli("search", cfg, "--executor", "ray", "--workers", "3")
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "3 workers × 1 CPUs need 3 CPUs" in done.stderr
+    assert not (tmp_path / "exp" / "experiment.sqlite").exists() or _count(tmp_path / "exp") == 0
