@@ -244,6 +244,8 @@ class Search:
                 schedule.tell([-c.fitness if c.ok else FAILED_LOSS for c in results])
                 self.store.save_optimizer(schedule.told, dump_state(schedule))
             for key, genome in self._waiting(schedule, journal, in_flight):
+                if self._executor is None:
+                    self._warn_round_size(batch)
                 if len(in_flight) >= self.executor.capacity:
                     break
                 recipe = self.recipe(genome, *key)
@@ -260,6 +262,16 @@ class Search:
                 self._check_failures(done)
                 if self.reporter:
                     self.reporter.evaluated(candidate, done, best.fitness if best else None)
+
+    def _warn_round_size(self, batch: int) -> None:
+        workers = self.executor.capacity
+        if workers > 1 and 3 * workers > batch:
+            log.warning(
+                "%d workers share rounds of %d candidates: at least 3 per worker keep them busy through a "
+                "round's slowest candidates (raise optimizer.popsize or batch)",
+                workers,
+                batch,
+            )
 
     def _round_complete(self, schedule: Schedule, journal: dict) -> bool:
         generation = schedule.told + 1
