@@ -76,16 +76,20 @@ def _search_line(config: ExperimentConfig, num_layers: int | None) -> str:
             space = DfsSpace(config.dfs, [num_layers] * len(config.models.sources))
         else:
             space = Space(config.space, config.merge.method, len(config.models.sources), num_layers)
-        popsize = (
-            getattr(config.optimizer, "popsize", None)
-            or getattr(config.optimizer, "batch", None)
-            or space.default_popsize()
-        )
+        from evomerge.search.optimizers import round_size
+        from evomerge.search.run import resolve_overlap
+
+        popsize = round_size(config.optimizer, space.default_popsize())
+        overlap = resolve_overlap(config.optimizer, popsize)
         rounds = math.ceil(config.optimizer.budget / popsize)
         kind = "data-flow space" if config.dfs else f"{len(space.blocks)} blocks"
+        runtime = config.runtime
+        where = "local executor" if runtime.executor == "local" else "Ray executor"
+        if runtime.executor == "ray":
+            where += f", {runtime.ray.workers or 'auto'} workers"
         return (
-            f"{space.size} genes ({kind}), {config.optimizer.name} with {popsize} candidates per round, "
-            f"budget {config.optimizer.budget} ({rounds} rounds)"
+            f"{space.size} genes ({kind}), {config.optimizer.name} with {popsize} candidates per round "
+            f"({overlap} asked ahead), budget {config.optimizer.budget} ({rounds} rounds), {where}"
         )
     return "number of layers unknown until the models are reachable"
 

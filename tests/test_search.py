@@ -410,3 +410,10 @@ def test_other_optimizers_run_and_resume(tmp_path, optimizer):
     straight = _cli("search", cfg, "--out", tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr
     assert resumed == _journal(tmp_path / "straight")[0] and len(resumed) == 10
+
+
+def test_overlap_larger_than_a_round_is_refused(tmp_path):
+    done = _cli("validate", _smoke(tmp_path, **{"optimizer.overlap": 7}))
+    assert done.returncode == 2 and "optimizer.overlap (7) exceeds the round size (6)" in done.stderr
+    done = _cli("validate", _smoke(tmp_path, **{"optimizer.overlap": 2}))
+    assert done.returncode == 0 and "6 candidates per round (2 asked ahead)" in done.stdout
