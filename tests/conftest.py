@@ -16,3 +16,16 @@ def zoo(tmp_path_factory):
     """Tiny random base + two fine-tunes per family, float32: {family: [base, ft1, ft2]}."""
     root = tmp_path_factory.mktemp("zoo")
     return {family: make_family(root, family, seed=i + 1, layers=3) for i, family in enumerate(FAMILIES)}
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """A private 2-CPU Ray cluster, started once: in-process searches use it, CLI searches join it by
+    its address (runtime.ray.address)."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()

@@ -3,28 +3,19 @@
 
 import gc
 import json
-import os
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
+from helpers import REPO
+from helpers import cli as _cli
 from transformers import AutoModelForCausalLM
 
 from evomerge.merge.dfs import path_model
 
 FAMILIES = ("llama", "mistral", "qwen2")
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "evomerge.cli", *map(str, args)], capture_output=True, text=True, cwd=REPO,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600,
-    )  # fmt: skip
 
 
 def _load(path):

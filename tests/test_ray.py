@@ -1,4 +1,4 @@
-"""The Ray executor on a real local Ray cluster (2 CPUs, started once for the module) and the zoo:
+"""The Ray executor on a real local Ray cluster (2 CPUs, started once per test session) and the zoo:
 same journal as the local executor, a killed worker costs one retry, a candidate that keeps killing its
 worker is journaled as failed, a killed driver resumes (on either executor), and bad worker counts are one-line errors."""
 
@@ -11,18 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-import ray
 from helpers import REPO, cli, journal, smoke
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    """A private 2-CPU Ray cluster; in-process searches use it, CLI searches join it by address."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

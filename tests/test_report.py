@@ -14,29 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _cli(*args, timeout=600):
-    return subprocess.run(
-        [sys.executable, "-m", "evomerge.cli", *map(str, args)], capture_output=True, text=True, cwd=REPO,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=timeout,
-    )  # fmt: skip
+from helpers import REPO, smoke
+from helpers import cli as _cli
 
 
 def _config(tmp_path: Path, name: str, **changes) -> Path:
-    cfg = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
-    cfg["name"] = name
-    cfg["models"] = {
-        "base": str(REPO / "zoo" / "base"),
-        "sources": [str(REPO / "zoo" / n) for n in ("math-en", "lang-x")],
-    }
-    cfg["output"]["dir"] = str(tmp_path / "exp")
-    cfg.update(changes)
-    path = tmp_path / "exp.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return smoke(tmp_path, name=name, **changes)
 
 
 @pytest.fixture(scope="module")
