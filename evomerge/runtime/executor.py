@@ -48,7 +48,6 @@ class Usage:
     first_submit: float | None = None
     last_result: float | None = None
     jobs: int = 0
-    retries: int = 0
 
     @property
     def wall_seconds(self) -> float:

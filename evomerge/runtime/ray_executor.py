@@ -35,6 +35,7 @@ class EvalWorker:
         self.worker = factory()
 
     def pid(self) -> int:
+        """Answered once the worker is built: the executor's readiness probe."""
         return os.getpid()
 
     def run(self, job: Job) -> tuple[Outcome, float]:
@@ -127,10 +128,6 @@ class RayExecutor:
     def _spawn(self):
         return self._actor_class.remote(self.factory, self._threads)
 
-    def pids(self) -> list[int]:
-        """The actors' process ids (for tests that kill one)."""
-        return self.ray.get([actor.pid.remote() for actor in self.actors])
-
     def submit(self, job: Job) -> None:
         if self.usage.first_submit is None:
             self.usage.first_submit = time.perf_counter()
@@ -175,7 +172,6 @@ class RayExecutor:
             log.warning(
                 "worker %d died during job %s (%s); retrying on a new worker", slot, job.key, _cause(exc)
             )
-            self.usage.retries += 1
             self._send(slot, job)
             return None
         log.warning("job %s killed its worker %d times; recorded as failed", job.key, attempts)
