@@ -23,7 +23,7 @@ console = Console()
 
 def _progress() -> Progress:
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         console=err_console, disable=not err_console.is_terminal,
     )  # fmt: skip
 
@@ -56,7 +56,7 @@ def merge(
             allow_pickle=allow_pickle,
             progress=progress,
         )
-    console.print(
+    _say(
         f"merged {summary.tensors} tensors with {summary.method} ({summary.dtype}, "
         f"{summary.bytes / 1e6:.1f} MB) into {summary.out_dir}"
     )
@@ -90,18 +90,19 @@ def eval_(
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
         return
-    from rich.table import Table
 
-    table = Table(title=f"{model} ({split} split)")
-    for column in ("task", "metric", "value", "examples"):
-        table.add_column(column)
-    for name, metrics in result.metrics.items():
-        for key, value in metrics.items():
-            table.add_row(name, key, f"{value:.4f}", str(result.examples[name]))
-    console.print(table)
+    _print_table(
+        f"{model} ({split} split)",
+        ["task", "metric", "value", "examples"],
+        [
+            [name, key, f"{value:.4f}", str(result.examples[name])]
+            for name, metrics in result.metrics.items()
+            for key, value in metrics.items()
+        ],
+    )
     if not result.ok:
         raise UserError(f"evaluation failed: {result.error}")
-    console.print(f"fitness {result.fitness:.4f} in {result.seconds:.1f}s")
+    _say(f"fitness {result.fitness:.4f} in {result.seconds:.1f}s")
 
 
 @app.command()
@@ -144,7 +145,7 @@ def search(
         raise typer.Exit(130) from None
     for result in results:
         _print_view(ExperimentView.load(result.dir))
-        console.print(f"experiment: {result.dir}", highlight=False)
+        _say(f"experiment: {result.dir}")
 
 
 @app.command()
@@ -155,7 +156,7 @@ def validate(config: Path = typer.Argument(..., help="Experiment config (YAML)."
     report = validate_config(config)
     for line in report.lines:
         console.print(line, markup=False, highlight=False)
-    note = f" ({len(report.unchecked)} hub models unchecked)" if report.unchecked else ""
+    note = f" ({len(report.unchecked)} hub models or task datasets unchecked)" if report.unchecked else ""
     console.print(f"{config}: valid{note}", markup=False, highlight=False)
 
 
@@ -171,14 +172,41 @@ def report(
     from evomerge.report.view import ExperimentView
     from evomerge.store import experiment_dirs
 
-    views = [ExperimentView.load(path) for path in experiment_dirs(experiments)]
-    for view in views:
-        target = out / view.dir.name if out is not None and len(views) > 1 else (out or view.dir)
+    views = []
+    for path, from_stages in experiment_dirs(experiments):
+        if from_stages and ExperimentView.is_empty(path):  # a stage that has not evaluated anything yet
+            _say(f"{path}: no evaluations yet, left out")
+            continue
+        views.append(ExperimentView.load(path))
+    targets = _report_dirs(views, out)
+    for view, target in zip(views, targets, strict=True):
         write_report(view, target, views if len(views) > 1 else None)
         _print_view(view)
-        console.print(f"report: {target / 'report.html'}", highlight=False)
+        _say(f"report: {target / 'report.html'}")
     if len(views) > 1:
         _print_table("all experiments", *cross_rows(views))
+
+
+def _report_dirs(views, out: Path | None) -> list[Path]:
+    """Where each report goes: its experiment's directory, or `out` (one experiment) or a distinct
+    subdirectory of `out` per experiment (stages of two staged experiments may share a name)."""
+    if out is None:
+        return [view.dir for view in views]
+    if len(views) == 1:
+        return [out]
+    names = [view.dir.name for view in views]
+    if len(set(names)) < len(names):
+        names = [f"{view.dir.parent.name}-{view.dir.name}" for view in views]
+    seen: dict[str, int] = {}
+    unique = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        unique.append(name if seen[name] == 1 and names.count(name) == 1 else f"{name}-{seen[name]}")
+    return [out / name for name in unique]
+
+
+def _say(text: str) -> None:
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 def _print_view(view) -> None:
@@ -192,13 +220,18 @@ def _print_view(view) -> None:
 
 
 def _print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    """Every string shown literally: a model called `base[dpo]` or a reason with `[/data/x]` is text,
+    not rich markup."""
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=title)
+    from evomerge.files import one_line
+
+    table = Table(title=Text(one_line(title)))
     for column in header:
-        table.add_column(column, overflow="fold")
+        table.add_column(Text(one_line(column)), overflow="fold")
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*(Text(one_line(cell)) for cell in row))
     console.print(table)
 
 
@@ -213,9 +246,8 @@ def export(
     from evomerge.report.export import export_candidate
 
     summary = export_candidate(experiment, out_dir, rank=rank, force=force)
-    console.print(
-        f"exported candidate {summary.candidate} (rank {summary.rank}, {summary.tensors} tensors) to {summary.out_dir}",
-        highlight=False,
+    _say(
+        f"exported candidate {summary.candidate} (rank {summary.rank}, {summary.tensors} tensors) to {summary.out_dir}"
     )
 
 

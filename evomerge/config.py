@@ -13,12 +13,12 @@ import math
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from evomerge.errors import UserError
 from evomerge.evaluate.spec import EvaluationSpec
 from evomerge.merge.methods import Method
+from evomerge.strict_yaml import load_yaml
 
 
 class _Strict(BaseModel):
@@ -35,6 +35,12 @@ class ModelsSpec(_Strict):
         if len(set(value)) != len(value):
             raise ValueError("a source is listed twice")
         return value
+
+    @model_validator(mode="after")
+    def _base_not_a_source(self) -> ModelsSpec:
+        if self.base is not None and self.base in self.sources:
+            raise ValueError(f"models.base {self.base} is also listed in models.sources")
+        return self
 
 
 class MergeSpec(_Strict):
@@ -119,9 +125,12 @@ class DfsSpec(_Strict):
         return self
 
 
+MAX_SEED = 2**32 - 2  # numpy's RandomState takes < 2**32, and cma is given seed + 1
+
+
 class _OptimizerSpec(_Strict):
     budget: int = Field(200, ge=1, description="evaluations on the search split")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     overlap: int | None = Field(
         None,
         ge=0,
@@ -177,11 +186,13 @@ class RaySpec(_Strict):
         ge=1,
         description="actors, each holding the sources once; default one per GPU, else per CPU slot",
     )
-    cpus_per_worker: float = Field(1.0, gt=0, description="CPU slot of a worker (its torch threads on CPU)")
+    cpus_per_worker: float = Field(
+        1.0, gt=0, allow_inf_nan=False, description="CPU slot of a worker (its torch threads on CPU)"
+    )
 
 
 class RuntimeSpec(_Strict):
-    device: str = "auto"
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$", description="auto, cpu, cuda or cuda:N")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     executor: Literal["local", "ray"] = Field(
         "local", description="local: one worker in this process; ray: actors on this machine or a cluster"
@@ -257,6 +268,7 @@ class ExperimentConfig(_Strict):
         """The part of the config a resumed run must share: what defines the search and its fitness."""
         data = self.model_dump(mode="json")
         data["optimizer"].pop("budget")
+        data["evaluation"].pop("batch_size")  # how many at once changes no score (lower it after an OOM)
         data.pop("output")
         data.pop("name")
         runtime = data.pop("runtime")
@@ -320,11 +332,7 @@ def load_config(path: str | Path) -> tuple[ExperimentConfig, Path]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
-    return parse_config(data, str(path)), path.resolve().parent
+    return parse_config(load_yaml(path), str(path)), path.resolve().parent
 
 
 def describe_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

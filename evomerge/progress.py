@@ -8,6 +8,7 @@ import time
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from evomerge.files import one_line
 from evomerge.store import Candidate
 
 
@@ -29,6 +30,7 @@ class SearchReporter:
             self.progress.stop()
 
     def stage(self, text: str) -> None:
+        text = one_line(text)
         if self.progress is not None:
             self.progress.update(self.task, description=text)
         else:
@@ -37,11 +39,13 @@ class SearchReporter:
     def start(self, done: int, budget: int, best: float | None) -> None:
         self.started, self.start_done, self.budget = time.monotonic(), done, budget
         if done:
-            self.console.print(f"resuming: {done} of {budget} evaluations in the journal", highlight=False)
+            self.console.print(
+                f"resuming: {done} of {budget} evaluations in the journal", markup=False, highlight=False
+            )
         if not self.tty:
             return
         self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
             TextColumn("best {task.fields[best]}"), TextColumn("{task.fields[rate]} evals/min"),
             TextColumn("ETA"), TimeRemainingColumn(), console=self.console,
         )  # fmt: skip
@@ -62,7 +66,7 @@ class SearchReporter:
                 rate=f"{rate:.1f}",
             )
             return
-        state = f"fitness {candidate.fitness:.4f}" if candidate.ok else f"failed: {candidate.reason}"
+        state = f"fitness {candidate.fitness:.4f}" if candidate.ok else f"failed: {one_line(candidate.reason)}"
         self.console.print(
             f"[{done}/{self.budget}] candidate {candidate.generation}.{candidate.idx} {state} | best {_fmt(best)} | {rate:.1f} evals/min",
             markup=False, highlight=False, soft_wrap=True,

@@ -1,12 +1,15 @@
 """The experiment directory: one SQLite database (WAL) that is the source of truth for a run.
 
-    <dir>/experiment.sqlite   config snapshot + hash, every evaluation, optimizer checkpoint, finals
+    <dir>/experiment.sqlite   config snapshot + hash, every evaluation, finals
     <dir>/config.yaml         a copy of the config, for people (never read back)
     <dir>/search.log          the run's log
+    <dir>/.evomerge           marker: evomerge made this directory (what --force may delete)
+    <dir>/.evomerge.lock      held by the one process writing the experiment
 
-Each finished evaluation is one transaction; the optimizer's state after each tell replaces the previous
-one in one transaction. A process killed at any moment leaves the database at the last commit. Only this
-module knows the layout.
+Each finished evaluation is one transaction; a process killed at any moment leaves the database at the
+last commit. Everything in it is data (JSON, numbers, text): nothing read from an experiment is unpickled
+or executed. The optimizer's state is not stored at all: it is a function of the config and the journaled
+results, rebuilt by replaying them (search/run.py). Only this module knows the layout.
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import sqlite3
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,7 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from evomerge.errors import UserError
+from evomerge import files
+from evomerge.errors import UserError, first_line
+from evomerge.files import EXPERIMENT, STAGED, DirectoryLock, atomic_write, mark, marker
 
 DB_NAME = "experiment.sqlite"
 SCHEMA_VERSION = 1
@@ -51,7 +56,7 @@ CREATE TABLE optimizer (
     generation INTEGER NOT NULL,
     state BLOB NOT NULL,
     saved_at REAL NOT NULL
-);
+);  -- kept for schema version 1; no longer written or read (evomerge never unpickles an experiment)
 CREATE TABLE finals (
     name TEXT PRIMARY KEY,
     kind TEXT NOT NULL CHECK (kind IN ('evolved', 'parent', 'default')),
@@ -111,6 +116,8 @@ class ExperimentStore:
             uri = f"{(path / DB_NAME).resolve().as_uri()}?mode=ro"
             self.db = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=30)
         else:
+            if (path / DB_NAME).is_symlink():
+                raise UserError(f"{path / DB_NAME} is a symbolic link; evomerge does not write through links")
             self.db = sqlite3.connect(path / DB_NAME, isolation_level=None, timeout=30)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
@@ -137,43 +144,69 @@ class ExperimentStore:
             raise UserError(f"{path / DB_NAME}: not a readable experiment database ({exc})") from None
 
     @classmethod
-    def create(
-        cls, path: str | Path, meta: dict[str, str], *, config_text: str, replace: bool = False
-    ) -> ExperimentStore:
-        """A new experiment; the database appears complete or not at all (built aside, then renamed)."""
+    def create(cls, path: str | Path, meta: dict[str, str], *, config_text: str) -> ExperimentStore:
+        """A new experiment in `path`, which the caller has created and locked (`lock`), holding no
+        experiment yet; the database appears complete or not at all (built aside, then renamed)."""
         path = Path(path)
-        if path.exists() and any(path.iterdir()):
-            if not replace:
-                raise UserError(f"{path} exists and is not empty")
-            if not cls.exists(path):
-                raise UserError(f"{path} is not an experiment directory; refusing to delete it")
-            shutil.rmtree(path)
-        path.mkdir(parents=True, exist_ok=True)
-        partial = path / f".{DB_NAME}.partial"
-        partial.unlink(missing_ok=True)
-        db = sqlite3.connect(partial)
-        with db:
-            db.executescript(_SCHEMA)
-            rows = {"schema_version": str(SCHEMA_VERSION), "created_at": str(time.time()), **meta}
-            db.executemany("INSERT INTO meta VALUES (?, ?)", rows.items())
-        db.close()
-        _fsync(partial)
-        os.replace(partial, path / DB_NAME)
-        (path / "config.yaml").write_text(config_text)
+        if cls.exists(path):
+            raise UserError(f"{path} already holds an experiment")
+        mark(path, EXPERIMENT)
+        fd, partial = tempfile.mkstemp(prefix=f".{DB_NAME}.", suffix=".partial", dir=path)
+        os.close(fd)
+        try:
+            db = sqlite3.connect(partial)
+            with db:
+                db.executescript(_SCHEMA)
+                rows = {"schema_version": str(SCHEMA_VERSION), "created_at": str(time.time()), **meta}
+                db.executemany("INSERT INTO meta VALUES (?, ?)", rows.items())
+            db.close()
+            os.chmod(partial, files.file_mode())
+            _fsync(Path(partial))
+            os.replace(partial, path / DB_NAME)
+        except BaseException:
+            Path(partial).unlink(missing_ok=True)
+            raise
+        atomic_write(path / "config.yaml", config_text)
         return cls(path)
+
+    @staticmethod
+    def lock(path: Path) -> DirectoryLock:
+        """The one-writer lock of the experiment at `path` (created if needed); readers never take it."""
+        return DirectoryLock(path, "experiment")
+
+    @staticmethod
+    def is_fresh_dir(path: Path) -> bool:
+        """True when `path` does not exist, is empty, or holds only what evomerge put there before any
+        database existed (a run killed while creating it)."""
+        if not path.exists():
+            return True
+        names = {p.name for p in path.iterdir()} - {files.LOCK}  # the lock is the caller's own
+        ours = {files.MARKER, "config.yaml", "search.log"}
+        marked = (marker(path) or {}).get("kind") == EXPERIMENT
+        return not names or (marked and names <= ours | {n for n in names if n.endswith(".partial")})
 
     def close(self) -> None:
         self.db.close()
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        self.db.execute("BEGIN IMMEDIATE")
+        """One transaction: committed whole, or rolled back whole. A write that the disk refuses (full,
+        read-only, I/O error), at any statement or at COMMIT, leaves the database as it was and becomes
+        one UserError."""
         try:
-            yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+                self.db.execute("COMMIT")
+            except BaseException:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                raise
+        except sqlite3.OperationalError as exc:
+            raise UserError(
+                f"{self.dir / DB_NAME}: cannot write the journal ({first_line(exc)}); the last finished "
+                "evaluation is saved: free space (or fix the file system) and run the same command to resume"
+            ) from None
 
     # -- meta ----------------------------------------------------------------------------------------
 
@@ -217,18 +250,6 @@ class ExperimentStore:
         ).fetchone()
         return _candidate(row) if row else None
 
-    # -- optimizer -----------------------------------------------------------------------------------
-
-    def save_optimizer(self, generation: int, state: bytes) -> None:
-        with self._tx() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO optimizer VALUES (1, ?, ?, ?)", (generation, state, time.time())
-            )
-
-    def optimizer(self) -> tuple[int, bytes] | None:
-        row = self.db.execute("SELECT generation, state FROM optimizer WHERE id = 1").fetchone()
-        return (int(row[0]), bytes(row[1])) if row else None
-
     # -- finals --------------------------------------------------------------------------------------
 
     def record_final(self, f: Final) -> None:
@@ -265,25 +286,41 @@ class ExperimentStore:
             db.execute("DELETE FROM finals WHERE kind = ?", (kind,))
 
 
-def experiment_dirs(paths: list[Path]) -> list[Path]:
-    """The experiments behind `paths`: a staged experiment's directory stands for its stages (each an
-    experiment directory inside it), in the order they were created."""
-    out = []
+def mark_staged(path: Path, stages: list[str]) -> None:
+    """Mark `path` as a staged experiment whose stages run in this order (reports follow it)."""
+    mark(path, STAGED, stages=list(stages))
+
+
+def experiment_dirs(paths: list[Path]) -> list[tuple[Path, bool]]:
+    """The experiments behind `paths`, each with whether it came from expanding a staged experiment: a
+    staged experiment's directory stands for its stages (each an experiment directory inside it), in the
+    order its marker lists them (then any others by name), never by file times."""
+    out: list[tuple[Path, bool]] = []
     for path in paths:
         stages = []
         if path.is_dir() and not ExperimentStore.exists(path):
+            order = (marker(path) or {}).get("stages") or []
+            rank = {name: i for i, name in enumerate(order) if isinstance(name, str)}
             stages = sorted(
-                (p for p in path.iterdir() if ExperimentStore.exists(p)), key=lambda p: p.stat().st_ctime
+                (p for p in path.iterdir() if p.is_dir() and ExperimentStore.exists(p)),
+                key=lambda p: (rank.get(p.name, len(rank)), p.name),
             )
-        out += stages or [path]
+        out += [(p, True) for p in stages] or [(path, False)]
     return out
 
 
 def _candidate(row) -> Candidate:
-    fitness = row[7] if row[7] is not None else -math.inf
+    try:
+        fitness = float(row[7]) if row[7] is not None else -math.inf
+        genome = [float(x) for x in json.loads(row[3])]
+        recipe, metrics = json.loads(row[4]), json.loads(row[8])
+        if not isinstance(recipe, dict) or not isinstance(metrics, dict):
+            raise ValueError("recipe and metrics must be JSON objects")
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"journal row {row[0]} is malformed ({first_line(exc, 120)})") from None
     return Candidate(
-        row[0], row[1], row[2], json.loads(row[3]), json.loads(row[4]), row[5], row[6], fitness,
-        json.loads(row[8]), row[9], row[10], row[11], row[12],
+        row[0], row[1], row[2], genome, recipe, row[5], row[6], fitness,
+        metrics, row[9], row[10], row[11], row[12],
     )  # fmt: skip
 
 

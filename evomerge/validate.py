@@ -25,17 +25,33 @@ class Validation:
 
 
 def validate_config(path: str | Path) -> Validation:
+    config, config_dir = load_config(path)
+    return check_config(config, config_dir, resolve=False)
+
+
+def check_config(config: ExperimentConfig, config_dir: Path, *, resolve: bool) -> Validation:
+    """Everything about an experiment that can be checked before it runs, each problem one UserError:
+    models (headers: found, compatible, base not also a source, no source twice), tasks (data loads,
+    metrics, split sizes, few-shot splits), the device, the optimizer (name, replayable), the round size.
+    `resolve`: hub ids must resolve (the search needs them); otherwise an unreachable hub id is reported
+    as unchecked (an offline machine can validate a config meant for a GPU cluster). Creates nothing."""
+    from evomerge.config import PREVIOUS
+    from evomerge.evaluate.evaluator import TaskDataUnreachable, build_tasks
     from evomerge.evaluate.tasks import task_manager
     from evomerge.models.checkpoint import Checkpoint
     from evomerge.models.compat import check_compatible
 
-    config, config_dir = load_config(path)
     report = Validation(config)
-    refs = ([config.models.base] if config.models.base else []) + list(config.models.sources)
-    local, num_layers = [], None
+    sources = [s for s in config.models.sources]
+    for stage in config.stages or []:
+        sources += [s for s in stage.sources or [] if s != PREVIOUS and s not in sources]
+    refs = ([config.models.base] if config.models.base else []) + sources
+    local, num_layers, where = [], None, {}
     for ref in refs:
-        if _is_local(ref, config_dir) or not looks_like_hub_id(ref):
-            local.append(Checkpoint.open(ref, base_dir=config_dir))
+        if resolve or _is_local(ref, config_dir) or not looks_like_hub_id(ref):
+            ckpt = Checkpoint.open(ref, base_dir=config_dir)
+            local.append(ckpt)
+            where[ref] = ckpt.path.resolve()
             continue
         state = _hub_status(ref)
         if state == "unreachable":
@@ -43,6 +59,7 @@ def validate_config(path: str | Path) -> Validation:
         report.lines.append(
             f"model {ref}: {'hub id, unchecked (hub unreachable)' if state == 'unreachable' else 'found on the hub'}"
         )
+    _distinct_models(config, where)
     if local:
         check_compatible(local)
         num_layers = local[0].num_layers
@@ -54,8 +71,23 @@ def validate_config(path: str | Path) -> Validation:
             report.lines.append(
                 "compatibility between local and hub models is checked when the search starts"
             )
-    task_manager([t.name for t in config.evaluation.tasks], config.evaluation.include_paths)
-    report.lines.append("tasks: " + ", ".join(t.name for t in config.evaluation.tasks) + " (found)")
+    if resolve and config.runtime.executor == "local":  # validate may run on another machine than the search
+        from evomerge.device import resolve_device
+
+        resolve_device(config.runtime.device)
+    manager = task_manager([t.name for t in config.evaluation.tasks], config.evaluation.include_paths)
+    try:
+        _, splits = build_tasks(config.evaluation, manager)
+        sizes = ", ".join(
+            f"{name} ({len(split['search'])} search / {len(split['heldout'])} held-out)"
+            for name, split in splits.items()
+        )
+        report.lines.append(f"tasks: {sizes}")
+    except TaskDataUnreachable as exc:
+        if resolve:
+            raise
+        report.unchecked += [t.name for t in config.evaluation.tasks]
+        report.lines.append(f"tasks: found, data unchecked (the hub is unreachable: {exc})")
     if num_layers is None:
         num_layers = _hub_num_layers(refs[0], offline=refs[0] in report.unchecked)
     for i, stage in enumerate(config.stages or []):
@@ -64,6 +96,26 @@ def validate_config(path: str | Path) -> Validation:
     if not config.stages:
         report.lines.append("search: " + _search_line(config, num_layers))
     return report
+
+
+def _distinct_models(config: ExperimentConfig, where: dict[str, Path]) -> None:
+    """The base is not also a source, and no source is listed twice, after resolving paths (`zoo/a` and
+    `./zoo/a/` are one model)."""
+    base = where.get(config.models.base) if config.models.base else None
+    lists = [("models.sources", config.models.sources)] + [
+        (f"stages ({s.name}).sources", s.sources) for s in config.stages or [] if s.sources
+    ]
+    for key, refs in lists:
+        seen: dict[Path, str] = {}
+        for ref in refs:
+            path = where.get(ref)
+            if path is None:
+                continue
+            if base is not None and path == base:
+                raise UserError(f"{key}: {ref} is the base model ({config.models.base}) itself")
+            if path in seen:
+                raise UserError(f"{key}: {ref} and {seen[path]} are the same model ({path})")
+            seen[path] = ref
 
 
 def _search_line(config: ExperimentConfig, num_layers: int | None) -> str:
@@ -76,11 +128,12 @@ def _search_line(config: ExperimentConfig, num_layers: int | None) -> str:
             space = DfsSpace(config.dfs, [num_layers] * len(config.models.sources))
         else:
             space = Space(config.space, config.merge.method, len(config.models.sources), num_layers)
-        from evomerge.search.optimizers import round_size
+        from evomerge.search.optimizers import check_replayable, round_size
         from evomerge.search.run import resolve_overlap
 
         popsize = round_size(config.optimizer, space.default_popsize())
         overlap = resolve_overlap(config.optimizer, popsize)
+        check_replayable(config.optimizer, space.size, space.default_popsize(), overlap)
         rounds = math.ceil(config.optimizer.budget / popsize)
         kind = "data-flow space" if config.dfs else f"{len(space.blocks)} blocks"
         runtime = config.runtime
@@ -91,6 +144,10 @@ def _search_line(config: ExperimentConfig, num_layers: int | None) -> str:
             f"{space.size} genes ({kind}), {config.optimizer.name} with {popsize} candidates per round "
             f"({overlap} asked ahead), budget {config.optimizer.budget} ({rounds} rounds), {where}"
         )
+    if config.optimizer.name == "nevergrad":
+        from evomerge.search.optimizers import check_nevergrad_name
+
+        check_nevergrad_name(config.optimizer.optimizer)
     return "number of layers unknown until the models are reachable"
 
 

@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -152,25 +153,33 @@ def test_codec_layout_and_defaults():
         {"name": "random", "batch": 5},
     ],
 )
-def test_optimizer_state_resumes_identically(opt):
+def test_optimizer_replay_resumes_identically(opt):
+    """Resume rebuilds the optimizer and replays the told losses: the trajectory is the same as the
+    uninterrupted one, whatever happened to global RNG state in between (lm-eval reseeds numpy's)."""
     from evomerge.config import ExperimentConfig
-    from evomerge.search.optimizers import dump_state, load_state, make_optimizer
+    from evomerge.search.optimizers import make_optimizer
     from evomerge.search.run import Schedule
 
     spec = ExperimentConfig.model_validate(_minimal(optimizer={**opt, "budget": 60})).optimizer
 
+    def new():
+        return Schedule.start(make_optimizer(spec, np.full(5, 0.5), 6, overlap=2), overlap=2)
+
     def run(split_at):
-        s = Schedule.start(make_optimizer(spec, np.full(5, 0.5), 6, overlap=2), overlap=2)
+        s, told = new(), []
         seen = []
         for g in range(5):
-            if g == split_at:
-                blob = dump_state(s)
-                np.random.seed(999)  # lm-eval reseeds numpy's global RNG: must not matter
-                s = load_state(blob)
+            if g == split_at:  # "kill": a new process replays what the journal holds
+                np.random.seed(999)
+                s = new()
+                for losses in told:
+                    s.tell(losses)
             xs = s.rounds[g]
             assert len(xs) == s.batch and len(s.rounds[g + 1]) == 2  # the next round's first two are out
             seen.append(np.array(xs))
-            s.tell([float(np.sum((x - 0.3) ** 2)) for x in xs])
+            losses = [float(np.sum((x - 0.3) ** 2)) for x in xs]
+            told.append(losses)
+            s.tell(losses)
         return seen
 
     straight, resumed = run(-1), run(3)
@@ -180,18 +189,20 @@ def test_optimizer_state_resumes_identically(opt):
 
 def test_nevergrad_refuses_what_cannot_resume():
     from evomerge.config import NevergradSpec
-    from evomerge.search.optimizers import NevergradOptimizer
+    from evomerge.search.optimizers import check_replayable
 
-    with pytest.raises(UserError, match="NGOpt cannot be checkpointed"):
-        NevergradOptimizer(NevergradSpec(name="nevergrad", optimizer="NGOpt", batch=1), np.full(4, 0.5), 1)
+    with pytest.raises(UserError, match="NGOpt .*helper thread"):
+        check_replayable(NevergradSpec(name="nevergrad", optimizer="NGOpt", batch=1), 4, 1, 0)
     with pytest.raises(UserError, match="did you mean"):
-        NevergradOptimizer(NevergradSpec(name="nevergrad", optimizer="TwoPointDE"), np.full(4, 0.5), 4)
+        check_replayable(NevergradSpec(name="nevergrad", optimizer="TwoPointDE"), 4, 4, 2)
+    check_replayable(NevergradSpec(name="nevergrad", optimizer="TwoPointsDE"), 4, 4, 2)
 
 
 # -- store ------------------------------------------------------------------------------------------
 
 
 def test_store_is_wal_and_atomic(tmp_path):
+    (tmp_path / "e").mkdir()
     store = ExperimentStore.create(tmp_path / "e", {"identity": "{}"}, config_text="x: 1\n")
     assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     row = Candidate(
@@ -200,15 +211,13 @@ def test_store_is_wal_and_atomic(tmp_path):
     store.record(row)
     with pytest.raises(sqlite3.IntegrityError):  # a candidate is journaled once
         store.record(row)
-    store.save_optimizer(0, pickle.dumps({"a": 1}))
-    store.save_optimizer(1, pickle.dumps({"a": 2}))
     store.close()
     again = ExperimentStore.open(tmp_path / "e")
     [got] = again.candidates()
     assert got.reason == "boom" and got.fitness == float("-inf") and not got.ok
-    assert again.optimizer()[0] == 1 and again.count() == 1
+    assert again.count() == 1
     assert not list((tmp_path / "e").glob(".*partial"))
-    with pytest.raises(UserError, match="not empty"):
+    with pytest.raises(UserError, match="already holds an experiment"):
         ExperimentStore.create(tmp_path / "e", {}, config_text="")
 
 
@@ -280,6 +289,46 @@ def test_budget_raise_extends(straight, tmp_path):
     second = _cli("search", cfg, "--out", out)
     assert second.returncode == 0, second.stderr
     assert _journal(out) == _journal(exp)
+
+
+class _Payload:
+    """What an attacker plants: unpickling it runs a shell command."""
+
+    def __init__(self, flag: Path) -> None:
+        self.flag = flag
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.flag}",))
+
+
+def test_planted_pickle_in_an_experiment_is_never_run(straight, tmp_path):
+    """The optimizer is rebuilt by replaying the journal: a pickle planted where older versions kept the
+    optimizer's state is never loaded, and the resumed run still ends exactly like the uninterrupted one."""
+    cfg, exp, _ = straight
+    out = tmp_path / "planted"
+    assert _cli("search", cfg, "--out", out, "--budget", 9).returncode == 0
+    flag = tmp_path / "pwned"
+    db = sqlite3.connect(out / "experiment.sqlite")
+    with db:
+        db.execute("INSERT OR REPLACE INTO optimizer VALUES (1, 1, ?, 0)", (pickle.dumps(_Payload(flag)),))
+    db.close()
+    for command in (("search", cfg, "--out", out), ("report", out), ("export", out, tmp_path / "model")):
+        done = _cli(*command)
+        assert done.returncode == 0, done.stderr
+    assert not flag.exists()
+    assert _journal(out) == _journal(exp)
+
+
+def test_edited_journal_is_refused_on_resume(straight, tmp_path):
+    cfg, _, _ = straight
+    out = tmp_path / "edited"
+    assert _cli("search", cfg, "--out", out, "--budget", 9).returncode == 0
+    db = sqlite3.connect(out / "experiment.sqlite")
+    with db:
+        db.execute("UPDATE candidates SET genome = '[0.1, 0.2]' WHERE generation = 0 AND idx = 2")
+    db.close()
+    done = _cli("search", cfg, "--out", out)
+    assert done.returncode == 2 and "does not reproduce candidate 0.2" in done.stderr
 
 
 def test_killed_and_resumed_ends_like_uninterrupted(straight, tmp_path):

@@ -12,7 +12,9 @@ import functools
 import hashlib
 import logging
 import math
+import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +57,97 @@ def split_indices(num_docs: int, task: str, heldout: float | int, seed: int) -> 
     return {"heldout": order[:count].tolist(), "search": order[count:].tolist(), "all": order.tolist()}
 
 
+def fewshot_seed(split_seed: int, task: str) -> int:
+    """The seed of a task's few-shot sampler (and of every other RNG an evaluation touches): a function of
+    the experiment's split seed and the task, so fitness is a pure function of (model, config)."""
+    digest = hashlib.blake2b(f"{split_seed}:fewshot:{task}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
+
+
+def producible_metrics(task) -> list[str]:
+    """The result keys (`metric,filter`) a task can report, from its metric list and filters."""
+    metrics = list(getattr(task, "_metric_fn_list", {}) or {})
+    filters = [f.name for f in getattr(task, "_filters", [])] or ["none"]
+    return [f"{m},{f}" for f in filters for m in metrics]
+
+
+def build_tasks(spec: EvaluationSpec, manager=None) -> tuple[dict[str, Any], dict[str, dict[str, list[int]]]]:
+    """The configured lm-eval task objects and each task's search / held-out split. Everything about the
+    tasks that can be wrong is found here, as one UserError: a group, data that cannot load, few-shot
+    without a split to draw shots from, gen_kwargs on a non-generation task, a metric the task cannot
+    report, a split that leaves no search or held-out examples."""
+    from lm_eval.tasks import get_task_dict
+
+    names = [t.name for t in spec.tasks]
+    if len(set(names)) != len(names):
+        raise UserError("a task is listed twice in evaluation.tasks")
+    manager = manager or task_manager(names, spec.include_paths)
+    for name in names:
+        if name in manager.all_groups:
+            raise UserError(f"task {name} is a group; list its subtasks instead")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            task_dict = get_task_dict(names, manager)
+    except UserError:
+        raise
+    except Exception as exc:  # missing data files, a broken YAML, a dataset that is not cached...
+        kind = TaskDataUnreachable if _is_offline(exc) else UserError
+        raise kind(f"evaluation.tasks: cannot load {', '.join(names)} ({_exc_line(exc)})") from None
+    specs = {t.name: t for t in spec.tasks}
+    splits: dict[str, dict[str, list[int]]] = {}
+    for name, task in task_dict.items():
+        _configure(name, task, specs[name])
+        wanted = specs[name].metric
+        if wanted is not None:
+            can = producible_metrics(task)
+            if can and wanted not in can:
+                raise UserError(
+                    f"evaluation.tasks ({name}).metric: {wanted!r} is not a metric this task reports "
+                    f"(it reports: {', '.join(can)})"
+                )
+        try:
+            docs = len(task.eval_docs)
+        except Exception as exc:
+            raise UserError(f"task {name}: cannot read its evaluation examples ({_exc_line(exc)})") from None
+        key = specs[name].split_as or name
+        splits[name] = split_indices(docs, key, spec.split.heldout, spec.split.seed)
+        if key != name and key in task_dict and len(task_dict[key].eval_docs) != docs:
+            raise UserError(f"task {name}: split_as {key}, but the tasks hold different numbers of examples")
+    return task_dict, splits
+
+
+def _configure(name: str, task, spec: TaskSpec) -> None:
+    if spec.num_fewshot:
+        if not (task.has_training_docs() or task.config.fewshot_split):
+            raise UserError(
+                f"task {name}: num_fewshot needs a training or fewshot split, or shots would come from the evaluation examples"
+            )
+        task.set_config(key="num_fewshot", value=spec.num_fewshot)
+    elif spec.num_fewshot == 0:
+        task.set_config(key="num_fewshot", value=0)
+    if spec.gen_kwargs:
+        if task.config.output_type != "generate_until":
+            raise UserError(f"task {name}: gen_kwargs only apply to generate_until tasks")
+        task.set_config(key="generation_kwargs", value=dict(spec.gen_kwargs), update=True)
+
+
+class TaskDataUnreachable(UserError):
+    """A task's dataset lives on the hub and the hub cannot be reached (offline, or no network)."""
+
+
+def _is_offline(exc: BaseException) -> bool:
+    while exc is not None:
+        if isinstance(exc, ConnectionError) or type(exc).__name__ in ("OfflineModeIsEnabled", "ConnectError"):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _exc_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {first_line(exc, 200)}"
+
+
 class Evaluator:
     """Built once per worker around the resident model; `evaluate()` per candidate."""
 
@@ -62,29 +155,11 @@ class Evaluator:
         """`manager`: a TaskManager from `task_manager()` for these tasks, when the caller already has one
         (building one can mean indexing lm-eval's registry, ~10 s)."""
         from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import get_task_dict
 
         self.spec = spec
         self.model = model
-        names = [t.name for t in spec.tasks]
-        if len(set(names)) != len(names):
-            raise UserError("a task is listed twice in evaluation.tasks")
-        manager = manager or task_manager(names, spec.include_paths)
-        for name in names:
-            if name in manager.all_groups:
-                raise UserError(f"task {name} is a group; list its subtasks instead")
-        self.task_dict = get_task_dict(names, manager)
+        self.task_dict, self.splits = build_tasks(spec, manager)
         self.specs: dict[str, TaskSpec] = {t.name: t for t in spec.tasks}
-        self.splits: dict[str, dict[str, list[int]]] = {}
-        for name, task in self.task_dict.items():
-            self._configure(name, task, self.specs[name])
-            docs = len(task.eval_docs)
-            key = self.specs[name].split_as or name
-            self.splits[name] = split_indices(docs, key, spec.split.heldout, spec.split.seed)
-            if key != name and key in self.task_dict and len(self.task_dict[key].eval_docs) != docs:
-                raise UserError(
-                    f"task {name}: split_as {key}, but the tasks hold different numbers of examples"
-                )
         self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=spec.batch_size)
         for request_type in ("generate_until", "loglikelihood", "loglikelihood_rolling"):
             # lm-eval draws a bar per request type and candidate; the search draws its own
@@ -95,6 +170,18 @@ class Evaluator:
             [[tokenizer.eos_token_id or 0] * 4], device=next(model.parameters()).device
         )
 
+    def reseed(self) -> None:
+        """Put every RNG an evaluation may draw from in the state the config fixes: each task's few-shot
+        sampler (lm-eval seeds it from the clock otherwise, and it advances with every call), and the
+        global random / numpy / torch generators (sampling in generation, lm-eval's own shuffles)."""
+        seed = self.spec.split.seed
+        for name, task in self.task_dict.items():
+            task.set_fewshot_seed(seed=fewshot_seed(seed, name))
+        base = fewshot_seed(seed, "")
+        random.seed(base)
+        np.random.seed(base)
+        torch.manual_seed(base)
+
     def set_model(self, model: torch.nn.Module) -> None:
         """Score another model object from now on (a data-flow candidate is a new module over the same
         resident layers); the tasks and the wrapper stay as they are."""
@@ -103,21 +190,6 @@ class Evaluator:
         self.model = model
         self.lm._model = model
         self.lm._config = model.config
-
-    @staticmethod
-    def _configure(name: str, task, spec: TaskSpec) -> None:
-        if spec.num_fewshot:
-            if not (task.has_training_docs() or task.config.fewshot_split):
-                raise UserError(
-                    f"task {name}: num_fewshot needs a training or fewshot split, or shots would come from the evaluation examples"
-                )
-            task.set_config(key="num_fewshot", value=spec.num_fewshot)
-        elif spec.num_fewshot == 0:
-            task.set_config(key="num_fewshot", value=0)
-        if spec.gen_kwargs:
-            if task.config.output_type != "generate_until":
-                raise UserError(f"task {name}: gen_kwargs only apply to generate_until tasks")
-            task.set_config(key="generation_kwargs", value=dict(spec.gen_kwargs), update=True)
 
     def indices(self, task: str, split: str) -> list[int]:
         chosen = self.splits[task][split]
@@ -138,6 +210,7 @@ class Evaluator:
                 logits = self.model(self._probe).logits
             if not torch.isfinite(logits).all():
                 raise FloatingPointError("non-finite logits")
+            self.reseed()
             out = evaluate(
                 lm=self.lm, task_dict=self.task_dict, samples=samples, bootstrap_iters=0, log_samples=False,
                 verbosity="ERROR",
@@ -150,6 +223,8 @@ class Evaluator:
                 if not math.isfinite(value):
                     raise FloatingPointError(f"{name} {key} is {value}")
                 fitness += self.specs[name].weight * value
+            if not math.isfinite(fitness):
+                raise FloatingPointError(f"fitness is {fitness}")
         except UserError:
             raise
         except Exception as exc:  # a broken candidate is data, not a crash (CUDA OOM is a RuntimeError)

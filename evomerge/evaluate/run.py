@@ -38,21 +38,35 @@ def evaluate_model(
     device: str = "auto",
     dtype: str = "float32",
 ) -> EvalResult:
+    from pydantic import ValidationError
+
     from evomerge.device import resolve_device
 
     if split not in SPLITS:
         raise UserError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
-    spec = EvaluationSpec.model_validate(
-        {
-            "tasks": [{"name": t, "limit": limit} for t in tasks],
-            "include_paths": include_paths or [],
-            "split": {"heldout": heldout, "seed": split_seed},
-            "batch_size": batch_size,
-        }
-    )
+    for option, value in (("--limit", limit), ("--batch-size", batch_size)):
+        if value is not None and value < 1:
+            raise UserError(f"{option} must be at least 1, got {value}")
+    try:
+        spec = EvaluationSpec.model_validate(
+            {
+                "tasks": [{"name": t, "limit": limit} for t in tasks],
+                "include_paths": include_paths or [],
+                "split": {"heldout": heldout, "seed": split_seed},
+                "batch_size": batch_size,
+            }
+        )
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(p) for p in error["loc"])
+        option = {"split.heldout": "--heldout", "split.seed": "--split-seed"}.get(where, where)
+        raise UserError(f"{option}: {error['msg'].removeprefix('Value error, ')}") from None
     # task names are checked before any model loads
     from evomerge.evaluate.tasks import task_manager
 
     manager = task_manager(tasks, spec.include_paths)
+    from evomerge.evaluate.evaluator import build_tasks
+
+    build_tasks(spec, manager)  # every task problem is reported before the model loads
     model, tokenizer = load_model_and_tokenizer(ref, device=resolve_device(device), dtype=dtype)
     return Evaluator(model, tokenizer, spec, manager).evaluate(split)

@@ -12,12 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from evomerge.errors import UserError, first_line
+from evomerge.errors import UserError
 from evomerge.merge.methods import Method, TensorParams, parse_method
 from evomerge.models.architecture import Family
+from evomerge.strict_yaml import load_yaml
 
 Scalar = bool | int | float | str
 
@@ -71,12 +71,7 @@ _METHOD_PARAMS = {
 
 
 def load_merge_config(path: Path) -> MergeConfig:
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"config not found: {path}") from None
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML ({first_line(exc)})") from None
+    raw = load_yaml(path)
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping at the top level")
     for key in ("slices", "modules"):

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from evomerge.errors import UserError
+from evomerge.files import atomic_write
 from evomerge.merge.mergekit_config import ConfigPlan, load_merge_config
 from evomerge.merge.methods import TensorParams, merge_tensor
 from evomerge.models.checkpoint import DTYPES, Checkpoint, parse_dtype
@@ -49,6 +50,9 @@ def merge_from_config(
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress=None,
 ) -> MergeSummary:
+    from evomerge.models.writer import check_destination
+
+    check_destination(out_dir, force)  # before any model is opened
     config = load_merge_config(config_path)
     plan = ConfigPlan(config)
     base_dir = config_path.parent.resolve()
@@ -79,7 +83,7 @@ def merge_from_config(
         writer.finish()
         write_config(stage, first.config, out_dtype)
         copy_tokenizer(tokenizer_dir, stage)
-        (stage / "mergekit_config.yml").write_text(config_path.read_text())
+        atomic_write(stage / "mergekit_config.yml", config_path.read_bytes())
     return MergeSummary(
         out_dir, plan.method.value, len(names), writer.total_bytes, str(out_dtype).removeprefix("torch.")
     )

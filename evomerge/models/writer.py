@@ -1,14 +1,14 @@
 """Write a Hugging Face model directory: config, safetensors shards (+ index), tokenizer files.
 
-Everything goes into a temporary sibling directory that is renamed into place at the end, so a failure
-leaves nothing at the destination.
+Everything goes into a fresh temporary sibling directory that is renamed into place at the end, so a
+failure leaves nothing at the destination; the directory is marked as an evomerge model, which is what
+lets a later `--force` replace it (and nothing else).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from evomerge.errors import UserError
+from evomerge.files import MODEL, atomic_write, check_deletable, mark, replace_dir, temp_dir_beside
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -31,27 +32,46 @@ TOKENIZER_FILES = (
 DEFAULT_SHARD_BYTES = 5 * 1024**3
 
 
-def check_destination(out_dir: Path, force: bool) -> None:
+def check_destination(out_dir: Path, force: bool, keep: tuple[Path, ...] = ()) -> None:
+    """Refuse, before any work, a destination that is not free: with `force`, only a directory evomerge
+    wrote as a model may be replaced (never `.`, the working directory, or anything in `keep`)."""
+    if out_dir.is_symlink():
+        raise UserError(f"output {out_dir} is a symbolic link; write to a real path")
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"output {out_dir} exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise UserError(f"output directory {out_dir} is not empty (use --force to replace it)")
+    for kept in keep:
+        if out_dir.resolve() == kept.resolve() or out_dir.resolve() in kept.resolve().parents:
+            raise UserError(f"output {out_dir} would replace {kept}; choose another directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not force:
+            raise UserError(f"output directory {out_dir} is not empty (use --force to replace it)")
+        check_deletable(out_dir, MODEL, keep=keep)
+    elif out_dir.is_dir():
+        check_deletable_empty(out_dir)
+
+
+def check_deletable_empty(out_dir: Path) -> None:
+    """An empty directory is replaced by the new model; still never `.` or the working directory."""
+    cwd = Path.cwd().resolve()
+    if out_dir.name in ("", ".", "..") or out_dir.resolve() == cwd or out_dir.resolve() in cwd.parents:
+        raise UserError(f"output {out_dir} is the working directory or contains it; name a new directory")
 
 
 @contextmanager
-def staged_directory(out_dir: Path, force: bool = False):
-    """Yield a temporary directory; on success it replaces `out_dir`, on failure it is removed."""
-    check_destination(out_dir, force)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+def staged_directory(out_dir: Path, force: bool = False, keep: tuple[Path, ...] = ()):
+    """Yield a fresh temporary directory; on success it is marked and replaces `out_dir`, on failure it is
+    removed."""
+    check_destination(out_dir, force, keep)
+    stage = temp_dir_beside(out_dir)
     try:
         yield stage
+        mark(stage, MODEL)
+        if out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        replace_dir(stage, out_dir, MODEL, keep=keep)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    stage.rename(out_dir)
 
 
 class ShardWriter:
@@ -92,7 +112,7 @@ class ShardWriter:
             path.rename(self.directory / final)
             weight_map.update({name: final for name in names})
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-        (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        atomic_write(self.directory / "model.safetensors.index.json", json.dumps(index, indent=2))
 
 
 def write_config(directory: Path, config: dict[str, Any], dtype: torch.dtype) -> None:
@@ -101,13 +121,13 @@ def write_config(directory: Path, config: dict[str, Any], dtype: torch.dtype) ->
     config["dtype"] = name
     if "torch_dtype" in config:
         config["torch_dtype"] = name
-    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    atomic_write(directory / "config.json", json.dumps(config, indent=2, sort_keys=True))
 
 
 def copy_tokenizer(source: Path, directory: Path) -> list[str]:
     copied = []
     for name in (*TOKENIZER_FILES, "generation_config.json"):
         if (source / name).is_file():
-            shutil.copy2(source / name, directory / name)
+            atomic_write(directory / name, (source / name).read_bytes())  # content only, fresh mode
             copied.append(name)
     return copied

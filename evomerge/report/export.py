@@ -17,6 +17,7 @@ import yaml
 
 from evomerge.config import ExperimentConfig
 from evomerge.errors import UserError
+from evomerge.files import atomic_write
 from evomerge.merge.methods import Method, TensorParams, merge_tensor
 from evomerge.merge.recipe import Recipe
 from evomerge.models.architecture import EMBED, HEAD, Family
@@ -100,14 +101,15 @@ def export_candidate(
     )
 
     out_dir = Path(out_dir)
-    check_destination(out_dir, force)
+    keep = (Path(exp_dir),)  # `export E . --force` from inside E must not delete E
+    check_destination(out_dir, force, keep)
     view = ExperimentView.load(exp_dir)
     ranked = view.ranked()
     if not 1 <= rank <= len(ranked):
         raise UserError(f"--rank {rank}: {exp_dir} has {len(ranked)} successful candidates")
     candidate = ranked[rank - 1]
     if candidate.recipe.get("kind") == "dfs":
-        return _export_path(view, candidate, rank, out_dir, force)
+        return _export_path(view, candidate, rank, out_dir, force, keep)
     recipe = Recipe.from_dict(candidate.recipe)
     base, sources, family = open_models(ExperimentConfig.model_validate(view.config), view.config_dir)
     first = base or sources[0]
@@ -130,7 +132,7 @@ def export_candidate(
         ) or (recipe.method is Method.slerp and theirs.t != ours.t):
             raise RuntimeError(f"internal error: mergekit config differs from the recipe at {name}")
 
-    with staged_directory(out_dir, force) as stage:
+    with staged_directory(out_dir, force, keep) as stage:
         writer = ShardWriter(stage)
         for name in names:
             b = base.get(name, dtype=dtype) if base else None
@@ -139,19 +141,22 @@ def export_candidate(
         writer.finish()
         write_config(stage, first.config, dtype)
         copy_tokenizer(first.path, stage)
-        (stage / "mergekit_config.yml").write_text(
+        atomic_write(
+            stage / "mergekit_config.yml",
             "# Rebuilds this model: mergekit-yaml mergekit_config.yml OUT  (or: evomerge merge mergekit_config.yml OUT)\n"
             + _dare_note(recipe)
-            + yaml.safe_dump(mergekit, sort_keys=False)
+            + yaml.safe_dump(mergekit, sort_keys=False),
         )
-        (stage / "README.md").write_text(model_card(view, candidate, rank, recipe))
+        atomic_write(stage / "README.md", model_card(view, candidate, rank, recipe))
     return ExportSummary(out_dir, candidate.id, rank, len(names))
 
 
 HOP_SCALES = "evomerge_hop_scales"
 
 
-def _export_path(view: ExperimentView, candidate, rank: int, out_dir: Path, force: bool) -> ExportSummary:
+def _export_path(
+    view: ExperimentView, candidate, rank: int, out_dir: Path, force: bool, keep: tuple[Path, ...]
+) -> ExportSummary:
     """A DFS winner as a standard model of A's architecture with one layer per hop (copied from its source).
     A hop's input scale cannot be folded exactly into standard weights (the residual stream carries it
     and RMSNorm's epsilon breaks scale invariance), so the scales go into config.json as
@@ -169,7 +174,7 @@ def _export_path(view: ExperimentView, candidate, rank: int, out_dir: Path, forc
         config["layer_types"] = [sources[s].config["layer_types"][layer] for s, layer in path]
     config[HOP_SCALES] = [float(x) for x in scales]
     count = 0
-    with staged_directory(out_dir, force) as stage:
+    with staged_directory(out_dir, force, keep) as stage:
         writer = ShardWriter(stage)
         for name in a.tensors:
             if family.layer_index(name) is None:
@@ -186,7 +191,7 @@ def _export_path(view: ExperimentView, candidate, rank: int, out_dir: Path, forc
         writer.finish()
         write_config(stage, config, dtype)
         copy_tokenizer(a.path, stage)
-        (stage / "README.md").write_text(_path_card(view, candidate, rank))
+        atomic_write(stage / "README.md", _path_card(view, candidate, rank))
     return ExportSummary(out_dir, candidate.id, rank, count)
 
 

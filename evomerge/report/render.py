@@ -10,6 +10,7 @@ import io
 import os
 from pathlib import Path
 
+from evomerge.files import atomic_write, one_line
 from evomerge.report.view import ExperimentView
 
 TOP = 10
@@ -178,15 +179,15 @@ def cross_rows(views: list[ExperimentView]) -> tuple[list[str], list[list[str]]]
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    esc = lambda s: html.escape(str(s), quote=False).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    esc = lambda s: html.escape(one_line(s), quote=False).replace("|", "\\|")  # noqa: E731
     lines = ["| " + " | ".join(map(esc, header)) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(map(esc, row)) + " |" for row in rows]
     return "\n".join(lines)
 
 
 def _html_table(header: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    head = "".join(f"<th>{html.escape(one_line(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(one_line(c))}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -197,7 +198,7 @@ def write_report(view: ExperimentView, out: Path, cross: list[ExperimentView] | 
     written = []
     for name, data in plots.items():
         if data is not None:
-            _atomic_write(out / name, data)
+            atomic_write(out / name, data)
             written.append(out / name)
     sections = [("Summary", ["", ""], [list(r) for r in summary_rows(view)])]
     if view.finals:
@@ -210,13 +211,14 @@ def write_report(view: ExperimentView, out: Path, cross: list[ExperimentView] | 
     if cross:
         sections.append(("All experiments", *cross_rows(cross)))
 
-    md = [f"# evomerge report: {html.escape(view.name, quote=False)}", ""]  # Markdown renders raw HTML
+    name = one_line(view.name)
+    md = [f"# evomerge report: {html.escape(name, quote=False)}", ""]  # Markdown renders raw HTML
     for title, header, rows in sections:
         md += [f"## {title}", "", _md_table(header, rows), ""]
     md += ["## Plots", "", "![fitness](fitness.png)", ""] + (
         ["![best recipe](recipe.png)", ""] if plots["recipe.png"] else []
     )
-    _atomic_write(out / "leaderboard.md", "\n".join(md).encode())
+    atomic_write(out / "leaderboard.md", "\n".join(md).encode())
 
     images = "".join(
         f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{base64.b64encode(data).decode()}"></figure>'
@@ -225,10 +227,10 @@ def write_report(view: ExperimentView, out: Path, cross: list[ExperimentView] | 
     body = "".join(f"<h2>{html.escape(t)}</h2>{_html_table(h, r)}" for t, h, r in sections)
     page = (
         "<!doctype html><html><head><meta charset='utf-8'>"
-        f"<title>evomerge report: {html.escape(view.name)}</title><style>{_CSS}</style></head><body>"
-        f"<h1>evomerge report: {html.escape(view.name)}</h1>{body}<h2>Plots</h2>{images}</body></html>"
+        f"<title>evomerge report: {html.escape(name)}</title><style>{_CSS}</style></head><body>"
+        f"<h1>evomerge report: {html.escape(name)}</h1>{body}<h2>Plots</h2>{images}</body></html>"
     )
-    _atomic_write(out / "report.html", page.encode())
+    atomic_write(out / "report.html", page.encode())
 
     buffer = io.StringIO()
     writer = csv.writer(buffer)
@@ -239,7 +241,7 @@ def write_report(view: ExperimentView, out: Path, cross: list[ExperimentView] | 
             "idx",
             "status",
             "fitness",
-            *view.tasks,
+            *map(one_line, view.tasks),
             "merge_seconds",
             "eval_seconds",
             "reason",
@@ -248,16 +250,10 @@ def write_report(view: ExperimentView, out: Path, cross: list[ExperimentView] | 
     for c in sorted(view.candidates, key=lambda c: (not c.ok, -c.fitness if c.ok else 0, c.id)):
         writer.writerow([
             c.id, c.generation, c.idx, c.status, c.fitness if c.ok else "",
-            *(view.metric(c.metrics, t) for t in view.tasks), f"{c.merge_seconds:.4f}", f"{c.eval_seconds:.4f}", c.reason or "",
+            *(view.metric(c.metrics, t) for t in view.tasks), f"{c.merge_seconds:.4f}", f"{c.eval_seconds:.4f}", one_line(c.reason or ""),
         ])  # fmt: skip
-    _atomic_write(out / "leaderboard.csv", buffer.getvalue().encode())
+    atomic_write(out / "leaderboard.csv", buffer.getvalue().encode())
     return written + [out / "leaderboard.md", out / "report.html", out / "leaderboard.csv"]
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 _CSS = (

@@ -40,6 +40,18 @@ class ExperimentView:
             raise UserError(f"experiment {path} has no evaluations yet")
         return view
 
+    @staticmethod
+    def is_empty(path: str | Path) -> bool:
+        """An experiment that has not journaled any evaluation yet (or whose database is unreadable)."""
+        try:
+            store = ExperimentStore.open(Path(path), readonly=True)
+        except UserError:
+            return False  # let `load` say what is wrong
+        try:
+            return store.count() == 0
+        finally:
+            store.close()
+
     @property
     def name(self) -> str:
         return self.config.get("name") or self.dir.name

@@ -2,14 +2,15 @@
 
 A round is a CMA-ES generation (a batch for the others). Candidates may be asked in parts (the search
 asks a few of the next round before it tells the current one) and each round is told whole, in the order
-the rounds were asked. Its state is one picklable object: the experiment store saves it after every tell, and a resumed
-run continues on exactly the trajectory it would have followed. No adapter touches global RNG state
-(lm-eval reseeds numpy's global generator; cma draws from it by default).
+the rounds were asked. An optimizer is a deterministic function of its spec, its start point and the
+losses it has been told: nothing of it is saved. A resumed run rebuilds it by replaying the journaled
+losses (see `Schedule` in search/run.py), so an experiment directory holds only data, never a pickle,
+and the resumed run continues on exactly the trajectory it would have followed. No adapter touches
+global RNG state (lm-eval reseeds numpy's global generator; cma draws from it by default).
 """
 
 from __future__ import annotations
 
-import pickle
 from typing import Protocol
 
 import numpy as np
@@ -53,12 +54,7 @@ class NevergradOptimizer:
     def __init__(self, spec: NevergradSpec, x0: np.ndarray, batch: int, overlap: int = 0) -> None:
         import nevergrad as ng
 
-        if spec.optimizer not in ng.optimizers.registry:
-            import difflib
-
-            close = difflib.get_close_matches(spec.optimizer, list(ng.optimizers.registry), n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise UserError(f"optimizer.optimizer: unknown nevergrad optimizer {spec.optimizer!r}{hint}")
+        check_nevergrad_name(spec.optimizer)
         self.batch = round_size(spec, batch)
         param = ng.p.Array(init=np.asarray(x0, dtype=float)).set_mutation(sigma=1 / 6).set_bounds(0.0, 1.0)
         param.random_state = np.random.RandomState(spec.seed)
@@ -66,7 +62,6 @@ class NevergradOptimizer:
             parametrization=param, budget=spec.budget, num_workers=self.batch + overlap
         )
         self._pending: list = []  # asked, not yet told, in ask order
-        _check_picklable(self, spec.optimizer)
 
     def ask(self, n: int) -> list[np.ndarray]:
         asked = [self.opt.ask() for _ in range(n)]
@@ -93,30 +88,84 @@ class RandomOptimizer:
         pass
 
 
-def _check_picklable(optimizer: NevergradOptimizer, name: str) -> None:
-    """An optimizer whose state cannot be saved cannot be resumed: refuse it up front. (Asking once
-    instantiates the lazily chosen sub-optimizer, which is where e.g. NGOpt's threaded COBYLA appears.)"""
+def check_nevergrad_name(name: str) -> None:
+    import nevergrad as ng
+
+    if name not in ng.optimizers.registry:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(ng.optimizers.registry), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise UserError(f"optimizer.optimizer: unknown nevergrad optimizer {name!r}{hint}")
+
+
+def check_replayable(spec, size: int, default_batch: int, overlap: int) -> None:
+    """Resuming rebuilds the optimizer by replaying its history, so it must be a pure function of what
+    it was told: two instances told the same losses must ask the same candidates, and it must not run a
+    helper thread (nevergrad's recast optimizers, e.g. COBYLA under NGOpt, do; such a thread also keeps the
+    interpreter from exiting). Two rounds are probed on a fixed loss."""
+    if not isinstance(spec, NevergradSpec):
+        return  # cma and random are replayable by construction (their own seeded generators)
+    x0 = np.full(size, 0.5)
+
+    def probe() -> tuple[list[np.ndarray], NevergradOptimizer]:
+        opt = NevergradOptimizer(spec, x0, default_batch, overlap)
+        seen = []
+        for _ in range(2):
+            asked = opt.ask(opt.batch)
+            seen += asked
+            opt.tell(asked, [float(np.sum((x - 0.3) ** 2)) for x in asked])
+        return seen, opt
+
+    first = second = None
     try:
-        probe = pickle.loads(pickle.dumps(optimizer))
-        probe.ask(1)
-        pickle.dumps(probe)
+        first, a = probe()
+        threaded = _stop_threads(a)
+        second, b = probe()
+        threaded = _stop_threads(b) or threaded
+    except UserError:
+        raise
     except Exception as exc:
         raise UserError(
-            f"optimizer.optimizer: nevergrad {name} cannot be checkpointed, so a run could not resume "
+            f"optimizer.optimizer: nevergrad {spec.optimizer} failed a trial run "
             f"({type(exc).__name__}: {first_line(exc, 120)}); try CMA, TwoPointsDE, DE or PSO"
         ) from None
-    finally:
-        _stop_threads(locals().get("probe"))
+    if threaded:
+        raise UserError(
+            f"optimizer.optimizer: nevergrad {spec.optimizer} (as asked {spec.batch or default_batch} at a time) "
+            "runs its search in a helper thread, so a run could not be resumed exactly; "
+            "try CMA, TwoPointsDE, DE or PSO"
+        )
+    if len(first) != len(second) or not all(np.array_equal(x, y) for x, y in zip(first, second, strict=True)):
+        raise UserError(
+            f"optimizer.optimizer: nevergrad {spec.optimizer} is not deterministic for a fixed seed, so a run "
+            "could not be resumed exactly; try CMA, TwoPointsDE, DE or PSO"
+        )
 
 
-def _stop_threads(optimizer) -> None:
-    """Nevergrad's recast optimizers (e.g. COBYLA under NGOpt) run a helper thread; stop it so the
-    interpreter can exit."""
-    if optimizer is None:
-        return
-    stop = getattr(getattr(optimizer, "opt", None), "_messaging_thread", None)
-    if stop is not None and hasattr(stop, "stop"):
-        stop.stop()
+def _stop_threads(optimizer: NevergradOptimizer) -> bool:
+    """Stop the helper thread of nevergrad's recast optimizers (so the interpreter can exit); True when
+    there was one."""
+    found = False
+    stack = [optimizer.opt]
+    seen: set[int] = set()
+    while stack:  # the recast optimizer may sit under a meta-optimizer (NGOpt -> ... -> COBYLA)
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        thread = getattr(current, "_messaging_thread", None)
+        if thread is not None:
+            found = True
+            if hasattr(thread, "stop"):
+                thread.stop()
+        for attr in ("optim", "_optim", "optims"):
+            child = getattr(current, attr, None)
+            if isinstance(child, list):
+                stack += child
+            elif child is not None:
+                stack.append(child)
+    return found
 
 
 def round_size(spec, default: int) -> int:
@@ -130,12 +179,3 @@ def make_optimizer(spec, x0: np.ndarray, default_batch: int, overlap: int = 0) -
     if isinstance(spec, NevergradSpec):
         return NevergradOptimizer(spec, x0, default_batch, overlap)
     return RandomOptimizer(spec, len(x0), default_batch, overlap)
-
-
-def dump_state(optimizer: Optimizer) -> bytes:
-    return pickle.dumps(optimizer, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def load_state(blob: bytes) -> Optimizer:
-    """Only ever called on the blob this experiment's own database holds (written by `dump_state`)."""
-    return pickle.loads(blob)  # noqa: S301

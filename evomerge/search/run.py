@@ -2,9 +2,11 @@
 
 The optimizer asks rounds (see `Schedule` for how they overlap); candidates go to an executor (one local
 worker, or Ray actors) as it has room, each result is journaled the moment it arrives, and a round is
-told once all of it is journaled. The schedule (optimizer + asked rounds) is saved after every tell.
-Resuming loads it, takes the candidates already in the journal from the journal and evaluates only the
-missing ones, so a run killed any number of times ends exactly where the uninterrupted run ends.
+told once all of it is journaled. Nothing of the optimizer is saved: resuming builds it afresh from the
+config and replays the journal (every complete round told its journaled losses, every asked candidate
+checked against the journaled genome), then evaluates only the missing candidates, so a run killed any
+number of times ends exactly where the uninterrupted run ends, and an experiment directory holds only
+data.
 """
 
 from __future__ import annotations
@@ -23,14 +25,15 @@ import yaml
 
 from evomerge.config import ExperimentConfig, describe_changes, load_config, source_labels
 from evomerge.errors import UserError
+from evomerge.files import EXPERIMENT, LOCK, STAGED, DirectoryLock, check_deletable, marked_as, open_append
 from evomerge.merge.methods import Method
 from evomerge.merge.recipe import Recipe
 from evomerge.runtime.executor import Executor, Job, WorkerFactory, make_executor
 from evomerge.runtime.worker import Outcome
 from evomerge.search.dfs_space import DfsSpace
-from evomerge.search.optimizers import Optimizer, dump_state, load_state, make_optimizer, round_size
+from evomerge.search.optimizers import Optimizer, make_optimizer, round_size
 from evomerge.search.space import Space, default_params
-from evomerge.store import Candidate, ExperimentStore, Final
+from evomerge.store import Candidate, ExperimentStore, Final, mark_staged
 
 log = logging.getLogger("evomerge.search")
 FAILED_LOSS = 1e9  # what the optimizer is told for a failed candidate: worse than any real loss
@@ -63,22 +66,17 @@ def candidate_seed(seed: int, generation: int, idx: int) -> int:
 
 
 def open_experiment(
-    config: ExperimentConfig,
-    config_text: str,
-    out: Path,
-    *,
-    fresh: bool,
-    force: bool,
-    config_dir: Path | None = None,
+    config: ExperimentConfig, config_text: str, out: Path, *, config_dir: Path | None = None
 ) -> tuple[ExperimentStore, bool]:
-    """The experiment store at `out`: created, or opened to resume after checking the config still matches."""
+    """The experiment store at `out` (created and locked by the caller): opened to resume after checking
+    that the config still defines the same search, or created."""
     identity = config.identity()
     snapshot = json.dumps(config.model_dump(mode="json"), sort_keys=True)
-    if ExperimentStore.exists(out) and not fresh:
+    if ExperimentStore.exists(out):
         store = ExperimentStore.open(out)
         old = json.loads(store.meta("identity") or "{}")
-        if _pruned(old) != _pruned(identity):
-            changed = ", ".join(describe_changes(old, identity)) or "the config"
+        if _comparable(old) != _comparable(identity):
+            changed = ", ".join(describe_changes(_comparable(old), _comparable(identity))) or "the config"
             store.close()
             raise UserError(
                 f"{out} holds an experiment with a different config (changed: {changed}); "
@@ -89,23 +87,20 @@ def open_experiment(
         if config_dir is not None and store.meta("config_dir") != str(config_dir):
             store.set_meta("config_dir", str(config_dir))
         return store, True
-    if fresh and ExperimentStore.exists(out) and not force:
-        raise UserError(f"{out} holds an experiment; --fresh would delete it: add --force to confirm")
-    if not fresh and out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} exists, is not empty and is not an experiment; choose another --out")
     meta = {
         "identity": json.dumps(identity, sort_keys=True),
         "identity_hash": config.identity_hash(),
         "config": snapshot,
         "config_dir": str(config_dir or Path.cwd()),  # where relative model paths may resolve (export)
     }
-    store = ExperimentStore.create(out, meta, config_text=config_text, replace=fresh)
-    return store, False
+    return ExperimentStore.create(out, meta, config_text=config_text), False
 
 
 @dataclass
 class Schedule:
-    """The optimizer with the rounds it has asked and not yet been told; saved whole after every tell.
+    """The optimizer with the rounds it has asked and not yet been told. Never saved: a resumed run starts
+    a new one and replays the journal through it (the asks and tells below are a pure function of the
+    config and the journaled losses).
 
     The generation barrier: CMA-ES updates once per generation, so a generation's last, slow candidates
     would leave every other worker idle. The schedule therefore asks the first `overlap` candidates of
@@ -212,15 +207,7 @@ class Search:
         return recipe.to_dict()
 
     def _schedule(self) -> Schedule:
-        saved = self.store.optimizer()
-        if saved is not None:
-            schedule = load_state(saved[1])
-            if not isinstance(schedule, Schedule):
-                raise UserError(
-                    f"{self.store.dir} was made by an older evomerge whose optimizer checkpoints this one "
-                    "cannot continue; start over with --fresh --force"
-                )
-            return schedule
+        """A new schedule; `run` replays the journal through it (a resumed run continues exactly)."""
         spec, popsize = self.config.optimizer, self.space.default_popsize()
         overlap = resolve_overlap(spec, round_size(spec, popsize))
         optimizer = make_optimizer(spec, self.space.start(), popsize, overlap)
@@ -243,7 +230,6 @@ class Search:
                 generation = schedule.told + 1
                 results = [journal[(generation, idx)] for idx in range(batch)]
                 schedule.tell([-c.fitness if c.ok else FAILED_LOSS for c in results])
-                self.store.save_optimizer(schedule.told, dump_state(schedule))
             for key, genome in self._waiting(schedule, journal, in_flight):
                 if self._executor is None:
                     self._warn_round_size(batch)
@@ -277,7 +263,20 @@ class Search:
     def _round_complete(self, schedule: Schedule, journal: dict) -> bool:
         generation = schedule.told + 1
         genomes = schedule.rounds.get(generation, [])
-        return len(genomes) == schedule.batch and all((generation, i) in journal for i in range(len(genomes)))
+        if len(genomes) != schedule.batch or not all((generation, i) in journal for i in range(len(genomes))):
+            return False
+        for idx, genome in enumerate(genomes):
+            self._check_replay((generation, idx), journal[(generation, idx)], genome)
+        return True
+
+    def _check_replay(self, key: tuple[int, int], known: Candidate, genome: np.ndarray) -> None:
+        stored = np.asarray(known.genome, dtype=float)
+        if stored.shape != genome.shape or not np.allclose(stored, genome, rtol=0, atol=1e-12):
+            raise UserError(
+                f"{self.store.dir}: replaying the journal does not reproduce candidate {key[0]}.{key[1]} "
+                "(was the database edited, or made by another evomerge version?); "
+                "start over with --fresh --force"
+            )
 
     def _waiting(self, schedule: Schedule, journal: dict, in_flight: dict):
         """Asked candidates within the budget that are neither journaled nor running, in round order."""
@@ -289,12 +288,7 @@ class Search:
                     return
                 known = journal.get(key)
                 if known is not None:
-                    if not np.allclose(known.genome, genome, rtol=0, atol=1e-12):
-                        raise UserError(
-                            f"{self.store.dir}: the optimizer's state does not reproduce candidate "
-                            f"{generation}.{idx} of the journal (was the database edited?); "
-                            "start over with --fresh --force"
-                        )
+                    self._check_replay(key, known, genome)
                     continue
                 if key not in in_flight:
                     yield key, genome
@@ -303,6 +297,7 @@ class Search:
         self, key: tuple[int, int], genome: list[float], recipe: dict, started: float, outcome: Outcome
     ) -> Candidate:
         generation, idx = key
+        outcome = _finite(outcome)
         candidate = Candidate(
             None, generation, idx, genome, recipe, "ok" if outcome.ok else "failed",
             outcome.reason, outcome.fitness if outcome.ok else -math.inf, outcome.metrics,
@@ -368,6 +363,7 @@ class Search:
                 running += 1
             for job, outcome in self.executor.wait():
                 running -= 1
+                outcome = _finite(outcome)
                 name, kind, ref, recipe = by_name[job.key]
                 self.store.record_final(
                     Final(
@@ -403,9 +399,27 @@ class Search:
         return Recipe(method, groups, seed=candidate_seed(self.config.optimizer.seed, -1, 0)).to_dict()
 
 
+def _finite(outcome: Outcome) -> Outcome:
+    """A result whose fitness is not a finite number is a failed candidate, whatever produced it."""
+    if outcome.ok and not (isinstance(outcome.fitness, (int, float)) and math.isfinite(outcome.fitness)):
+        return Outcome(
+            False, -math.inf, outcome.metrics, f"non-finite fitness ({outcome.fitness})",
+            outcome.merge_seconds, outcome.eval_seconds,
+        )  # fmt: skip
+    return outcome
+
+
+def _comparable(identity: dict) -> dict:
+    """An identity as resume compares it: None entries dropped (an optional key added to the schema later
+    must not make older experiments look changed) and settings that change no result left out (older
+    experiments recorded evaluation.batch_size)."""
+    data = _pruned(identity)
+    if isinstance(data.get("evaluation"), dict):
+        data["evaluation"] = {k: v for k, v in data["evaluation"].items() if k != "batch_size"}
+    return data
+
+
 def _pruned(value):
-    """Config dump without None entries: an optional key added to the schema later (default None) must
-    not make older experiments look changed."""
     if isinstance(value, dict):
         return {k: _pruned(v) for k, v in value.items() if v is not None}
     if isinstance(value, list):
@@ -425,37 +439,102 @@ def run_search(
     reporter: Reporter | None = None,
 ) -> list[SearchResult]:
     """One result per stage (one for a plain experiment). `executor` and `workers` override the runtime
-    section (they change where candidates run, never which candidates run)."""
+    section (they change where candidates run, never which candidates run).
+
+    Order of work: an existing experiment is locked first (a second writer stops at once); then the whole
+    config is checked (models, tasks, optimizer...) before anything is created or deleted; then the
+    directory is created (or, with --fresh --force, the marked experiment in it deleted) and locked."""
+    from evomerge.validate import check_config
+
     config, config_dir = load_config(config_path)
     config = _override_runtime(config, executor, workers)
     out = Path(out if out is not None else config.output.dir)  # relative to the working directory
-    if not config.stages:
-        return [_run_one(config, config_dir, out, fresh, force, budget, reporter)]
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a directory; choose another --out")
+    staged = bool(config.stages)
+    lock = _lock(out, "staged experiment") if _existing(out, config) else None
+    try:
+        check_config(config, config_dir, resolve=True)
+        if lock is None:
+            _check_new_target(out, staged)
+            out.mkdir(parents=True, exist_ok=True)
+            lock = _lock(out, "staged experiment" if staged else "experiment")
+        if not staged:
+            return [_run_one(config, config_dir, out, fresh, force, budget, reporter, lock)]
+        return _run_stages(config, config_dir, out, fresh, force, budget, reporter)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _lock(out: Path, what: str) -> DirectoryLock:
+    return DirectoryLock(out, what)
+
+
+def _existing(out: Path, config: ExperimentConfig) -> bool:
+    """Whether `out` already holds this kind of experiment (so its lock can be taken before any check)."""
+    if not out.is_dir():
+        return False
+    if config.stages:
+        return marked_as(out, STAGED) or _old_staged(out, config)
+    return ExperimentStore.exists(out) or marked_as(out, EXPERIMENT)
+
+
+def _old_staged(out: Path, config: ExperimentConfig) -> bool:
+    """A staged experiment made before markers existed: nothing in it but this config's stage dirs, each
+    holding an experiment."""
+    names = {s.name for s in config.stages or []}
+    entries = [p for p in out.iterdir() if p.name != LOCK]
+    return bool(entries) and all(p.name in names and ExperimentStore.exists(p) for p in entries)
+
+
+def _check_new_target(out: Path, staged: bool) -> None:
+    if staged:
+        if out.exists() and any(out.iterdir()):
+            raise UserError(f"{out} exists, is not empty and is not a staged experiment; choose another --out")
+    elif not ExperimentStore.is_fresh_dir(out):
+        raise UserError(f"{out} exists, is not empty and is not an experiment; choose another --out")
+
+
+def _run_stages(
+    config: ExperimentConfig,
+    config_dir: Path,
+    out: Path,
+    fresh: bool,
+    force: bool,
+    budget: int | None,
+    reporter: Reporter | None,
+) -> list[SearchResult]:
+    """Each stage is an experiment in `out/<stage>`; `previous` is the prior stage's best, exported once."""
+    from evomerge.files import remove_marked
     from evomerge.report.export import export_candidate
 
-    if fresh and out.exists() and any(out.iterdir()):
+    stage_dirs = [p for p in out.iterdir() if p.is_dir() and ExperimentStore.exists(p)]
+    if fresh and stage_dirs:
         if not force:
             raise UserError(
                 f"{out} holds a staged experiment; --fresh would delete it: add --force to confirm"
             )
-        if not all((child / "experiment.sqlite").is_file() for child in out.iterdir() if child.is_dir()):
-            raise UserError(f"{out} is not a staged experiment directory; refusing to delete it")
-        import shutil
-
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+        for child in stage_dirs:
+            check_deletable(child, EXPERIMENT)  # all checked before the first is deleted
+        for child in stage_dirs:
+            remove_marked(child, EXPERIMENT)
+    mark_staged(out, [s.name for s in config.stages])
     results, previous = [], None
     for index, stage in enumerate(config.stages):
         stage_config = config.stage_config(index, previous)
-        result = _run_one(stage_config, config_dir, out / stage.name, False, False, budget, reporter)
+        stage_dir = out / stage.name
+        stage_dir.mkdir(exist_ok=True)
+        with _lock(stage_dir, "experiment") as lock:
+            result = _run_one(stage_config, config_dir, stage_dir, False, False, budget, reporter, lock)
         results.append(result)
         if not result.finals:
             break
-        previous = (out / stage.name / f"{stage.name}-best").resolve()
+        previous = (stage_dir / f"{stage.name}-best").resolve()
         if not previous.exists():  # written once, atomically; a resumed run reuses it
             if reporter:
                 reporter.stage(f"exporting the best of stage {stage.name}")
-            export_candidate(out / stage.name, previous)
+            export_candidate(stage_dir, previous)
     return results
 
 
@@ -482,20 +561,28 @@ def _run_one(
     force: bool,
     budget: int | None,
     reporter: Reporter | None,
+    lock: DirectoryLock,
 ) -> SearchResult:
+    """One experiment in `out`, which exists and whose lock the caller holds."""
+    from evomerge.files import remove_marked
+
     if budget is not None:
         config = config.model_copy(
             update={"optimizer": config.optimizer.model_copy(update={"budget": budget})}
         )
+    if fresh and ExperimentStore.exists(out):
+        if not force:
+            raise UserError(f"{out} holds an experiment; --fresh would delete it: add --force to confirm")
+        remove_marked(out, EXPERIMENT, spare=(LOCK,))  # refuses an unmarked dir, `.`, the cwd...
+    if not ExperimentStore.exists(out) and not ExperimentStore.is_fresh_dir(out):
+        raise UserError(f"{out} exists, is not empty and is not an experiment; choose another --out")
     store, resumed = open_experiment(
         config,
         yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False),
         out,
-        fresh=fresh,
-        force=force,
         config_dir=config_dir,
     )
-    handler = logging.FileHandler(out / "search.log")
+    handler = logging.StreamHandler(open_append(out / "search.log"))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("evomerge")
     root.addHandler(handler)
@@ -514,5 +601,5 @@ def _run_one(
         return SearchResult(out, done, config.optimizer.budget, store.best(), finals, resumed)
     finally:
         root.removeHandler(handler)
-        handler.close()
+        handler.stream.close()
         store.close()
