@@ -75,6 +75,10 @@ def check_config(config: ExperimentConfig, config_dir: Path, *, resolve: bool) -
         from evomerge.device import resolve_device
 
         resolve_device(config.runtime.device)
+    if resolve and config.runtime.executor == "ray" and config.runtime.ray.address is None:
+        from evomerge.runtime.ray_executor import check_private_cluster_auth
+
+        check_private_cluster_auth()
     manager = task_manager([t.name for t in config.evaluation.tasks], config.evaluation.include_paths)
     try:
         _, splits = build_tasks(config.evaluation, manager)

@@ -94,7 +94,6 @@ def main() -> None:
     )
     args = parser.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
     # logical CPUs: the simulated workers sleep, so N of them fit on any machine

@@ -25,7 +25,7 @@ def cluster():
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # token auth on (Ray's default)
+    os.environ["RAY_AUTH_MODE"] = "token"  # what a process joining it needs (CLI searches in subprocesses)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()

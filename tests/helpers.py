@@ -12,10 +12,10 @@ REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "configs" / "smoke.yaml"
 
 
-def cli(*args, cwd=REPO, timeout=600):
+def cli(*args, cwd=REPO, timeout=600, env_extra=None):
     return subprocess.run(
         [sys.executable, "-m", "evomerge.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=timeout,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env_extra or {})}, timeout=timeout,
     )  # fmt: skip
 
 

@@ -142,3 +142,47 @@ def test_worker_count_errors_are_one_line(tmp_path, cluster):
     assert done.returncode == 2, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and "3 workers × 1 CPUs need 3 CPUs" in done.stderr
     assert not (tmp_path / "exp" / "experiment.sqlite").exists() or _count(tmp_path / "exp") == 0
+
+
+_JOIN = """
+import ray, sys
+ray.init(address=sys.argv[1], log_to_driver=False)
+print("joined")
+"""
+
+
+def test_private_cluster_refuses_clients_without_its_token(tmp_path):
+    """The private cluster that `--executor ray` starts keeps Ray's token authentication on: its services
+    listen on the network, so a process without the token (another user, another host) cannot join."""
+    starter = subprocess.Popen(
+        [sys.executable, "-c", "import ray, sys, time\n"
+         "from evomerge.runtime.ray_executor import start_ray\n"
+         "start_ray(None)\nprint(ray.get_runtime_context().gcs_address, flush=True)\n"
+         "sys.stdin.readline()\nray.shutdown()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env={k: v for k, v in os.environ.items() if k != "RAY_AUTH_MODE"},
+    )  # fmt: skip
+    try:
+        address = starter.stdout.readline().strip()
+        assert address, "the private cluster did not start"
+        stranger = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+        stranger["HOME"] = str(tmp_path)  # no ~/.ray/auth_token
+        for mode in ("token", "disabled"):
+            done = subprocess.run(
+                [sys.executable, "-c", _JOIN, address], capture_output=True, text=True, timeout=120,
+                env={**stranger, "RAY_AUTH_MODE": mode},
+            )  # fmt: skip
+            assert done.returncode != 0 and "joined" not in done.stdout, (mode, done.stdout)
+        owner = subprocess.run(  # the same user, who holds the token, joins (a client must ask for token mode)
+            [sys.executable, "-c", _JOIN, address], capture_output=True, text=True, timeout=120,
+            env={**os.environ, "RAY_AUTH_MODE": "token"},
+        )  # fmt: skip
+        assert "joined" in owner.stdout, owner.stderr[-500:]
+    finally:
+        starter.communicate("stop\n", timeout=60)  # the starter shuts its cluster down
+
+
+def test_private_cluster_will_not_start_without_auth(tmp_path):
+    done = cli("search", smoke(tmp_path), "--executor", "ray", env_extra={"RAY_AUTH_MODE": "disabled"})
+    assert done.returncode == 2 and "RAY_AUTH_MODE=disabled" in done.stderr, done.stderr
+    assert not (tmp_path / "exp").exists()

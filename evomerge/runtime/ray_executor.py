@@ -45,7 +45,10 @@ class EvalWorker:
 
 
 def start_ray(address: str | None) -> None:
-    """Join `address`, or start a private local cluster (no dashboard, no usage stats, no auth token)."""
+    """Join `address`, or start a private local cluster: no dashboard, no usage stats, and Ray's token
+    authentication on. Ray 2.x's GCS and raylet listen on every interface whatever the node address
+    (it maps loopback to the machine's IP), so the token is what keeps other hosts out: a process that
+    does not hold `~/.ray/auth_token` (or RAY_AUTH_TOKEN) cannot join or submit work."""
     import ray
 
     if ray.is_initialized():
@@ -57,7 +60,7 @@ def start_ray(address: str | None) -> None:
         "logging_level": logging.WARNING,
     }
     if address is None:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        check_private_cluster_auth()
     else:
         options["address"] = address
     try:
@@ -65,6 +68,14 @@ def start_ray(address: str | None) -> None:
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
         raise UserError(f"runtime.ray: cannot start or join {where}: {first_line(exc, 200)}") from None
+
+
+def check_private_cluster_auth() -> None:
+    if os.environ.get("RAY_AUTH_MODE", "token") != "token":  # Ray's default (2.5x+) is token
+        raise UserError(
+            f"RAY_AUTH_MODE={os.environ['RAY_AUTH_MODE']}: evomerge's private Ray cluster keeps token "
+            "authentication on (its services listen on the network); unset RAY_AUTH_MODE"
+        )
 
 
 def plan_workers(workers: int | None, cpus_per_worker: float, device: str) -> tuple[int, int]:
