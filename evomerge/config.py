@@ -39,7 +39,7 @@ class ModelsSpec(_Strict):
     @model_validator(mode="after")
     def _base_not_a_source(self) -> ModelsSpec:
         if self.base is not None and self.base in self.sources:
-            raise ValueError(f"models.base {self.base} is also listed in models.sources")
+            raise ValueError(f"base {self.base} is also listed in sources")
         return self
 
 

@@ -23,6 +23,7 @@ from evomerge.merge.kernels.slerp import lerp_into, slerp_coefficients, slerp_do
 from evomerge.merge.kernels.trim import ThresholdTable
 from evomerge.merge.methods import Method, TensorParams, dare_keys, merge_tensor, tie_keys
 from evomerge.merge.recipe import Recipe
+from evomerge.models.architecture import merged_names
 from evomerge.models.checkpoint import Checkpoint
 from evomerge.models.compat import check_compatible
 
@@ -81,7 +82,7 @@ class MergeEngine:
         checkpoints = ([base] if base is not None else []) + list(inputs)
         self.family = check_compatible(checkpoints)
         first = checkpoints[0]
-        self.names = list(first.tensors)
+        self.names = merged_names(list(first.tensors), self.family, _shares_embeddings(target, self.family))
         self.num_layers = first.num_layers
         started = time.perf_counter()
 
@@ -177,6 +178,15 @@ class MergeEngine:
             out, base, models, p.weights, consensus=self.method.consensus, normalize=p.normalize, lam=p.lam,
             kernel=self.kernels(gta_into), **keep,
         )  # fmt: skip
+
+
+def _shares_embeddings(target: torch.nn.Module, family) -> bool:
+    """Whether the loaded target's head is its embedding matrix (tied): then only the embeddings are written."""
+    state = target.state_dict(keep_vars=True)
+    return any(
+        name in state and shared in state and state[name].data_ptr() == state[shared].data_ptr()
+        for name, shared in family.tied
+    )
 
 
 def load_target(

@@ -17,6 +17,7 @@ from evomerge.errors import UserError
 from evomerge.files import atomic_write
 from evomerge.merge.mergekit_config import ConfigPlan, load_merge_config
 from evomerge.merge.methods import TensorParams, merge_tensor
+from evomerge.models.architecture import merged_names
 from evomerge.models.checkpoint import DTYPES, Checkpoint, parse_dtype
 from evomerge.models.compat import check_compatible
 from evomerge.models.reference import resolve_model_dir
@@ -65,7 +66,7 @@ def merge_from_config(
     tokenizer_dir = _tokenizer_dir(config.tokenizer_source, first.path, ckpts, base_dir)
 
     # Resolve and validate every tensor's parameters before any work, so bad values write nothing.
-    names = list(first.tensors)
+    names = merged_names(list(first.tensors), family, tied := first.ties_embeddings(family))
     params: dict[str, TensorParams] = {
         name: plan.tensor_params(name, family, first.num_layers) for name in names
     }
@@ -81,7 +82,7 @@ def merge_from_config(
             if progress:
                 progress.advance(task)
         writer.finish()
-        write_config(stage, first.config, out_dtype)
+        write_config(stage, first.config, out_dtype, tied)
         copy_tokenizer(tokenizer_dir, stage)
         atomic_write(stage / "mergekit_config.yml", config_path.read_bytes())
     return MergeSummary(

@@ -24,6 +24,7 @@ class Family:
     attn_markers: tuple[str, ...]
     mlp_markers: tuple[str, ...]
     num_layers_key: str = "num_hidden_layers"
+    tied: tuple[tuple[str, str], ...] = ()  # (name, the tensor it shares storage with when tied)
 
     def layer_index(self, tensor: str) -> int | None:
         match = re.match(self.layer_pattern, tensor)
@@ -63,11 +64,23 @@ _LLAMA_LIKE = dict(
     layer_pattern=r"^model\.layers\.(\d+)\.",
     attn_markers=(".self_attn.", ".input_layernorm."),
     mlp_markers=(".mlp.", ".post_attention_layernorm."),
+    tied=(("lm_head.weight", "model.embed_tokens.weight"),),
 )
 
 FAMILIES: dict[str, Family] = {
     name: Family(name=name, **_LLAMA_LIKE) for name in ("llama", "mistral", "qwen2", "qwen3")
 }
+
+
+def merged_names(names: list[str], family: Family, tied: bool) -> list[str]:
+    """The tensors a merge writes. When the model is loaded with lm_head sharing the embeddings' storage
+    (`tied`), a stored lm_head.weight is not a tensor of the model: merging it too would write the head's
+    merge over the embeddings in memory, and an export holding both would load differently from the
+    model that was scored. It is left out; the embeddings' merge is both."""
+    if not tied:
+        return list(names)
+    drop = {name for name, shared in family.tied if shared in names}
+    return [name for name in names if name not in drop]
 
 
 def family_for(model_type: str | None) -> Family:

@@ -89,6 +89,17 @@ class Checkpoint:
     def num_layers(self) -> int:
         return int(self.config.get("num_hidden_layers", 0))
 
+    def ties_embeddings(self, family) -> bool:
+        """Whether transformers (5) loads this model with lm_head sharing the embeddings' storage: the config
+        asks for it and the checkpoint stores no separate head, or stores the same values (with different
+        values it keeps them apart)."""
+        if not self.config.get("tie_word_embeddings", False):
+            return False
+        for name, shared in family.tied:
+            if name in self.tensors and shared in self.tensors and not torch.equal(self.get(name), self.get(shared)):
+                return False
+        return True
+
     def names(self) -> Iterator[str]:
         return iter(self.tensors)
 

@@ -14,12 +14,12 @@ import torch
 WORDS = ["<unk>", "<s>", "</s>", "<pad>"] + [f"w{i}" for i in range(60)]
 
 
-def _config(family: str, hidden: int, layers: int, vocab: int):
+def _config(family: str, hidden: int, layers: int, vocab: int, tie: bool = False):
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
     common = dict(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=tie,
         bos_token_id=1, eos_token_id=2, pad_token_id=3,
     )  # fmt: skip
     if family == "llama":
@@ -62,12 +62,15 @@ def make_family(
     layers: int = 2,
     dtype: torch.dtype = torch.float32,
     max_shard_size: str | None = None,
+    tie: str | None = None,
 ) -> list[Path]:
-    """Write base + fine-tunes under `root`; returns [base, ft1, ...]."""
+    """Write base + fine-tunes under `root`; returns [base, ft1, ...]. `tie`: tie_word_embeddings with
+    lm_head.weight still stored (as some hub checkpoints do): "equal" to the embeddings (loaded tied) or
+    "different" (transformers then keeps them apart)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = _config(family, hidden, layers, len(WORDS))
+    config = _config(family, hidden, layers, len(WORDS), tie is not None)
     model = AutoModelForCausalLM.from_config(config).to(dtype)
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     paths = []
@@ -86,6 +89,14 @@ def make_family(
         out = root / f"{family}-{name}"
         kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
         model.save_pretrained(out, **kwargs)
+        if tie:
+            from safetensors.torch import load_file, save_file
+
+            state = load_file(out / "model.safetensors")
+            head = state["model.embed_tokens.weight"].clone()
+            if tie == "different":
+                head += 0.01 * torch.randn(head.shape, generator=gen).to(dtype)
+            save_file({**state, "lm_head.weight": head.contiguous()}, out / "model.safetensors", {"format": "pt"})
         save_tokenizer(out)
         paths.append(out)
     return paths

@@ -115,8 +115,14 @@ class ShardWriter:
         atomic_write(self.directory / "model.safetensors.index.json", json.dumps(index, indent=2))
 
 
-def write_config(directory: Path, config: dict[str, Any], dtype: torch.dtype) -> None:
+def write_config(
+    directory: Path, config: dict[str, Any], dtype: torch.dtype, tied: bool | None = None
+) -> None:
+    """`tied`: whether the written weights are meant tied (lm_head = embeddings); when a config asks for
+    tying but the weights are kept apart, it says so, so every loader builds the same model."""
     config = dict(config)
+    if tied is not None and config.get("tie_word_embeddings"):
+        config["tie_word_embeddings"] = tied
     name = str(dtype).removeprefix("torch.")
     config["dtype"] = name
     if "torch_dtype" in config:

@@ -20,7 +20,7 @@ from evomerge.errors import UserError
 from evomerge.files import atomic_write
 from evomerge.merge.methods import Method, TensorParams, merge_tensor
 from evomerge.merge.recipe import Recipe
-from evomerge.models.architecture import EMBED, HEAD, Family
+from evomerge.models.architecture import EMBED, HEAD, Family, merged_names
 from evomerge.report.view import ExperimentView
 from evomerge.runtime.worker import open_models
 
@@ -113,7 +113,7 @@ def export_candidate(
     recipe = Recipe.from_dict(candidate.recipe)
     base, sources, family = open_models(ExperimentConfig.model_validate(view.config), view.config_dir)
     first = base or sources[0]
-    names = list(first.tensors)
+    names = merged_names(list(first.tensors), family, tied := first.ties_embeddings(family))
     dtype_name = view.config.get("runtime", {}).get("dtype", "float32")
     dtype = parse_dtype(dtype_name)
     params: dict[str, TensorParams] = recipe.tensor_params(names, family)
@@ -139,7 +139,7 @@ def export_candidate(
             inputs = [s.get(name, dtype=dtype) for s in sources]
             writer.add(name, merge_tensor(recipe.method, name, b, inputs, params[name]).to(dtype))
         writer.finish()
-        write_config(stage, first.config, dtype)
+        write_config(stage, first.config, dtype, tied)
         copy_tokenizer(first.path, stage)
         atomic_write(
             stage / "mergekit_config.yml",
