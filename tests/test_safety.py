@@ -52,15 +52,15 @@ def _tree(path: Path) -> dict:
 def test_fresh_force_on_staged_config_keeps_unrelated_files(tmp_path):
     data = yaml.safe_load((REPO / "configs" / "smoke-stages.yaml").read_text())
     victim = tmp_path / "mine"
-    (victim / "notes").mkdir(parents=True)
-    (victim / "notes" / "thesis.tex").write_text("years of work")
+    victim.mkdir()
+    (victim / "thesis.tex").write_text("years of work")  # files only: no stage-like directory at all
     data["output"]["dir"] = str(victim)
     cfg = tmp_path / "staged.yaml"
     cfg.write_text(yaml.safe_dump(data))
     done = cli("search", cfg, "--fresh", "--force", cwd=REPO / "configs")
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
-    assert (victim / "notes" / "thesis.tex").read_text() == "years of work"
-    assert sorted(p.name for p in victim.iterdir()) == ["notes"]  # nothing created either
+    assert (victim / "thesis.tex").read_text() == "years of work"
+    assert sorted(p.name for p in victim.iterdir()) == ["thesis.tex"]  # nothing created either
 
 
 def test_fresh_force_refuses_unmarked_and_cwd(tiny, tmp_path):

@@ -452,13 +452,14 @@ def run_search(
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a directory; choose another --out")
     staged = bool(config.stages)
-    lock = _lock(out, "staged experiment") if _existing(out, config) else None
+    what = "staged experiment" if staged else "experiment"
+    lock = _lock(out, what) if _existing(out, config) else None
     try:
         check_config(config, config_dir, resolve=True)
         if lock is None:
             _check_new_target(out, staged)
             out.mkdir(parents=True, exist_ok=True)
-            lock = _lock(out, "staged experiment" if staged else "experiment")
+            lock = _lock(out, what)
         if not staged:
             return [_run_one(config, config_dir, out, fresh, force, budget, reporter, lock)]
         return _run_stages(config, config_dir, out, fresh, force, budget, reporter)
