@@ -90,7 +90,7 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, zoo):
 
 
 @pytest.mark.parametrize("args,expected", [
-    (("merge", "/nonexistent.yml", "/tmp/x"), "config not found"),
+    (("merge", "/nonexistent.yml", "/tmp/x"), "config file not found"),
 ])  # fmt: skip
 def test_missing_config(args, expected):
     done = _run(*args)
