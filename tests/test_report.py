@@ -116,6 +116,7 @@ def test_bad_input(tmp_path, finished):
     assert done.returncode == 2 and "not a directory" in done.stderr
     from evomerge.store import ExperimentStore
 
+    (tmp_path / "empty").mkdir()
     ExperimentStore.create(tmp_path / "empty", {"config": "{}"}, config_text="").close()
     done = _cli("report", tmp_path / "empty")
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [

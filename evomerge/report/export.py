@@ -17,7 +17,7 @@ import yaml
 
 from evomerge.config import ExperimentConfig
 from evomerge.errors import UserError
-from evomerge.files import atomic_write
+from evomerge.files import atomic_write, one_line
 from evomerge.merge.methods import Method, TensorParams, merge_tensor
 from evomerge.merge.recipe import Recipe
 from evomerge.models.architecture import EMBED, HEAD, Family, merged_names
@@ -198,7 +198,7 @@ def _export_path(
 def _path_card(view: ExperimentView, candidate, rank: int) -> str:
     names = view.sources
     lines = [
-        f"# {view.name}: evolved data-flow merge (candidate {candidate.id}, rank {rank})",
+        f"# {one_line(view.name)}: evolved data-flow merge (candidate {candidate.id}, rank {rank})",
         "",
         "Found by evomerge's data-flow-space search: no weight was changed; the model is the path of source",
         "layers below, each hop's input hidden state multiplied by its scale.",
@@ -206,7 +206,7 @@ def _path_card(view: ExperimentView, candidate, rank: int) -> str:
         "Load it with `evomerge.load_model(path)`, which applies the scales stored in config.json",
         f"(`{HOP_SCALES}`); plain `AutoModelForCausalLM.from_pretrained` loads the layers without them.",
         "",
-        f"- sources: {', '.join(f'`{s}`' for s in view.config['models']['sources'])}",
+        f"- sources: {', '.join(f'`{one_line(s)}`' for s in view.config['models']['sources'])}",
         f"- search-split fitness: {candidate.fitness:.4f}",
         "",
         "| hop | source | layer | scale |",
@@ -232,13 +232,13 @@ def model_card(view: ExperimentView, candidate, rank: int, recipe: Recipe) -> st
     models = view.config["models"]
     heldout = next((f for f in view.finals if f.kind == "evolved" and f.candidate_id == candidate.id), None)
     lines = [
-        f"# {view.name}: evolved merge (candidate {candidate.id}, rank {rank})",
+        f"# {one_line(view.name)}: evolved merge (candidate {candidate.id}, rank {rank})",
         "",
         "Found by evomerge, an evolutionary search over merge recipes, without training.",
         "",
         f"- method: `{recipe.method.value}`",
-        f"- base: `{models.get('base')}`",
-        "- sources: " + ", ".join(f"`{s}`" for s in models["sources"]),
+        f"- base: `{one_line(models.get('base'))}`",
+        "- sources: " + ", ".join(f"`{one_line(s)}`" for s in models["sources"]),
         f"- optimizer: {view.config.get('optimizer', {}).get('name')} , {len(view.candidates)} evaluations "
         f"(this candidate: generation {candidate.generation}, #{candidate.idx})",
         f"- search-split fitness: {candidate.fitness:.4f}",
