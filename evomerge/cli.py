@@ -211,10 +211,13 @@ def _say(text: str) -> None:
 
 def _print_view(view) -> None:
     """An experiment's leaderboard: held-out finalists when it has them, else its best candidates."""
-    from evomerge.report.render import heldout_rows, top_rows
+    from evomerge.report.render import heldout_rows, paired_rows, top_rows
 
     if view.finals:
         _print_table(f"{view.name}: held-out ({len(view.candidates)} evaluations)", *heldout_rows(view))
+        header, rows = paired_rows(view)
+        if rows:
+            _print_table(f"{view.name}: held-out, item by item", header, rows)
     else:
         _print_table(f"{view.name}: search split (unfinished)", *top_rows(view))
 

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from evomerge import files
 from evomerge.errors import UserError, first_line
 from evomerge.files import EXPERIMENT, STAGED, DirectoryLock, atomic_write, mark, marker
@@ -57,6 +59,14 @@ CREATE TABLE optimizer (
     state BLOB NOT NULL,
     saved_at REAL NOT NULL
 );  -- kept for schema version 1; no longer written or read (evomerge never unpickles an experiment)
+CREATE TABLE IF NOT EXISTS items (
+    owner TEXT NOT NULL,
+    task TEXT NOT NULL,
+    metric TEXT NOT NULL,
+    ids BLOB NOT NULL,
+    vals BLOB NOT NULL,
+    PRIMARY KEY (owner, task)
+);
 CREATE TABLE finals (
     name TEXT PRIMARY KEY,
     kind TEXT NOT NULL CHECK (kind IN ('evolved', 'parent', 'default')),
@@ -71,6 +81,9 @@ CREATE TABLE finals (
     finished_at REAL NOT NULL
 );
 """
+
+
+_ITEMS = _SCHEMA[_SCHEMA.index("CREATE TABLE IF NOT EXISTS items") : _SCHEMA.index("CREATE TABLE finals")]
 
 
 @dataclass
@@ -126,6 +139,8 @@ class ExperimentStore:
             raise UserError(
                 f"{path}: experiment schema version {version}, this evomerge reads {SCHEMA_VERSION}"
             )
+        if not readonly:
+            self.db.execute(_ITEMS)  # experiments made before per-item results gain the table
 
     # -- opening -------------------------------------------------------------------------------------
 
@@ -223,7 +238,8 @@ class ExperimentStore:
 
     # -- candidates ----------------------------------------------------------------------------------
 
-    def record(self, c: Candidate) -> int:
+    def record(self, c: Candidate, items: dict[str, dict[str, Any]] | None = None) -> int:
+        """Journal one evaluation and its per-item results (`task -> {metric, ids, values}`), atomically."""
         with self._tx() as db:
             cur = db.execute(
                 "INSERT INTO candidates (generation, idx, genome, recipe, status, reason, fitness, metrics, "
@@ -234,6 +250,7 @@ class ExperimentStore:
                     c.finished_at,
                 ),
             )  # fmt: skip
+            _write_items(db, f"candidate:{cur.lastrowid}", items)
             return int(cur.lastrowid)
 
     def candidates(self, generation: int | None = None) -> list[Candidate]:
@@ -252,7 +269,7 @@ class ExperimentStore:
 
     # -- finals --------------------------------------------------------------------------------------
 
-    def record_final(self, f: Final) -> None:
+    def record_final(self, f: Final, items: dict[str, dict[str, Any]] | None = None) -> None:
         with self._tx() as db:
             db.execute(
                 "INSERT OR REPLACE INTO finals VALUES (?,?,?,?,?,?,?,?,?,?,?)",
@@ -261,6 +278,8 @@ class ExperimentStore:
                     f.split, f.status, f.reason, f.fitness, json.dumps(f.metrics), f.seconds, f.finished_at,
                 ),
             )  # fmt: skip
+            db.execute("DELETE FROM items WHERE owner = ?", (f"final:{f.name}",))
+            _write_items(db, f"final:{f.name}", items)
 
     def finals(self) -> list[Final]:
         rows = self.db.execute("SELECT * FROM finals ORDER BY fitness DESC, name").fetchall()
@@ -283,7 +302,51 @@ class ExperimentStore:
 
     def clear_finals(self, kind: str) -> None:
         with self._tx() as db:
+            names = [r[0] for r in db.execute("SELECT name FROM finals WHERE kind = ?", (kind,))]
+            db.executemany("DELETE FROM items WHERE owner = ?", [(f"final:{n}",) for n in names])
             db.execute("DELETE FROM finals WHERE kind = ?", (kind,))
+
+    # -- per-item results -------------------------------------------------------------------------------
+
+    def items(self, owner: str) -> dict[str, ItemResults]:
+        """Per-item results of `candidate:<id>` or `final:<name>`, by task (empty for evaluations journaled
+        before per-item results existed)."""
+        try:
+            rows = self.db.execute(
+                "SELECT task, metric, ids, vals FROM items WHERE owner = ? ORDER BY task", (owner,)
+            ).fetchall()
+        except sqlite3.OperationalError:  # a read-only open of an experiment older than the table
+            return {}
+        out = {}
+        for task, metric, ids, vals in rows:
+            ids_array = np.frombuffer(ids, dtype="<i4")
+            vals_array = np.frombuffer(vals, dtype="<f8")
+            if ids_array.shape != vals_array.shape:
+                raise UserError(f"per-item results of {owner} ({task}) are malformed")
+            out[task] = ItemResults(metric, ids_array.astype(np.int64), vals_array.astype(np.float64))
+        return out
+
+
+@dataclass
+class ItemResults:
+    """One task's per-item values of the metric that makes its fitness, by document index."""
+
+    metric: str
+    ids: np.ndarray
+    values: np.ndarray
+
+
+def _write_items(db: sqlite3.Connection, owner: str, items: dict[str, dict[str, Any]] | None) -> None:
+    """Each task's items as two packed arrays (int32 document ids, float64 values): ~12 bytes an item."""
+    for task, data in (items or {}).items():
+        ids = np.asarray(data["ids"], dtype="<i4")
+        vals = np.asarray(data["values"], dtype="<f8")
+        if ids.shape != vals.shape:
+            raise ValueError(f"{task}: {ids.size} item ids for {vals.size} values")
+        db.execute(
+            "INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?)",
+            (owner, task, data["metric"], ids.tobytes(), vals.tobytes()),
+        )
 
 
 def mark_staged(path: Path, stages: list[str]) -> None:

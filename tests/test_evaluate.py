@@ -207,3 +207,78 @@ def test_gsm8k_local_task_runs_offline_from_plain_files(math_en, tmp_path, monke
     assert result.ok, result.error
     assert set(result.metrics["gsm8k_local"]) == {"exact_match,strict-match", "exact_match,flexible-extract"}
     assert result.examples == {"gsm8k_local": 3}
+
+
+FEWSHOT = """
+task: fewshot_ll
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    train: {train}
+    test: {test}
+training_split: train
+test_split: test
+output_type: loglikelihood
+doc_to_text: "{{{{question}}}}"
+doc_to_target: " {{{{answer}}}}"
+target_delimiter: ""
+num_fewshot: 3
+metric_list:
+  - metric: perplexity
+    aggregation: perplexity
+    higher_is_better: false
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+def _lm_eval_scores(evaluator, split):
+    """lm-eval's own `evaluate` on the same items, with the few-shot sampler seeded as the evaluator seeds it."""
+    from lm_eval.evaluator import evaluate
+
+    samples = {name: evaluator.indices(name, split) for name in evaluator.task_dict}
+    evaluator.reseed()
+    out = evaluate(
+        lm=evaluator.lm, task_dict=evaluator.task_dict, samples=samples, bootstrap_iters=0,
+        log_samples=False, verbosity="ERROR",
+    )  # fmt: skip
+    return {
+        name: {k: float(v) for k, v in out["results"][name].items() if "," in k and "stderr" not in k}
+        for name in evaluator.task_dict
+    }
+
+
+def test_requests_built_once_score_exactly_as_lm_eval(math_en, tmp_path):
+    """Generation (two filters), multiple choice, log-likelihood with a custom metric, and a 3-shot task:
+    the cached requests give lm-eval's numbers exactly, call after call, weights swapped in between."""
+    lines = (TASKS / "zoo_math_en.jsonl").read_text().splitlines()
+    (tmp_path / "train.jsonl").write_text("\n".join(lines[:200]) + "\n")
+    (tmp_path / "test.jsonl").write_text("\n".join(lines[200:300]) + "\n")
+    (tmp_path / "fewshot_ll.yaml").write_text(
+        FEWSHOT.format(train=tmp_path / "train.jsonl", test=tmp_path / "test.jsonl")
+    )
+    model, tok = math_en
+    spec = EvaluationSpec.model_validate(
+        {
+            "tasks": [{"name": t, "limit": 30} for t in ("zoo_math_x", "zoo_verbs_x", "zoo_math_x_ll", "fewshot_ll")],
+            "include_paths": [str(tmp_path)], "split": {"heldout": 0.5, "seed": 7}, "batch_size": 16,
+        }
+    )  # fmt: skip
+    evaluator = Evaluator(model, tok, spec)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    lang_x, _ = load_model_and_tokenizer(str(ZOO / "lang-x"), device="cpu", dtype="float32")
+    for state in (original, lang_x.state_dict(), original):
+        model.load_state_dict(state)
+        for split in ("search", "heldout"):
+            ours = evaluator.evaluate(split)
+            assert ours.ok, ours.error
+            assert ours.metrics == _lm_eval_scores(evaluator, split)
+            for name, items in ours.items.items():  # per-item values make the aggregate
+                assert items["ids"] == evaluator.indices(name, split)
+                if items["metric"].startswith(("acc", "exact_match", "logprob")):
+                    assert sum(items["values"]) / len(items["values"]) == pytest.approx(ours.metrics[name][items["metric"]])
+    assert set(ours.items) == {"zoo_math_x", "zoo_verbs_x", "zoo_math_x_ll", "fewshot_ll"}
+    assert len(evaluator._requests) == 2  # built once per split, reused by every later call

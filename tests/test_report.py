@@ -194,3 +194,34 @@ def test_export_bad_input(finished, tmp_path):
     assert done.returncode == 2 and "--rank 999" in done.stderr and not (tmp_path / "x").exists()
     done = _cli("export", tmp_path, tmp_path / "y")
     assert done.returncode == 2 and "no experiment at" in done.stderr
+
+
+def test_per_item_results_are_journaled_and_paired_in_the_report(finished):
+    """Every evaluation stores which items it scored and each item's value (packed arrays); the report
+    pairs the winner with the best parent and the best default merge on the held-out items."""
+    import numpy as np
+
+    from evomerge.store import ExperimentStore
+
+    assert _cli("report", finished).returncode == 0
+    store = ExperimentStore.open(finished, readonly=True)
+    try:
+        candidates, finals = store.candidates(), store.finals()
+        for c in candidates:
+            items = store.items(f"candidate:{c.id}")
+            assert set(items) == {"zoo_math_x"}
+            got = items["zoo_math_x"]
+            assert got.metric == "exact_match,strict-match" and len(got.ids) == 24
+            assert got.values.mean() == pytest.approx(c.metrics["zoo_math_x"]["exact_match,strict-match"])
+        held = {f.name: store.items(f"final:{f.name}")["zoo_math_x"] for f in finals}
+    finally:
+        store.close()
+    ids = {tuple(v.ids) for v in held.values()}
+    assert len(ids) == 1  # every final scored the same held-out items
+    assert not set(next(iter(ids))) & set(items["zoo_math_x"].ids.tolist())  # held-out never searched
+    evolved, parent = held["evolved"], held["parent math-en"]
+    diff = evolved.values - parent.values
+    md = (finished / "leaderboard.md").read_text()
+    assert "item by item" in md and f"| evolved vs parent math-en | zoo_math_x | 24 | {int((diff > 0).sum())} right |" in md
+    assert f"{diff.mean():+.4f}" in md
+    assert np.isin(evolved.values, [0.0, 1.0]).all()

@@ -1,8 +1,8 @@
 """Score a resident model with lm-eval, many times.
 
-The lm-eval model wrapper and the task dict are built once; each call runs `lm_eval.evaluator.evaluate`
-on them with the examples of one split, so a candidate costs only its forward passes (the merge engine
-swaps weights in place between calls). A candidate that breaks (non-finite logits, out of memory, a
+The lm-eval model wrapper, the task dict and each split's request instances are built once (see
+evaluate/requests.py); a candidate costs only its LM calls, filters and metrics (the merge engine swaps
+weights in place between calls). A candidate that breaks (non-finite logits, out of memory, a
 generation error) comes back as a failed result with the reason; it never raises to the caller.
 """
 
@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from evomerge.errors import UserError, first_line
+from evomerge.evaluate.requests import RequestSet
 from evomerge.evaluate.spec import EvaluationSpec, TaskSpec
 from evomerge.evaluate.tasks import task_manager
 
@@ -37,6 +38,7 @@ class EvalResult:
     examples: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     error: str | None = None
+    items: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> {metric, ids, values}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -160,6 +162,7 @@ class Evaluator:
         self.model = model
         self.task_dict, self.splits = build_tasks(spec, manager)
         self.specs: dict[str, TaskSpec] = {t.name: t for t in spec.tasks}
+        self._requests: dict[str, RequestSet] = {}
         self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=spec.batch_size)
         for request_type in ("generate_until", "loglikelihood", "loglikelihood_rolling"):
             # lm-eval draws a bar per request type and candidate; the search draws its own
@@ -196,12 +199,19 @@ class Evaluator:
         limit = self.specs[task].limit
         return sorted(chosen[:limit] if limit else chosen)
 
+    def requests(self, split: str) -> RequestSet:
+        """The split's request instances, built once (with the few-shot sampler seeded) and reused."""
+        if split not in self._requests:
+            self.reseed()
+            samples = {name: self.indices(name, split) for name in self.task_dict}
+            self._requests[split] = RequestSet(self.task_dict, samples, self.lm)
+        return self._requests[split]
+
     def evaluate(self, split: str = "search") -> EvalResult:
-        """Metrics and fitness (sum of weight x metric) of the model as it is now."""
+        """Metrics and fitness (sum of weight x metric) of the model as it is now, with each task's
+        per-item values of the metric that makes its fitness."""
         if split not in SPLITS:
             raise UserError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-        from lm_eval.evaluator import evaluate
-
         started = time.perf_counter()
         samples = {name: self.indices(name, split) for name in self.task_dict}
         examples = {name: len(ix) for name, ix in samples.items()}
@@ -210,19 +220,19 @@ class Evaluator:
                 logits = self.model(self._probe).logits
             if not torch.isfinite(logits).all():
                 raise FloatingPointError("non-finite logits")
+            requests = self.requests(split)
             self.reseed()
-            out = evaluate(
-                lm=self.lm, task_dict=self.task_dict, samples=samples, bootstrap_iters=0, log_samples=False,
-                verbosity="ERROR",
-            )  # fmt: skip
-            metrics = {name: _metrics(out["results"][name]) for name in self.task_dict}
-            fitness = 0.0
+            scores = requests.score(self.lm)
+            metrics = {name: scores[name].metrics for name in self.task_dict}
+            fitness, items = 0.0, {}
             for name, task_metrics in metrics.items():
                 key = self.metric_key(name, task_metrics)
                 value = task_metrics[key]
                 if not math.isfinite(value):
                     raise FloatingPointError(f"{name} {key} is {value}")
                 fitness += self.specs[name].weight * value
+                if key in scores[name].items:
+                    items[name] = {"metric": key, "ids": samples[name], "values": scores[name].items[key]}
             if not math.isfinite(fitness):
                 raise FloatingPointError(f"fitness is {fitness}")
         except UserError:
@@ -234,7 +244,7 @@ class Evaluator:
             return EvalResult(
                 False, -math.inf, examples=examples, seconds=time.perf_counter() - started, error=reason
             )
-        return EvalResult(True, fitness, metrics, examples, time.perf_counter() - started)
+        return EvalResult(True, fitness, metrics, examples, time.perf_counter() - started, items=items)
 
     def metric_key(self, task: str, metrics: dict[str, float]) -> str:
         wanted = self.specs[task].metric

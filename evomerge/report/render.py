@@ -10,6 +10,8 @@ import io
 import os
 from pathlib import Path
 
+import numpy as np
+
 from evomerge.files import atomic_write, one_line
 from evomerge.report.view import ExperimentView
 
@@ -144,6 +146,55 @@ def heldout_rows(view: ExperimentView) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+BOOTSTRAP = 2000
+
+
+def paired_rows(view: ExperimentView) -> tuple[list[str], list[list[str]]]:
+    """The winner against the best parent and the best default merge, item by item on the held-out split:
+    per task, the items only one of the two gets right (metrics valued 0/1; otherwise the items where one
+    scores higher), the mean gain, and a paired bootstrap 95% interval of it (items resampled together,
+    seeded); a last row per comparison does the same for the weighted fitness."""
+    header = ["comparison", "task", "items", "only winner better", "only other better", "gain", "95% interval"]
+    evolved = next((f for f in view.finals if f.kind == "evolved" and f.status == "ok"), None)
+    rows: list[list[str]] = []
+    if evolved is None:
+        return header, rows
+    mine = view.final_items.get(evolved.name, {})
+    for other in (view.best_parent(), view.best_default()):
+        if other is None:
+            continue
+        theirs = view.final_items.get(other.name, {})
+        label = f"evolved vs {other.name}"
+        diffs, weights = [], []
+        for task in view.tasks:
+            a, b = mine.get(task), theirs.get(task)
+            if a is None or b is None or not np.array_equal(a.ids, b.ids):
+                continue
+            diff = a.values - b.values
+            binary = set(np.unique(np.concatenate([a.values, b.values]))) <= {0.0, 1.0}
+            better = f"{int((diff > 0).sum())}" + (" right" if binary else "")
+            worse = f"{int((diff < 0).sum())}" + (" right" if binary else "")
+            low, high = _bootstrap([diff], [1.0])
+            rows.append([label, task, str(len(diff)), better, worse, f"{diff.mean():+.4f}", f"[{low:+.4f}, {high:+.4f}]"])
+            diffs.append(diff)
+            weights.append(view.weights.get(task, 1.0))
+        if len(diffs) > 1:
+            low, high = _bootstrap(diffs, weights)
+            gain = sum(w * d.mean() for w, d in zip(weights, diffs, strict=True))
+            rows.append([label, "fitness (weighted)", "", "", "", f"{gain:+.4f}", f"[{low:+.4f}, {high:+.4f}]"])
+    return header, rows
+
+
+def _bootstrap(diffs: list[np.ndarray], weights: list[float]) -> tuple[float, float]:
+    """Percentile 95% interval of sum(weight x mean difference), resampling each task's items (paired)."""
+    rng = np.random.default_rng(0)
+    total = np.zeros(BOOTSTRAP)
+    for diff, weight in zip(diffs, weights, strict=True):
+        picks = rng.integers(0, len(diff), size=(BOOTSTRAP, len(diff)))
+        total += weight * diff[picks].mean(axis=1)
+    return float(np.percentile(total, 2.5)), float(np.percentile(total, 97.5))
+
+
 def top_rows(view: ExperimentView, n: int = TOP) -> tuple[list[str], list[list[str]]]:
     header = ["rank", "candidate", "generation.idx", "search fitness", *view.tasks]
     rows = [
@@ -203,6 +254,9 @@ def write_report(view: ExperimentView, out: Path, cross: list[ExperimentView] | 
     sections = [("Summary", ["", ""], [list(r) for r in summary_rows(view)])]
     if view.finals:
         sections.append(("Held-out split: finalists, parents and default merges", *heldout_rows(view)))
+        header, rows = paired_rows(view)
+        if rows:
+            sections.append(("Held-out split, item by item: the winner against the best parent and default", header, rows))
     sections.append((f"Top {TOP} candidates (search split)", *top_rows(view)))
     if view.failures:
         sections.append(

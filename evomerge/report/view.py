@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from evomerge.config import source_labels
 from evomerge.errors import UserError
-from evomerge.store import Candidate, ExperimentStore, Final
+from evomerge.store import Candidate, ExperimentStore, Final, ItemResults
 
 
 @dataclass
@@ -21,6 +21,7 @@ class ExperimentView:
     candidates: list[Candidate]
     finals: list[Final]
     config_dir: Path | None = None
+    final_items: dict[str, dict[str, ItemResults]] = field(default_factory=dict)  # final name -> task -> items
 
     @classmethod
     def load(cls, path: str | Path) -> ExperimentView:
@@ -31,9 +32,11 @@ class ExperimentView:
         try:
             config = json.loads(store.meta("config") or "{}")
             config_dir = store.meta("config_dir")
+            finals = store.finals()
             view = cls(
-                path, config, store.candidates(), store.finals(), Path(config_dir) if config_dir else None
-            )
+                path, config, store.candidates(), finals, Path(config_dir) if config_dir else None,
+                {f.name: store.items(f"final:{f.name}") for f in finals},
+            )  # fmt: skip
         finally:
             store.close()
         if not view.candidates:
@@ -99,8 +102,18 @@ class ExperimentView:
         return any(f.kind == "evolved" for f in self.finals)
 
     def best_parent(self) -> Final | None:
-        parents = [f for f in self.finals if f.kind == "parent" and f.status == "ok"]
-        return max(parents, key=lambda f: f.fitness) if parents else None
+        return self._best_final("parent")
+
+    def best_default(self) -> Final | None:
+        return self._best_final("default")
+
+    def _best_final(self, kind: str) -> Final | None:
+        finals = [f for f in self.finals if f.kind == kind and f.status == "ok"]
+        return max(finals, key=lambda f: f.fitness) if finals else None
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return {t["name"]: float(t.get("weight", 1.0)) for t in self.config.get("evaluation", {}).get("tasks", [])}
 
     def metric(self, metrics: dict[str, Any], task: str) -> float | None:
         values = metrics.get(task, {})

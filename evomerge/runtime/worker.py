@@ -30,6 +30,7 @@ class Outcome:
     reason: str | None = None
     merge_seconds: float = 0.0
     eval_seconds: float = 0.0
+    items: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> {metric, ids, values}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -154,7 +155,9 @@ class DfsWorker(_Runs):
 def _score(evaluator, split: str, build_seconds: float) -> Outcome:
     """Evaluate the model the evaluator holds now; `build_seconds` is what making it took (merge, path)."""
     result = evaluator.evaluate(split)
-    return Outcome(result.ok, result.fitness, result.metrics, result.error, build_seconds, result.seconds)
+    return Outcome(
+        result.ok, result.fitness, result.metrics, result.error, build_seconds, result.seconds, result.items
+    )
 
 
 def _reason(exc: BaseException) -> str:

@@ -303,7 +303,7 @@ class Search:
             outcome.reason, outcome.fitness if outcome.ok else -math.inf, outcome.metrics,
             outcome.merge_seconds, outcome.eval_seconds, started, time.time(),
         )  # fmt: skip
-        candidate.id = self.store.record(candidate)
+        candidate.id = self.store.record(candidate, outcome.items if outcome.ok else None)
         if outcome.ok:
             log.info(
                 "candidate %d.%d fitness %.4f (merge %.2fs, eval %.2fs)",
@@ -378,7 +378,8 @@ class Search:
                         outcome.metrics,
                         outcome.merge_seconds + outcome.eval_seconds,
                         time.time(),
-                    )  # fmt: skip
+                    ),  # fmt: skip
+                    outcome.items if outcome.ok else None,
                 )
                 log.info(
                     "held-out %s: %s",
@@ -405,7 +406,7 @@ def _finite(outcome: Outcome) -> Outcome:
         return Outcome(
             False, -math.inf, outcome.metrics, f"non-finite fitness ({outcome.fitness})",
             outcome.merge_seconds, outcome.eval_seconds,
-        )  # fmt: skip
+        )  # fmt: skip (no items: a failed evaluation has none worth pairing)
     return outcome
 
 

@@ -1,0 +1,105 @@
+"""A task's requests built once per item set, scored per candidate, with each item's metric kept.
+
+`lm_eval.evaluator.evaluate` rebuilds every request instance (prompt, few-shot context, target: Jinja
+templates rendered per document) on every call, which on small models costs more than the forward passes.
+The instances depend on the items and the few-shot seed only, never on the weights, so `RequestSet` builds
+them once and a candidate pays only for the LM calls, the filters and the metrics. It runs the same steps
+as lm-eval's `evaluate` in the same order (instances of one request type from every task in one LM call,
+filters, `process_results` per document, the task's aggregation per metric), so the scores are the same
+numbers (tested against `evaluate` on generation, log-likelihood and few-shot tasks).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class TaskScore:
+    """One task's scores: aggregated metrics (`metric,filter` -> value, lm-eval's order) and, for metrics
+    whose per-item values are numbers, those values in item order."""
+
+    metrics: dict[str, float]
+    items: dict[str, list[float]] = field(default_factory=dict)
+
+
+class RequestSet:
+    """The request instances of `task_dict`'s tasks on the given items (document indices per task)."""
+
+    def __init__(self, task_dict: dict[str, Any], samples: dict[str, list[int]], lm) -> None:
+        self.task_dict = task_dict
+        self.samples = {name: list(ix) for name, ix in samples.items()}
+        self.instances: dict[str, list] = {}
+        self.docs: dict[str, list[tuple[int, Any]]] = {}
+        self.by_doc: dict[str, dict[int, list]] = {}
+        self.by_type: dict[str, list] = defaultdict(list)
+        for name, task in task_dict.items():
+            task.build_all_requests(
+                limit=None, samples=self.samples[name], rank=0, world_size=1, cache_requests=False,
+                rewrite_requests_cache=False, system_instruction=None, apply_chat_template=False,
+                fewshot_as_multiturn=False, chat_template=None, tokenizer_name="",
+            )  # fmt: skip
+            instances = list(task.instances)
+            self.instances[name] = instances
+            for instance in instances:
+                self.by_type[instance.request_type].append(instance)
+            grouped: dict[int, list] = defaultdict(list)
+            for instance in instances:
+                grouped[instance.doc_id].append(instance)
+            for group in grouped.values():
+                group.sort(key=lambda x: x.idx)
+            self.by_doc[name] = grouped
+            self.docs[name] = list(
+                task.doc_iterator(rank=0, limit=None, world_size=1, samples=self.samples[name])
+            )
+
+    @property
+    def size(self) -> int:
+        """Items (documents) in the set, over all tasks."""
+        return sum(len(ix) for ix in self.samples.values())
+
+    def score(self, lm) -> dict[str, TaskScore]:
+        """Run the model (as it is now) on every request and score each task."""
+        for instances in self.instances.values():
+            for instance in instances:
+                instance.resps = []
+                instance.filtered_resps = {}
+        for request_type, requests in self.by_type.items():
+            cloned = [req for req in requests for _ in range(req.repeats)]
+            for response, req in zip(getattr(lm, request_type)(cloned), cloned, strict=True):
+                req.resps.append(response)
+        return {name: self._score_task(name, task) for name, task in self.task_dict.items()}
+
+    def _score_task(self, name: str, task) -> TaskScore:
+        from lm_eval.api.metrics import mean
+
+        task._instances = self.instances[name]  # the filters read (and write) the task's own list
+        task.apply_filters()
+        raw: dict[tuple[str, str], list] = {}
+        for filter_key in self.instances[name][0].filtered_resps:
+            for doc_id, doc in self.docs[name]:
+                requests = self.by_doc[name][doc_id]
+                values = task.process_results(doc, [req.filtered_resps[filter_key] for req in requests])
+                for metric, value in values.items():
+                    raw.setdefault((metric, filter_key), []).append(value)
+        aggregations = task.aggregation()
+        metrics, items = {}, {}
+        for (metric, filter_key), values in raw.items():
+            key = f"{metric},{filter_key}"
+            value = aggregations.get(metric, mean)(values)
+            if isinstance(value, (int, float, np.floating, np.integer)):
+                metrics[key] = float(value)
+            if len(values) == len(self.docs[name]) and all(_is_number(v) for v in values):
+                items[key] = [float(v) for v in values]
+        return TaskScore(metrics, items)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (bool, int, float, np.floating, np.integer, np.bool_)) and not (
+        isinstance(value, float) and math.isnan(value)
+    )
