@@ -4,7 +4,8 @@ request instances once:
 
 - before: `lm_eval.evaluator.evaluate` per candidate on a task dict built once (what evomerge did until
   requests were cached: every call renders every prompt and few-shot context again);
-- after: `Evaluator.evaluate` (requests built once per split; per candidate only LM calls, filters, metrics).
+- after: `Evaluator.evaluate` (requests built once per split, targets and tokenizations kept; per
+  candidate only LM calls, filters, metrics).
 
 Both score the same items with the same weights and must give the same numbers (checked). Candidates
 alternate between two models' weights, swapped in place.
@@ -26,6 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from evomerge.config import load_config  # noqa: E402
 from evomerge.evaluate import Evaluator  # noqa: E402
+from evomerge.evaluate.evaluator import build_tasks, fewshot_seed  # noqa: E402
 from evomerge.evaluate.run import load_model_and_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -68,18 +70,25 @@ def main() -> None:
         model.load_state_dict(states[i % 2])
         return evaluator.evaluate("search").metrics
 
-    def before(i: int) -> dict:
-        from lm_eval.evaluator import evaluate
+    # before: lm-eval untouched (its own task objects and wrapper, nothing cached between calls)
+    from lm_eval.evaluator import evaluate
+    from lm_eval.models.huggingface import HFLM
 
+    plain_tasks, _ = build_tasks(config.evaluation)
+    plain_lm = HFLM(pretrained=model, tokenizer=tok, batch_size=config.evaluation.batch_size)
+
+    def before(i: int) -> dict:
         model.load_state_dict(states[i % 2])
+        for name, task in plain_tasks.items():  # the few-shot seeds the evaluator uses
+            task.set_fewshot_seed(seed=fewshot_seed(config.evaluation.split.seed, name))
         evaluator.reseed()
         out = evaluate(
-            lm=evaluator.lm, task_dict=evaluator.task_dict, samples=samples, bootstrap_iters=0,
+            lm=plain_lm, task_dict=plain_tasks, samples=samples, bootstrap_iters=0,
             log_samples=False, verbosity="ERROR",
         )  # fmt: skip
         return {
             name: {k: float(v) for k, v in out["results"][name].items() if "," in k and "stderr" not in k}
-            for name in evaluator.task_dict
+            for name in plain_tasks
         }
 
     rows, scores = {}, {}

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from evomerge.errors import UserError, first_line
-from evomerge.evaluate.requests import RequestSet
+from evomerge.evaluate.requests import RequestSet, memoize_encoding
 from evomerge.evaluate.spec import EvaluationSpec, TaskSpec
 from evomerge.evaluate.tasks import task_manager
 
@@ -164,6 +164,7 @@ class Evaluator:
         self.specs: dict[str, TaskSpec] = {t.name: t for t in spec.tasks}
         self._requests: dict[str, RequestSet] = {}
         self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=spec.batch_size)
+        memoize_encoding(self.lm)
         for request_type in ("generate_until", "loglikelihood", "loglikelihood_rolling"):
             # lm-eval draws a bar per request type and candidate; the search draws its own
             setattr(

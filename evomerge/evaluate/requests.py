@@ -39,6 +39,7 @@ class RequestSet:
         self.by_doc: dict[str, dict[int, list]] = {}
         self.by_type: dict[str, list] = defaultdict(list)
         for name, task in task_dict.items():
+            _memoize_targets(task)
             task.build_all_requests(
                 limit=None, samples=self.samples[name], rank=0, world_size=1, cache_requests=False,
                 rewrite_requests_cache=False, system_instruction=None, apply_chat_template=False,
@@ -97,6 +98,48 @@ class RequestSet:
             if len(values) == len(self.docs[name]) and all(_is_number(v) for v in values):
                 items[key] = [float(v) for v in values]
         return TaskScore(metrics, items)
+
+
+def _memoize_targets(task) -> None:
+    """Scoring a document asks the task for its target again (`process_results` -> `doc_to_target`), which
+    renders a Jinja template compiled anew on every call: more time than a small model's forward passes.
+    A target is a function of the document alone, so it is computed once per document (keyed by the
+    document object, which the request set keeps alive) and the same value returned after."""
+    if getattr(task, "_evomerge_targets", None) is not None:
+        return
+    original = task.doc_to_target
+    cache: dict[int, tuple[Any, Any]] = {}
+
+    def doc_to_target(doc, *args, **kwargs):
+        if args or kwargs:
+            return original(doc, *args, **kwargs)
+        hit = cache.get(id(doc))
+        if hit is None or hit[0] is not doc:
+            hit = (doc, original(doc))
+            cache[id(doc)] = hit
+        return hit[1]
+
+    task._evomerge_targets = cache
+    task.doc_to_target = doc_to_target
+
+
+def memoize_encoding(lm) -> None:
+    """The same prompts are tokenized for every candidate: keep each string's token ids (the wrapper's
+    `tok_encode` is a function of the string and its options only)."""
+    original = lm.tok_encode
+    cache: dict[tuple, list[int]] = {}
+
+    def tok_encode(string, add_special_tokens=None, left_truncate_len=None, **kwargs):
+        if kwargs:
+            return original(string, add_special_tokens, left_truncate_len, **kwargs)
+        key = (string, add_special_tokens, left_truncate_len)
+        if key not in cache:
+            if len(cache) > 1_000_000:
+                cache.clear()
+            cache[key] = original(string, add_special_tokens, left_truncate_len)
+        return list(cache[key])
+
+    lm.tok_encode = tok_encode
 
 
 def _is_number(value: Any) -> bool:
