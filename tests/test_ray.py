@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from helpers import REPO, cli, journal, smoke
 
+pytestmark = pytest.mark.slow  # a real Ray cluster per session, several real searches
+
 
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory):

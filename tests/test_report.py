@@ -83,6 +83,7 @@ def test_several_experiments_and_out_dir(finished, tmp_path):
     assert not (other / "report.html").exists()
 
 
+@pytest.mark.slow
 def test_report_while_search_runs_and_after_kill(tmp_path):
     cfg = _config(tmp_path, "live")
     exp = tmp_path / "exp"

@@ -120,6 +120,7 @@ def test_merge_force_refuses_a_directory_it_did_not_write(tmp_path):
 # -- one writer -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_second_search_on_a_running_experiment_exits_at_once(tmp_path):
     cfg = smoke(tmp_path, **{"optimizer.budget": 60})
     exp = tmp_path / "exp"

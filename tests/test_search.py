@@ -331,6 +331,7 @@ def test_edited_journal_is_refused_on_resume(straight, tmp_path):
     assert done.returncode == 2 and "does not reproduce candidate 0.2" in done.stderr
 
 
+@pytest.mark.slow
 def test_killed_and_resumed_ends_like_uninterrupted(straight, tmp_path):
     """kill -9 the real command at random moments (several times), resume each time: same journal, same
     best recipe and fitness, same held-out finals as the uninterrupted run."""
