@@ -47,3 +47,42 @@ def journal(exp: Path):
     finals = dict(db.execute("SELECT name, fitness FROM finals").fetchall())
     db.close()
     return rows, finals
+
+
+FEWSHOT_TASK = """
+task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    train: {train}
+    test: {test}
+training_split: train
+test_split: test
+output_type: loglikelihood
+doc_to_text: "{{{{question}}}}"
+doc_to_target: " {{{{answer}}}}"
+target_delimiter: ""
+num_fewshot: 3
+metric_list:
+  - metric: perplexity
+    aggregation: perplexity
+    higher_is_better: false
+{acc}metadata:
+  version: 1.0
+"""
+_ACC = "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+
+
+def fewshot_task(directory: Path, name: str, *, test_rows=(200, 260), acc=False, data=True) -> Path:
+    """A local 3-shot log-likelihood task over the zoo's language-1 problems (train: the first 200,
+    test: `test_rows`), written into `directory`; `data=False` leaves its data files missing."""
+    directory.mkdir(parents=True, exist_ok=True)
+    train, test = directory / f"{name}-train.jsonl", directory / f"{name}-test.jsonl"
+    if data:
+        lines = (REPO / "evomerge" / "tasks" / "zoo" / "zoo_math_en.jsonl").read_text().splitlines()
+        train.write_text("\n".join(lines[:200]) + "\n")
+        test.write_text("\n".join(lines[slice(*test_rows)]) + "\n")
+    (directory / f"{name}.yaml").write_text(
+        FEWSHOT_TASK.format(name=name, train=train, test=test, acc=_ACC if acc else "")
+    )
+    return directory

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import fewshot_task
 
 from evomerge.evaluate import EvaluationSpec, Evaluator, split_indices
 from evomerge.evaluate.run import load_model_and_tokenizer
@@ -209,32 +210,6 @@ def test_gsm8k_local_task_runs_offline_from_plain_files(math_en, tmp_path, monke
     assert result.examples == {"gsm8k_local": 3}
 
 
-FEWSHOT = """
-task: fewshot_ll
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    train: {train}
-    test: {test}
-training_split: train
-test_split: test
-output_type: loglikelihood
-doc_to_text: "{{{{question}}}}"
-doc_to_target: " {{{{answer}}}}"
-target_delimiter: ""
-num_fewshot: 3
-metric_list:
-  - metric: perplexity
-    aggregation: perplexity
-    higher_is_better: false
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1.0
-"""
-
-
 def _lm_eval_scores(evaluator, split):
     """lm-eval's own `evaluate` on the same items, with the few-shot sampler seeded as the evaluator seeds it."""
     from lm_eval.evaluator import evaluate
@@ -254,12 +229,7 @@ def _lm_eval_scores(evaluator, split):
 def test_requests_built_once_score_exactly_as_lm_eval(math_en, tmp_path):
     """Generation (two filters), multiple choice, log-likelihood with a custom metric, and a 3-shot task:
     the cached requests give lm-eval's numbers exactly, call after call, weights swapped in between."""
-    lines = (TASKS / "zoo_math_en.jsonl").read_text().splitlines()
-    (tmp_path / "train.jsonl").write_text("\n".join(lines[:200]) + "\n")
-    (tmp_path / "test.jsonl").write_text("\n".join(lines[200:300]) + "\n")
-    (tmp_path / "fewshot_ll.yaml").write_text(
-        FEWSHOT.format(train=tmp_path / "train.jsonl", test=tmp_path / "test.jsonl")
-    )
+    fewshot_task(tmp_path, "fewshot_ll", test_rows=(200, 300), acc=True)
     model, tok = math_en
     spec = EvaluationSpec.model_validate(
         {

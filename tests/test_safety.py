@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import REPO, cli, journal, smoke
+from helpers import REPO, cli, fewshot_task, journal, smoke
 
 from evomerge.errors import UserError
 
@@ -191,39 +191,8 @@ def test_names_from_configs_stay_on_one_line(tmp_path):
 # -- reproducible fitness -------------------------------------------------------------------------------
 
 
-FEWSHOT_TASK = """
-task: fewshot_ppl
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    train: {train}
-    test: {test}
-training_split: train
-test_split: test
-output_type: loglikelihood
-doc_to_text: "{{{{question}}}}"
-doc_to_target: " {{{{answer}}}}"
-target_delimiter: ""
-num_fewshot: 3
-metric_list:
-  - metric: perplexity
-    aggregation: perplexity
-    higher_is_better: false
-metadata:
-  version: 1.0
-"""
-
-
 def _fewshot_task(tmp_path: Path) -> Path:
-    lines = (REPO / "evomerge" / "tasks" / "zoo" / "zoo_math_en.jsonl").read_text().splitlines()
-    tasks = tmp_path / "tasks"
-    tasks.mkdir()
-    (tasks / "train.jsonl").write_text("\n".join(lines[:200]) + "\n")
-    (tasks / "test.jsonl").write_text("\n".join(lines[200:260]) + "\n")
-    (tasks / "fewshot_ppl.yaml").write_text(
-        FEWSHOT_TASK.format(train=tasks / "train.jsonl", test=tasks / "test.jsonl")
-    )
-    return tasks
+    return fewshot_task(tmp_path / "tasks", "fewshot_ppl")
 
 
 def test_fewshot_fitness_is_a_function_of_model_and_config(tmp_path):
@@ -261,14 +230,7 @@ def test_fewshot_fitness_is_a_function_of_model_and_config(tmp_path):
 
 
 def _bad_task_dir(tmp_path: Path) -> Path:
-    tasks = tmp_path / "badtasks"
-    tasks.mkdir()
-    (tasks / "ghost.yaml").write_text(
-        FEWSHOT_TASK.replace("fewshot_ppl", "ghost").format(
-            train=tmp_path / "missing-train.jsonl", test=tmp_path / "missing-test.jsonl"
-        )
-    )
-    return tasks
+    return fewshot_task(tmp_path / "badtasks", "ghost", data=False)
 
 
 BAD = [
