@@ -80,14 +80,9 @@ def open_append(path: str | Path):
     return os.fdopen(fd, "a", encoding="utf-8")
 
 
-def make_dirs(path: Path) -> None:
-    """mkdir -p with the umask's permissions (Path.mkdir already honours the umask)."""
-    path.mkdir(parents=True, exist_ok=True)
-
-
 def temp_dir_beside(path: Path) -> Path:
     """A new empty directory next to `path` (same file system, so it can be renamed onto it)."""
-    make_dirs(path.parent)
+    path.parent.mkdir(parents=True, exist_ok=True)  # the umask's permissions
     stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     os.chmod(stage, dir_mode())
     return stage
@@ -123,21 +118,31 @@ def marked_as(directory: Path, kind: str) -> bool:
 # -- deletion ----------------------------------------------------------------------------------------------
 
 
-def check_deletable(path: Path, kind: str, *, keep: tuple[Path, ...] = (), what: str = "--force") -> None:
-    """Raise UserError unless `path` is a directory evomerge made as `kind` and deleting it harms nothing
-    that must survive: not `.`/`..`, not the working directory or an ancestor, not (an ancestor of) `keep`."""
+def covers(path: Path, other: Path) -> bool:
+    """Whether removing `path` removes `other`: it is `other` or one of its ancestors."""
+    path, other = path.resolve(), other.resolve()
+    return path == other or path in other.parents
+
+
+def check_protected(path: Path, *, keep: tuple[Path, ...] = (), what: str = "--force") -> None:
+    """Raise UserError when deleting or replacing `path` would harm what must survive: `.`/`..`, a symbolic
+    link's target, the working directory or an ancestor of it, anything in `keep` or an ancestor of it."""
     if path.name in ("", ".", ".."):
         raise UserError(f"{what}: refusing to delete {str(path)!r} (name it explicitly)")
     if path.is_symlink():
         raise UserError(f"{what}: {path} is a symbolic link; refusing to delete through it")
-    real = path.resolve()
-    cwd = Path.cwd().resolve()
-    if real == cwd or real in cwd.parents:
+    if covers(path, Path.cwd()):
         raise UserError(f"{what}: {path} is the working directory or contains it; refusing to delete it")
     for kept in keep:
-        kept = kept.resolve()
-        if real == kept or real in kept.parents:
-            raise UserError(f"{what}: deleting {path} would delete {kept}; refusing")
+        if covers(path, kept):
+            raise UserError(f"{what}: deleting {path} would delete {kept.resolve()}; refusing")
+
+
+def check_deletable(path: Path, kind: str, *, keep: tuple[Path, ...] = ()) -> None:
+    """Raise UserError unless `path` is a directory evomerge made as `kind` and deleting it harms nothing
+    that must survive (`check_protected`)."""
+    what = "--force"
+    check_protected(path, keep=keep, what=what)
     if not path.is_dir():
         raise UserError(f"{what}: {path} is not a directory; refusing to delete it")
     if not marked_as(path, kind):

@@ -30,7 +30,7 @@ import numpy as np
 
 from evomerge import files
 from evomerge.errors import UserError, first_line
-from evomerge.files import EXPERIMENT, STAGED, DirectoryLock, atomic_write, mark, marker
+from evomerge.files import EXPERIMENT, STAGED, atomic_write, mark, marker
 
 DB_NAME = "experiment.sqlite"
 SCHEMA_VERSION = 1
@@ -160,7 +160,7 @@ class ExperimentStore:
 
     @classmethod
     def create(cls, path: str | Path, meta: dict[str, str], *, config_text: str) -> ExperimentStore:
-        """A new experiment in `path`, which the caller has created and locked (`lock`), holding no
+        """A new experiment in `path`, which the caller has created and locked (`DirectoryLock`), holding no
         experiment yet; the database appears complete or not at all (built aside, then renamed)."""
         path = Path(path)
         if cls.exists(path):
@@ -183,11 +183,6 @@ class ExperimentStore:
             raise
         atomic_write(path / "config.yaml", config_text)
         return cls(path)
-
-    @staticmethod
-    def lock(path: Path) -> DirectoryLock:
-        """The one-writer lock of the experiment at `path` (created if needed); readers never take it."""
-        return DirectoryLock(path, "experiment")
 
     @staticmethod
     def is_fresh_dir(path: Path) -> bool:

@@ -80,9 +80,7 @@ def build_tasks(spec: EvaluationSpec, manager=None) -> tuple[dict[str, Any], dic
     report, a split that leaves no search or held-out examples."""
     from lm_eval.tasks import get_task_dict
 
-    names = [t.name for t in spec.tasks]
-    if len(set(names)) != len(names):
-        raise UserError("a task is listed twice in evaluation.tasks")
+    names = [t.name for t in spec.tasks]  # distinct: EvaluationSpec refuses a task listed twice
     manager = manager or task_manager(names, spec.include_paths)
     for name in names:
         if name in manager.all_groups:
@@ -254,12 +252,3 @@ class Evaluator:
         if wanted not in metrics:
             raise UserError(f"task {task} has no metric {wanted!r} (it reports: {', '.join(metrics)})")
         return wanted
-
-
-def _metrics(raw: dict[str, Any]) -> dict[str, float]:
-    """lm-eval's result row without stderr and aliases, as plain floats (it returns numpy scalars)."""
-    return {
-        key: float(value)
-        for key, value in raw.items()
-        if "," in key and "_stderr" not in key and isinstance(value, (int, float, np.floating))
-    }

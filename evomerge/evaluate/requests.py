@@ -59,11 +59,6 @@ class RequestSet:
                 task.doc_iterator(rank=0, limit=None, world_size=1, samples=self.samples[name])
             )
 
-    @property
-    def size(self) -> int:
-        """Items (documents) in the set, over all tasks."""
-        return sum(len(ix) for ix in self.samples.values())
-
     def score(self, lm) -> dict[str, TaskScore]:
         """Run the model (as it is now) on every request and score each task."""
         for instances in self.instances.values():

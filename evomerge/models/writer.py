@@ -17,7 +17,16 @@ import torch
 from safetensors.torch import save_file
 
 from evomerge.errors import UserError
-from evomerge.files import MODEL, atomic_write, check_deletable, mark, replace_dir, temp_dir_beside
+from evomerge.files import (
+    MODEL,
+    atomic_write,
+    check_deletable,
+    check_protected,
+    covers,
+    mark,
+    replace_dir,
+    temp_dir_beside,
+)
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -40,21 +49,14 @@ def check_destination(out_dir: Path, force: bool, keep: tuple[Path, ...] = ()) -
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"output {out_dir} exists and is not a directory")
     for kept in keep:
-        if out_dir.resolve() == kept.resolve() or out_dir.resolve() in kept.resolve().parents:
+        if covers(out_dir, kept):
             raise UserError(f"output {out_dir} would replace {kept}; choose another directory")
     if out_dir.is_dir() and any(out_dir.iterdir()):
         if not force:
             raise UserError(f"output directory {out_dir} is not empty (use --force to replace it)")
         check_deletable(out_dir, MODEL, keep=keep)
-    elif out_dir.is_dir():
-        check_deletable_empty(out_dir)
-
-
-def check_deletable_empty(out_dir: Path) -> None:
-    """An empty directory is replaced by the new model; still never `.` or the working directory."""
-    cwd = Path.cwd().resolve()
-    if out_dir.name in ("", ".", "..") or out_dir.resolve() == cwd or out_dir.resolve() in cwd.parents:
-        raise UserError(f"output {out_dir} is the working directory or contains it; name a new directory")
+    elif out_dir.is_dir():  # an empty directory is replaced too: still never `.` or the working directory
+        check_protected(out_dir, what="output")
 
 
 @contextmanager

@@ -117,7 +117,6 @@ def check_replayable(spec, size: int, default_batch: int, overlap: int) -> None:
             opt.tell(asked, [float(np.sum((x - 0.3) ** 2)) for x in asked])
         return seen, opt
 
-    first = second = None
     try:
         first, a = probe()
         threaded = _stop_threads(a)

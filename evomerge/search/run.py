@@ -16,7 +16,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -74,9 +74,9 @@ def open_experiment(
     snapshot = json.dumps(config.model_dump(mode="json"), sort_keys=True)
     if ExperimentStore.exists(out):
         store = ExperimentStore.open(out)
-        old = json.loads(store.meta("identity") or "{}")
-        if _comparable(old) != _comparable(identity):
-            changed = ", ".join(describe_changes(_comparable(old), _comparable(identity))) or "the config"
+        old, new = _comparable(json.loads(store.meta("identity") or "{}")), _comparable(identity)
+        if old != new:
+            changed = ", ".join(describe_changes(old, new)) or "the config"
             store.close()
             raise UserError(
                 f"{out} holds an experiment with a different config (changed: {changed}); "
@@ -454,23 +454,30 @@ def run_search(
         raise UserError(f"{out} exists and is not a directory; choose another --out")
     staged = bool(config.stages)
     what = "staged experiment" if staged else "experiment"
-    lock = _lock(out, what) if _existing(out, config) else None
+    lock = DirectoryLock(out, what) if _existing(out, config) else None
     try:
         check_config(config, config_dir, resolve=True)
         if lock is None:
             _check_new_target(out, staged)
             out.mkdir(parents=True, exist_ok=True)
-            lock = _lock(out, what)
+            lock = DirectoryLock(out, what)
+        run = _Run(fresh, force, budget, reporter)
         if not staged:
-            return [_run_one(config, config_dir, out, fresh, force, budget, reporter, lock)]
-        return _run_stages(config, config_dir, out, fresh, force, budget, reporter)
+            return [_run_one(config, config_dir, out, run)]
+        return _run_stages(config, config_dir, out, run)
     finally:
         if lock is not None:
             lock.close()
 
 
-def _lock(out: Path, what: str) -> DirectoryLock:
-    return DirectoryLock(out, what)
+@dataclass(frozen=True)
+class _Run:
+    """How `evomerge search` was asked to run, as every experiment (or stage) of it sees it."""
+
+    fresh: bool
+    force: bool
+    budget: int | None
+    reporter: Reporter | None
 
 
 def _existing(out: Path, config: ExperimentConfig) -> bool:
@@ -498,22 +505,14 @@ def _check_new_target(out: Path, staged: bool) -> None:
         raise UserError(f"{out} exists, is not empty and is not an experiment; choose another --out")
 
 
-def _run_stages(
-    config: ExperimentConfig,
-    config_dir: Path,
-    out: Path,
-    fresh: bool,
-    force: bool,
-    budget: int | None,
-    reporter: Reporter | None,
-) -> list[SearchResult]:
+def _run_stages(config: ExperimentConfig, config_dir: Path, out: Path, run: _Run) -> list[SearchResult]:
     """Each stage is an experiment in `out/<stage>`; `previous` is the prior stage's best, exported once."""
     from evomerge.files import remove_marked
     from evomerge.report.export import export_candidate
 
     stage_dirs = [p for p in out.iterdir() if p.is_dir() and ExperimentStore.exists(p)]
-    if fresh and stage_dirs:
-        if not force:
+    if run.fresh and stage_dirs:
+        if not run.force:
             raise UserError(
                 f"{out} holds a staged experiment; --fresh would delete it: add --force to confirm"
             )
@@ -527,15 +526,15 @@ def _run_stages(
         stage_config = config.stage_config(index, previous)
         stage_dir = out / stage.name
         stage_dir.mkdir(exist_ok=True)
-        with _lock(stage_dir, "experiment") as lock:
-            result = _run_one(stage_config, config_dir, stage_dir, False, False, budget, reporter, lock)
+        with DirectoryLock(stage_dir, "experiment"):  # --fresh was handled above, for all stages at once
+            result = _run_one(stage_config, config_dir, stage_dir, replace(run, fresh=False, force=False))
         results.append(result)
         if not result.finals:
             break
         previous = (stage_dir / f"{stage.name}-best").resolve()
         if not previous.exists():  # written once, atomically; a resumed run reuses it
-            if reporter:
-                reporter.stage(f"exporting the best of stage {stage.name}")
+            if run.reporter:
+                run.reporter.stage(f"exporting the best of stage {stage.name}")
             export_candidate(stage_dir, previous)
     return results
 
@@ -555,25 +554,16 @@ def _override_runtime(
     return ExperimentConfig.model_validate(data)
 
 
-def _run_one(
-    config: ExperimentConfig,
-    config_dir: Path,
-    out: Path,
-    fresh: bool,
-    force: bool,
-    budget: int | None,
-    reporter: Reporter | None,
-    lock: DirectoryLock,
-) -> SearchResult:
-    """One experiment in `out`, which exists and whose lock the caller holds."""
+def _run_one(config: ExperimentConfig, config_dir: Path, out: Path, run: _Run) -> SearchResult:
+    """One experiment in `out`, which exists and whose `DirectoryLock` the caller holds."""
     from evomerge.files import remove_marked
 
-    if budget is not None:
+    if run.budget is not None:
         config = config.model_copy(
-            update={"optimizer": config.optimizer.model_copy(update={"budget": budget})}
+            update={"optimizer": config.optimizer.model_copy(update={"budget": run.budget})}
         )
-    if fresh and ExperimentStore.exists(out):
-        if not force:
+    if run.fresh and ExperimentStore.exists(out):
+        if not run.force:
             raise UserError(f"{out} holds an experiment; --fresh would delete it: add --force to confirm")
         remove_marked(out, EXPERIMENT, spare=(LOCK,))  # refuses an unmarked dir, `.`, the cwd...
     if not ExperimentStore.exists(out) and not ExperimentStore.is_fresh_dir(out):
@@ -593,7 +583,7 @@ def _run_one(
         log.info(
             "%s experiment %s (config %s)", "resuming" if resumed else "starting", out, config.identity_hash()
         )
-        search = Search(config, config_dir, store, reporter)
+        search = Search(config, config_dir, store, run.reporter)
         try:
             search.run()
             done = store.count()
