@@ -269,6 +269,8 @@ class ExperimentConfig(_Strict):
         data = self.model_dump(mode="json")
         data["optimizer"].pop("budget")
         data["evaluation"].pop("batch_size")  # how many at once changes no score (lower it after an OOM)
+        if data["evaluation"]["fidelity"]["mode"] == "full":  # as before fidelity existed: older runs resume
+            data["evaluation"].pop("fidelity")
         data.pop("output")
         data.pop("name")
         runtime = data.pop("runtime")

@@ -47,14 +47,15 @@ class SearchReporter:
         self.progress = Progress(
             TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
             TextColumn("best {task.fields[best]}"), TextColumn("{task.fields[rate]} evals/min"),
+            TextColumn("{task.fields[items]} item-evals"),
             TextColumn("ETA"), TimeRemainingColumn(), console=self.console,
         )  # fmt: skip
         self.progress.start()
         self.task = self.progress.add_task(
-            "searching", total=budget, completed=min(done, budget), best=_fmt(best), rate="-"
+            "searching", total=budget, completed=min(done, budget), best=_fmt(best), rate="-", items="-"
         )
 
-    def evaluated(self, candidate: Candidate, done: int, best: float | None) -> None:
+    def evaluated(self, candidate: Candidate, done: int, best: float | None, item_evals: int = 0) -> None:
         elapsed = time.monotonic() - self.started
         rate = (done - self.start_done) / elapsed * 60 if elapsed > 0 else 0.0
         if self.progress is not None:
@@ -64,13 +65,20 @@ class SearchReporter:
                 description="searching",
                 best=_fmt(best),
                 rate=f"{rate:.1f}",
+                items=_count(item_evals),
             )
             return
-        state = f"fitness {candidate.fitness:.4f}" if candidate.ok else f"failed: {one_line(candidate.reason)}"
+        what = "estimate" if candidate.estimate else "fitness"
+        state = f"{what} {candidate.fitness:.4f}" if candidate.ok else f"failed: {one_line(candidate.reason)}"
         self.console.print(
-            f"[{done}/{self.budget}] candidate {candidate.generation}.{candidate.idx} {state} | best {_fmt(best)} | {rate:.1f} evals/min",
+            f"[{done}/{self.budget}] candidate {candidate.generation}.{candidate.idx} {state} | best {_fmt(best)} "
+            f"| {rate:.1f} evals/min | {_count(item_evals)} item-evals",
             markup=False, highlight=False, soft_wrap=True,
         )  # fmt: skip
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e4 else str(n)
 
 
 def _fmt(value: float | None) -> str:

@@ -51,6 +51,7 @@ CREATE TABLE candidates (
     eval_seconds REAL NOT NULL,
     started_at REAL NOT NULL,
     finished_at REAL NOT NULL,
+    fidelity TEXT,  -- JSON {"items": item-evaluations, "full": scored on every search item, ...}; NULL: full
     UNIQUE (generation, idx)
 );
 CREATE TABLE optimizer (
@@ -66,6 +67,16 @@ CREATE TABLE IF NOT EXISTS items (
     ids BLOB NOT NULL,
     vals BLOB NOT NULL,
     PRIMARY KEY (owner, task)
+);
+CREATE TABLE IF NOT EXISTS scores (
+    owner TEXT PRIMARY KEY,  -- rescore:<candidate id> | prior:<name> | rung:<generation>.<idx>.<rung>
+    status TEXT NOT NULL,
+    reason TEXT,
+    fitness REAL NOT NULL,
+    metrics TEXT NOT NULL,
+    item_evals INTEGER NOT NULL,
+    seconds REAL NOT NULL,
+    finished_at REAL NOT NULL
 );
 CREATE TABLE finals (
     name TEXT PRIMARY KEY,
@@ -83,7 +94,7 @@ CREATE TABLE finals (
 """
 
 
-_ITEMS = _SCHEMA[_SCHEMA.index("CREATE TABLE IF NOT EXISTS items") : _SCHEMA.index("CREATE TABLE finals")]
+_ADDED = _SCHEMA[_SCHEMA.index("CREATE TABLE IF NOT EXISTS items") : _SCHEMA.index("CREATE TABLE finals")]
 
 
 @dataclass
@@ -101,10 +112,62 @@ class Candidate:
     eval_seconds: float
     started_at: float
     finished_at: float
+    fidelity: dict[str, Any] | None = None  # None: scored on every search item (full fidelity)
+    rescored: float | None = None  # its fitness on every search item, when re-scored after an estimate
 
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+    @property
+    def estimate(self) -> bool:
+        """Whether `fitness` comes from part of the search split (an estimate of the full-split fitness)."""
+        return self.fidelity is not None and not self.fidelity.get("full", False)
+
+    @property
+    def full_fitness(self) -> float | None:
+        """Its fitness on every search item, if it has one (scored in full, or re-scored)."""
+        if not self.ok:
+            return None
+        return self.rescored if self.estimate else self.fitness
+
+    @property
+    def item_evals(self) -> int | None:
+        return None if self.fidelity is None else int(self.fidelity.get("items", 0))
+
+
+@dataclass
+class Score:
+    """An evaluation beside the candidates' own: a re-score on the whole search split, a model scored
+    before the search (anchor evidence), a racing rung."""
+
+    owner: str
+    status: str
+    reason: str | None
+    fitness: float
+    metrics: dict[str, Any]
+    item_evals: int
+    seconds: float
+    finished_at: float
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+def item_evaluations(candidates, scores) -> int:
+    """(task, item) pairs a search scored: its candidates (a racer's row sums its rungs) plus the other
+    evaluations of the search split (anchor evidence, re-scores). Rows journaled before fidelity modes
+    existed count 0."""
+    return sum(c.item_evals or 0 for c in candidates) + sum(
+        s.item_evals for s in scores if not s.owner.startswith("rung:")
+    )
+
+
+def rank_key(c: Candidate) -> tuple:
+    """Best first: candidates with a fitness on every search item (by it), then the estimated rest."""
+    full = c.full_fitness
+    return (full is None, -(full if full is not None else c.fitness), c.id)
 
 
 @dataclass
@@ -139,8 +202,11 @@ class ExperimentStore:
             raise UserError(
                 f"{path}: experiment schema version {version}, this evomerge reads {SCHEMA_VERSION}"
             )
-        if not readonly:
-            self.db.execute(_ITEMS)  # experiments made before per-item results gain the table
+        if not readonly:  # experiments made before per-item results and fidelity modes gain them
+            self.db.executescript(_ADDED)
+            columns = {row[1] for row in self.db.execute("PRAGMA table_info(candidates)")}
+            if "fidelity" not in columns:
+                self.db.execute("ALTER TABLE candidates ADD COLUMN fidelity TEXT")
 
     # -- opening -------------------------------------------------------------------------------------
 
@@ -238,11 +304,12 @@ class ExperimentStore:
         with self._tx() as db:
             cur = db.execute(
                 "INSERT INTO candidates (generation, idx, genome, recipe, status, reason, fitness, metrics, "
-                "merge_seconds, eval_seconds, started_at, finished_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                "merge_seconds, eval_seconds, started_at, finished_at, fidelity) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     c.generation, c.idx, json.dumps(c.genome), json.dumps(c.recipe), c.status, c.reason,
                     c.fitness, json.dumps(c.metrics), c.merge_seconds, c.eval_seconds, c.started_at,
-                    c.finished_at,
+                    c.finished_at, json.dumps(c.fidelity) if c.fidelity is not None else None,
                 ),
             )  # fmt: skip
             _write_items(db, f"candidate:{cur.lastrowid}", items)
@@ -251,16 +318,52 @@ class ExperimentStore:
     def candidates(self, generation: int | None = None) -> list[Candidate]:
         sql = "SELECT * FROM candidates" + (" WHERE generation = ?" if generation is not None else "")
         rows = self.db.execute(sql + " ORDER BY id", () if generation is None else (generation,)).fetchall()
-        return [_candidate(row) for row in rows]
+        out = [_candidate(row) for row in rows]
+        rescored = {s.owner: s for s in self.scores("rescore:")}
+        for c in out:
+            again = rescored.get(f"rescore:{c.id}")
+            if again is not None and again.ok:
+                c.rescored = again.fitness
+        return out
 
     def count(self) -> int:
         return int(self.db.execute("SELECT COUNT(*) FROM candidates").fetchone()[0])
 
     def best(self) -> Candidate | None:
+        """The best by the fitness the search saw (an estimate under a cheap fidelity)."""
         row = self.db.execute(
             "SELECT * FROM candidates WHERE status = 'ok' ORDER BY fitness DESC, id ASC LIMIT 1"
         ).fetchone()
         return _candidate(row) if row else None
+
+    def winner(self) -> Candidate | None:
+        """The candidate the finals score: the best fitness on every search item among those that have
+        one (all of them at full fidelity; the re-scored otherwise), else the best estimate."""
+        ranked = sorted((c for c in self.candidates() if c.ok), key=rank_key)
+        return ranked[0] if ranked else None
+
+    # -- other evaluations of the search split -------------------------------------------------------
+
+    def record_score(self, s: Score, items: dict[str, dict[str, Any]] | None = None) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO scores VALUES (?,?,?,?,?,?,?,?)",
+                (
+                    s.owner, s.status, s.reason, s.fitness, json.dumps(s.metrics), s.item_evals, s.seconds,
+                    s.finished_at,
+                ),
+            )  # fmt: skip
+            db.execute("DELETE FROM items WHERE owner = ?", (s.owner,))
+            _write_items(db, s.owner, items)
+
+    def scores(self, prefix: str = "") -> list[Score]:
+        try:
+            rows = self.db.execute(
+                "SELECT * FROM scores WHERE substr(owner, 1, ?) = ? ORDER BY owner", (len(prefix), prefix)
+            ).fetchall()
+        except sqlite3.OperationalError:  # a read-only open of an experiment older than the table
+            return []
+        return [Score(r[0], r[1], r[2], r[3], json.loads(r[4]), int(r[5]), r[6], r[7]) for r in rows]
 
     # -- finals --------------------------------------------------------------------------------------
 
@@ -372,13 +475,16 @@ def _candidate(row) -> Candidate:
         fitness = float(row[7]) if row[7] is not None else -math.inf
         genome = [float(x) for x in json.loads(row[3])]
         recipe, metrics = json.loads(row[4]), json.loads(row[8])
+        fidelity = json.loads(row[13]) if len(row) > 13 and row[13] is not None else None
         if not isinstance(recipe, dict) or not isinstance(metrics, dict):
             raise ValueError("recipe and metrics must be JSON objects")
+        if fidelity is not None and not isinstance(fidelity, dict):
+            raise ValueError("fidelity must be a JSON object")
     except (TypeError, ValueError) as exc:
         raise UserError(f"journal row {row[0]} is malformed ({first_line(exc, 120)})") from None
     return Candidate(
         row[0], row[1], row[2], genome, recipe, row[5], row[6], fitness,
-        metrics, row[9], row[10], row[11], row[12],
+        metrics, row[9], row[10], row[11], row[12], fidelity,
     )  # fmt: skip
 
 

@@ -81,7 +81,8 @@ def check_config(config: ExperimentConfig, config_dir: Path, *, resolve: bool) -
         check_private_cluster_auth()
     manager = task_manager([t.name for t in config.evaluation.tasks], config.evaluation.include_paths)
     try:
-        _, splits = build_tasks(config.evaluation, manager)
+        task_dict, splits = build_tasks(config.evaluation, manager)
+        _check_fidelity(config, task_dict, splits)
         sizes = ", ".join(
             f"{name} ({len(split['search'])} search / {len(split['heldout'])} held-out)"
             for name, split in splits.items()
@@ -100,6 +101,29 @@ def check_config(config: ExperimentConfig, config_dir: Path, *, resolve: bool) -
     if not config.stages:
         report.lines.append("search: " + _search_line(config, num_layers))
     return report
+
+
+def _check_fidelity(config: ExperimentConfig, task_dict: dict, splits: dict) -> None:
+    """The fidelity mode fits the tasks: its item count is within every task's search split, and modes
+    that add up per-item results (anchors, racing) have them."""
+    from evomerge.evaluate.evaluator import limited, per_item_mean
+
+    fidelity = config.evaluation.fidelity
+    if fidelity.mode == "full":
+        return
+    for spec in config.evaluation.tasks:
+        size = len(limited(splits[spec.name]["search"], spec.limit))
+        if fidelity.items is not None and fidelity.items > size:
+            raise UserError(
+                f"evaluation.fidelity: {fidelity.mode} items {fidelity.items} is more than the search split "
+                f"of {spec.name} ({size} items)"
+            )
+        if fidelity.mode in ("anchors", "racing") and not per_item_mean(task_dict[spec.name], spec.metric):
+            metric = spec.metric or "its first metric"
+            raise UserError(
+                f"evaluation.fidelity: {fidelity.mode} adds up per-item results, but task {spec.name} "
+                f"reports {metric} only as an aggregate over items (not a mean); use subsample or full"
+            )
 
 
 def _distinct_models(config: ExperimentConfig, where: dict[str, Path]) -> None:

@@ -132,6 +132,26 @@ def _configure(name: str, task, spec: TaskSpec) -> None:
         task.set_config(key="generation_kwargs", value=dict(spec.gen_kwargs), update=True)
 
 
+def limited(chosen: list[int], limit: int | None) -> list[int]:
+    """A split's items as the evaluator scores them: the first `limit` of its (shuffled) order, sorted."""
+    return sorted(chosen[:limit] if limit else chosen)
+
+
+def search_items(spec: EvaluationSpec, manager=None) -> dict[str, list[int]]:
+    """Each task's search items (document ids), as every worker scores them."""
+    _, splits = build_tasks(spec, manager)
+    return {t.name: limited(splits[t.name]["search"], t.limit) for t in spec.tasks}
+
+
+def per_item_mean(task, metric: str | None) -> bool:
+    """Whether the task's fitness metric is a mean of per-item values (what an estimate from some items,
+    or from items scored in parts, needs)."""
+    from lm_eval.api.metrics import mean
+
+    name = (metric or next(iter(producible_metrics(task)), ",")).split(",")[0]
+    return task.aggregation().get(name) is mean
+
+
 class TaskDataUnreachable(UserError):
     """A task's dataset lives on the hub and the hub cannot be reached (offline, or no network)."""
 
@@ -194,9 +214,7 @@ class Evaluator:
         self.lm._config = model.config
 
     def indices(self, task: str, split: str) -> list[int]:
-        chosen = self.splits[task][split]
-        limit = self.specs[task].limit
-        return sorted(chosen[:limit] if limit else chosen)
+        return limited(self.splits[task][split], self.specs[task].limit)
 
     def requests(self, split: str) -> RequestSet:
         """The split's request instances, built once (with the few-shot sampler seeded) and reused."""
@@ -206,13 +224,22 @@ class Evaluator:
             self._requests[split] = RequestSet(self.task_dict, samples, self.lm)
         return self._requests[split]
 
-    def evaluate(self, split: str = "search") -> EvalResult:
+    def evaluate(self, split: str = "search", items: dict[str, list[int]] | None = None) -> EvalResult:
         """Metrics and fitness (sum of weight x metric) of the model as it is now, with each task's
-        per-item values of the metric that makes its fitness."""
+        per-item values of the metric that makes its fitness. `items`: score only these search items
+        (document ids by task; a task left out is not scored), each with the prompt it has in the whole
+        search split."""
         if split not in SPLITS:
             raise UserError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
         started = time.perf_counter()
         samples = {name: self.indices(name, split) for name in self.task_dict}
+        if items is not None:
+            if split != "search":
+                raise UserError("item subsets apply to the search split only")
+            samples = {name: sorted(int(i) for i in ix) for name, ix in items.items() if ix}
+            unknown = [name for name in samples if name not in self.task_dict]
+            if unknown or not samples:
+                raise UserError(f"item subset names no configured task ({', '.join(unknown) or 'empty'})")
         examples = {name: len(ix) for name, ix in samples.items()}
         try:
             with torch.no_grad():
@@ -220,10 +247,12 @@ class Evaluator:
             if not torch.isfinite(logits).all():
                 raise FloatingPointError("non-finite logits")
             requests = self.requests(split)
+            if items is not None:
+                requests = requests.subset(samples)
             self.reseed()
             scores = requests.score(self.lm)
-            metrics = {name: scores[name].metrics for name in self.task_dict}
-            fitness, items = 0.0, {}
+            metrics = {name: scores[name].metrics for name in samples}
+            fitness, per_item = 0.0, {}
             for name, task_metrics in metrics.items():
                 key = self.metric_key(name, task_metrics)
                 value = task_metrics[key]
@@ -231,7 +260,7 @@ class Evaluator:
                     raise FloatingPointError(f"{name} {key} is {value}")
                 fitness += self.specs[name].weight * value
                 if key in scores[name].items:
-                    items[name] = {"metric": key, "ids": samples[name], "values": scores[name].items[key]}
+                    per_item[name] = {"metric": key, "ids": samples[name], "values": scores[name].items[key]}
             if not math.isfinite(fitness):
                 raise FloatingPointError(f"fitness is {fitness}")
         except UserError:
@@ -243,7 +272,7 @@ class Evaluator:
             return EvalResult(
                 False, -math.inf, examples=examples, seconds=time.perf_counter() - started, error=reason
             )
-        return EvalResult(True, fitness, metrics, examples, time.perf_counter() - started, items=items)
+        return EvalResult(True, fitness, metrics, examples, time.perf_counter() - started, items=per_item)
 
     def metric_key(self, task: str, metrics: dict[str, float]) -> str:
         wanted = self.specs[task].metric

@@ -31,13 +31,15 @@ class TaskScore:
 class RequestSet:
     """The request instances of `task_dict`'s tasks on the given items (document indices per task)."""
 
-    def __init__(self, task_dict: dict[str, Any], samples: dict[str, list[int]], lm) -> None:
+    def __init__(self, task_dict: dict[str, Any], samples: dict[str, list[int]], lm=None) -> None:
         self.task_dict = task_dict
         self.samples = {name: list(ix) for name, ix in samples.items()}
         self.instances: dict[str, list] = {}
         self.docs: dict[str, list[tuple[int, Any]]] = {}
         self.by_doc: dict[str, dict[int, list]] = {}
         self.by_type: dict[str, list] = defaultdict(list)
+        if lm is None:
+            return  # `subset` fills it
         for name, task in task_dict.items():
             _memoize_targets(task)
             task.build_all_requests(
@@ -59,6 +61,28 @@ class RequestSet:
                 task.doc_iterator(rank=0, limit=None, world_size=1, samples=self.samples[name])
             )
 
+    def subset(self, samples: dict[str, list[int]]) -> RequestSet:
+        """The same request instances restricted to some of the items (cheap: nothing is rendered again),
+        so an item's prompt and few-shot context are the ones it has in the whole set, whatever subset it
+        is scored in."""
+        view = RequestSet(self.task_dict, {name: sorted(ix) for name, ix in samples.items()})
+        for name in view.samples:
+            # lm-eval numbers a request set's documents 0, 1, ... in dataset order: positions, not ids
+            position = {doc: i for i, doc in enumerate(self.samples[name])}
+            missing = [doc for doc in view.samples[name] if doc not in position]
+            if missing:
+                raise ValueError(f"{name}: items {missing[:5]} are not in the request set")
+            wanted = {position[doc] for doc in view.samples[name]}
+            view.instances[name] = [i for i in self.instances[name] if i.doc_id in wanted]
+            view.by_doc[name] = {d: reqs for d, reqs in self.by_doc[name].items() if d in wanted}
+            view.docs[name] = [(d, doc) for d, doc in self.docs[name] if d in wanted]
+        chosen = {id(i) for instances in view.instances.values() for i in instances}
+        for request_type, requests in self.by_type.items():
+            kept = [r for r in requests if id(r) in chosen]  # the same order as the whole set's
+            if kept:
+                view.by_type[request_type] = kept
+        return view
+
     def score(self, lm) -> dict[str, TaskScore]:
         """Run the model (as it is now) on every request and score each task."""
         for instances in self.instances.values():
@@ -69,7 +93,7 @@ class RequestSet:
             cloned = [req for req in requests for _ in range(req.repeats)]
             for response, req in zip(getattr(lm, request_type)(cloned), cloned, strict=True):
                 req.resps.append(response)
-        return {name: self._score_task(name, task) for name, task in self.task_dict.items()}
+        return {name: self._score_task(name, self.task_dict[name]) for name in self.instances}
 
     def _score_task(self, name: str, task) -> TaskScore:
         from lm_eval.api.metrics import mean

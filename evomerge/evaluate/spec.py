@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MODES = ("full", "subsample", "anchors", "racing")
 
 
 class TaskSpec(BaseModel):
@@ -46,12 +48,63 @@ class SplitSpec(BaseModel):
         return value
 
 
+class FidelitySpec(BaseModel):
+    """Which search items a candidate pays for (search/fidelity.py). Written in YAML as `full`, `racing`,
+    `{subsample: {items: m}}`, `{anchors: {items: m, refresh: r}}` or `{racing: {items: m, eta: 2}}`, each
+    with an optional `rescore_top: k` beside the mode."""
+
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["full", "subsample", "anchors", "racing"] = "full"
+    items: int | None = Field(
+        None, ge=1, description="items per task: each round's subset, the anchors, or racing's first rung"
+    )
+    rescore_top: int = Field(5, ge=1, description="best candidates by estimate re-scored on every search item")
+    refresh: int = Field(4, ge=1, description="anchors: re-chosen every this many rounds")
+    eta: int = Field(2, ge=2, description="racing: 1/eta of a rung's candidates go on, with eta x the items")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _spelling(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if value in ("subsample", "anchors"):
+                raise ValueError(f"{value} needs a size: {{{value}: {{items: m}}}}")
+            return {"mode": value}
+        if not isinstance(value, dict) or "mode" in value or not (set(value) & set(MODES)):
+            return value  # the validated shape (a config snapshot), or defaults
+        modes = [k for k in value if k in MODES]
+        if len(modes) != 1:
+            raise ValueError(f"name one mode, not {len(modes)} ({', '.join(modes)})")
+        mode = modes[0]
+        options = value[mode] if value[mode] is not None else {}
+        if not isinstance(options, dict):
+            raise ValueError(f"{mode}: expected a mapping like {{items: 30}}, got {options!r}")
+        if mode == "full" and options:
+            raise ValueError("full takes no options")
+        allowed = {"subsample": {"items"}, "anchors": {"items", "refresh"}, "racing": {"items", "eta"}}.get(
+            mode, set()
+        )
+        for key in options:
+            if key not in allowed:
+                raise ValueError(f"{mode}: unknown option {key!r} (it takes: {', '.join(sorted(allowed))})")
+        rest = {k: v for k, v in value.items() if k != mode}
+        return {"mode": mode, **options, **rest}
+
+    @model_validator(mode="after")
+    def _sized(self) -> FidelitySpec:
+        if self.mode in ("subsample", "anchors") and self.items is None:
+            raise ValueError(f"{self.mode} needs items: the number of items per task a candidate is scored on")
+        if self.mode == "full" and self.items is not None:
+            raise ValueError("full scores every search item: items does not apply")
+        return self
+
+
 class EvaluationSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     tasks: list[TaskSpec] = Field(min_length=1)
     include_paths: list[str] = []
     split: SplitSpec = SplitSpec()
     batch_size: int = Field(64, gt=0, description="examples per forward pass; changes no score")
+    fidelity: FidelitySpec = FidelitySpec()
 
     @model_validator(mode="after")
     def _tasks_fit(self) -> EvaluationSpec:

@@ -22,12 +22,14 @@ from evomerge.runtime.worker import Outcome
 
 @dataclass(frozen=True)
 class Job:
-    """One evaluation: a recipe merged and scored, or a source model scored as it is (a parent)."""
+    """One evaluation: a recipe merged and scored, or a source model scored as it is (a parent), on a
+    split or on some of the search items (`items`: document ids by task)."""
 
     key: Hashable
     split: str
     recipe: dict[str, Any] | None = None
     source: int | None = None
+    items: dict[str, list[int]] | None = None
 
 
 class JobRunner(Protocol):

@@ -31,6 +31,7 @@ class Outcome:
     merge_seconds: float = 0.0
     eval_seconds: float = 0.0
     items: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> {metric, ids, values}
+    item_evals: int = 0  # (task, item) pairs scored: what the evaluation cost
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -62,8 +63,8 @@ class _Runs:
     def run(self, job) -> Outcome:
         """An executor's job: a recipe to merge and score, or a source scored as it is."""
         if job.recipe is not None:
-            return self.evaluate(job.recipe, job.split)
-        return self.evaluate_source(job.source, job.split)
+            return self.evaluate(job.recipe, job.split, job.items)
+        return self.evaluate_source(job.source, job.split, job.items)
 
 
 class Worker(_Runs):
@@ -87,8 +88,8 @@ class Worker(_Runs):
         self.evaluator = Evaluator(self.target, load_tokenizer(first), config.evaluation, manager)
         self.load_seconds = time.perf_counter() - started
 
-    def evaluate(self, recipe: dict[str, Any], split: str = "search") -> Outcome:
-        """Merge `recipe` into the target and score it."""
+    def evaluate(self, recipe: dict[str, Any], split: str = "search", items: dict | None = None) -> Outcome:
+        """Merge `recipe` into the target and score it (on `items` only, when given)."""
         started = time.perf_counter()
         try:
             parsed = Recipe.from_dict(recipe)
@@ -99,13 +100,13 @@ class Worker(_Runs):
             return Outcome(
                 False, -math.inf, reason=f"merge: {_reason(exc)}", merge_seconds=time.perf_counter() - started
             )
-        return _score(self.evaluator, split, time.perf_counter() - started)
+        return _score(self.evaluator, split, items, time.perf_counter() - started)
 
-    def evaluate_source(self, index: int, split: str = "heldout") -> Outcome:
+    def evaluate_source(self, index: int, split: str = "heldout", items: dict | None = None) -> Outcome:
         """Source model `index` unchanged (a parent baseline)."""
         started = time.perf_counter()
         self.engine.load_input(index)
-        return _score(self.evaluator, split, time.perf_counter() - started)
+        return _score(self.evaluator, split, items, time.perf_counter() - started)
 
     def _switch(self, method: Method) -> None:
         """Rebuild the engine for another method (the finals' default merges); the old one is freed first
@@ -134,7 +135,7 @@ class DfsWorker(_Runs):
         self.evaluator = Evaluator(self.models[0], load_tokenizer(checkpoints[0]), config.evaluation, manager)
         self.load_seconds = time.perf_counter() - started
 
-    def evaluate(self, recipe: dict[str, Any], split: str = "search") -> Outcome:
+    def evaluate(self, recipe: dict[str, Any], split: str = "search", items: dict | None = None) -> Outcome:
         from evomerge.merge.dfs import path_model
 
         started = time.perf_counter()
@@ -145,19 +146,20 @@ class DfsWorker(_Runs):
                 False, -math.inf, reason=f"path: {_reason(exc)}", merge_seconds=time.perf_counter() - started
             )
         self.evaluator.set_model(model)
-        return _score(self.evaluator, split, time.perf_counter() - started)
+        return _score(self.evaluator, split, items, time.perf_counter() - started)
 
-    def evaluate_source(self, index: int, split: str = "heldout") -> Outcome:
+    def evaluate_source(self, index: int, split: str = "heldout", items: dict | None = None) -> Outcome:
         self.evaluator.set_model(self.models[index])
-        return _score(self.evaluator, split, 0.0)
+        return _score(self.evaluator, split, items, 0.0)
 
 
-def _score(evaluator, split: str, build_seconds: float) -> Outcome:
+def _score(evaluator, split: str, items: dict | None, build_seconds: float) -> Outcome:
     """Evaluate the model the evaluator holds now; `build_seconds` is what making it took (merge, path)."""
-    result = evaluator.evaluate(split)
+    result = evaluator.evaluate(split, items)
     return Outcome(
-        result.ok, result.fitness, result.metrics, result.error, build_seconds, result.seconds, result.items
-    )
+        result.ok, result.fitness, result.metrics, result.error, build_seconds, result.seconds, result.items,
+        sum(result.examples.values()),
+    )  # fmt: skip
 
 
 def _reason(exc: BaseException) -> str:

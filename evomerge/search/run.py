@@ -31,9 +31,18 @@ from evomerge.merge.recipe import Recipe
 from evomerge.runtime.executor import Executor, Job, WorkerFactory, make_executor
 from evomerge.runtime.worker import Outcome
 from evomerge.search.dfs_space import DfsSpace
+from evomerge.search.fidelity import ItemPlan
 from evomerge.search.optimizers import Optimizer, make_optimizer, round_size
 from evomerge.search.space import Space, default_params
-from evomerge.store import Candidate, ExperimentStore, Final, mark_staged
+from evomerge.store import (
+    Candidate,
+    ExperimentStore,
+    Final,
+    ItemResults,
+    Score,
+    item_evaluations,
+    mark_staged,
+)
 
 log = logging.getLogger("evomerge.search")
 FAILED_LOSS = 1e9  # what the optimizer is told for a failed candidate: worse than any real loss
@@ -44,7 +53,7 @@ class Reporter(Protocol):
 
     def start(self, done: int, budget: int, best: float | None) -> None: ...
 
-    def evaluated(self, candidate: Candidate, done: int, best: float | None) -> None: ...
+    def evaluated(self, candidate: Candidate, done: int, best: float | None, item_evals: int = 0) -> None: ...
 
     def stage(self, text: str) -> None: ...
 
@@ -176,6 +185,19 @@ class Search:
             )
         self.worker_factory = worker_factory
         self._executor: Executor | None = None
+        self.fidelity = config.evaluation.fidelity
+        self.plan: ItemPlan | None = None
+        if self.fidelity.mode != "full":
+            from evomerge.evaluate.evaluator import search_items
+
+            search = search_items(config.evaluation, self.manager)
+            self.plan = ItemPlan(self.fidelity, config.evaluation.tasks, search, config.evaluation.split.seed)
+        self._journal: dict[tuple[int, int], Candidate] = {}
+        self._scores: dict[str, Score] = {}
+        self._rung_values: dict[tuple[int, int, int], dict[str, dict[int, float]]] = {}
+        self._rung_meta: dict[tuple[int, int, int], tuple] = {}
+        self._anchor_sets: dict[int, object] = {}
+        self.optimizer_batch = 0
 
     @property
     def executor(self) -> Executor:
@@ -214,41 +236,328 @@ class Search:
         return Schedule.start(optimizer, overlap)
 
     def run(self) -> None:
-        """Evaluate until the budget is spent (journaled evaluations count).
+        """Evaluate until the budget is spent (journaled evaluations count), then re-score the best
+        estimates on every search item (cheap fidelity modes).
 
-        Candidates go to the executor as it has room, in round order; each result is journaled the
-        moment it arrives; a round is told as soon as all of its candidates are journaled."""
+        Jobs go to the executor as it has room, in a fixed order (anchor evidence, then candidates in
+        round order, then re-scores); each result is journaled the moment it arrives; a round is told as
+        soon as all of its candidates are journaled. What a job scores is a function of the journal only
+        (never of which job finished first), so every executor and every resume run the same jobs."""
         schedule = self._schedule()
-        batch = schedule.batch
-        journal = {(c.generation, c.idx): c for c in self.store.candidates()}
-        done, best = len(journal), self.store.best()
+        self.optimizer_batch = schedule.batch
+        self._journal = {(c.generation, c.idx): c for c in self.store.candidates()}
+        self._scores = {s.owner: s for s in self.store.scores()}
+        best = self.store.best()
         if self.reporter:
-            self.reporter.start(done, self.budget, best.fitness if best else None)
-        in_flight: dict[tuple[int, int], tuple[list[float], dict, float]] = {}
+            self.reporter.start(len(self._journal), self.budget, best.fitness if best else None)
+        in_flight: dict[tuple, tuple[list[float] | None, dict | None, float]] = {}
         while True:
-            while self._round_complete(schedule, journal):
+            if self.fidelity.mode == "racing":
+                self._settle_races(schedule)
+            while self._round_complete(schedule, self._journal):
                 generation = schedule.told + 1
-                results = [journal[(generation, idx)] for idx in range(batch)]
-                schedule.tell([-c.fitness if c.ok else FAILED_LOSS for c in results])
-            for key, genome in self._waiting(schedule, journal, in_flight):
+                schedule.tell(self._losses([self._journal[(generation, i)] for i in range(schedule.batch)]))
+            for job, genome in self._ready(schedule, in_flight):
                 if self._executor is None:
-                    self._warn_round_size(batch)
+                    self._warn_round_size(schedule.batch)
                 if len(in_flight) >= self.executor.capacity:
                     break
-                recipe = self.recipe(genome, *key)
-                in_flight[key] = ([float(x) for x in genome], recipe, time.time())
-                self.executor.submit(Job(key, "search", recipe=recipe))
+                in_flight[job.key] = (genome, job.recipe, time.time())
+                self.executor.submit(job)
             if not in_flight:
                 return
             for job, outcome in self.executor.wait():
-                candidate = self._record(job.key, *in_flight.pop(job.key), outcome)
-                journal[job.key] = candidate
-                done += 1
-                if candidate.ok and (best is None or candidate.fitness > best.fitness):
-                    best = candidate
-                self._check_failures(done)
-                if self.reporter:
-                    self.reporter.evaluated(candidate, done, best.fitness if best else None)
+                self._land(job, *in_flight.pop(job.key), _finite(outcome))
+
+    # -- what runs next --------------------------------------------------------------------------------
+
+    def _ready(self, schedule: Schedule, in_flight: dict):
+        """(job, genome) pairs that can run now and are not running, in the order they should start."""
+        if self.fidelity.mode == "anchors":
+            for name, recipe, source in self._baselines():
+                if f"prior:{name}" not in self._scores and ("prior", name) not in in_flight:
+                    yield Job(("prior", name), "search", recipe=recipe, source=source), None
+            for c in self._refresh_targets():
+                if ("rescore", c.id) not in in_flight:
+                    yield Job(("rescore", c.id), "search", recipe=c.recipe), None
+        for key, genome in self._waiting(schedule, self._journal):
+            job = self._candidate_job(key, genome)
+            if job is not None and job.key not in in_flight:
+                yield job, [float(x) for x in genome]
+        if len(self._journal) >= self.budget:
+            for c in self._rescore_targets():
+                if ("rescore", c.id) not in in_flight:
+                    yield Job(("rescore", c.id), "search", recipe=c.recipe), None
+
+    def _candidate_job(self, key: tuple[int, int], genome: np.ndarray) -> Job | None:
+        """The job that scores the candidate next, or None while what it needs is not journaled yet."""
+        generation, idx = key
+        recipe = self.recipe(genome, generation, idx)
+        mode = self.fidelity.mode
+        if mode == "full":
+            return Job(("cand", generation, idx), "search", recipe=recipe)
+        if mode == "subsample":
+            return Job(("cand", generation, idx), "search", recipe=recipe, items=self.plan.subsample(generation))
+        if mode == "anchors":
+            anchors = self._anchors(generation)
+            if anchors is None:
+                return None
+            return Job(("cand", generation, idx), "search", recipe=recipe, items=anchors.items)
+        rung = self._next_rung(generation, idx)
+        if rung is None:
+            return None
+        items = self.plan.rung_items(generation, rung)
+        return Job(("rung", generation, idx, rung), "search", recipe=recipe, items=items)
+
+    def _waiting(self, schedule: Schedule, journal: dict):
+        """Asked candidates within the budget that are not journaled, in round order."""
+        batch = schedule.batch
+        for generation in sorted(schedule.rounds):
+            for idx, genome in enumerate(schedule.rounds[generation]):
+                key = (generation, idx)
+                if generation * batch + idx >= self.budget:
+                    return
+                known = journal.get(key)
+                if known is not None:
+                    self._check_replay(key, known, genome)
+                    continue
+                yield key, genome
+
+    def _round_size(self, generation: int, batch: int) -> int:
+        return max(0, min(batch, self.budget - generation * batch))
+
+    # -- journaling ------------------------------------------------------------------------------------
+
+    def _land(self, job: Job, genome, recipe, started: float, outcome: Outcome) -> None:
+        kind = job.key[0]
+        if kind == "cand":
+            _, generation, idx = job.key
+            fitness, metrics, fidelity = outcome.fitness, outcome.metrics, {"items": outcome.item_evals}
+            fidelity["full"] = job.items is None or self.plan.is_full(_values(outcome.items))
+            if outcome.ok and self.fidelity.mode == "anchors":
+                fidelity["anchors"] = self.plan.anchor_version(generation)
+                try:
+                    fitness, estimates = self.plan.anchor_estimate(
+                        self._anchors(generation), _values(outcome.items)
+                    )
+                except KeyError as exc:
+                    outcome = replace(outcome, ok=False, reason=f"no per-item result for {exc}")
+                else:
+                    metrics = {"estimate": estimates, "anchors": outcome.metrics}
+            self._add(generation, idx, genome, recipe, started, outcome, fitness, metrics, fidelity)
+            return
+        owner = _owner(job.key)
+        score = Score(
+            owner, "ok" if outcome.ok else "failed", outcome.reason,
+            outcome.fitness if outcome.ok else -math.inf, outcome.metrics, outcome.item_evals,
+            outcome.merge_seconds + outcome.eval_seconds, time.time(),
+        )  # fmt: skip
+        self.store.record_score(score, outcome.items if outcome.ok else None)
+        self._scores[owner] = score
+        if kind == "rung":
+            self._rung_values[job.key[1:]] = _values(outcome.items) if outcome.ok else {}
+            self._rung_meta[job.key[1:]] = (genome, recipe, started, outcome)
+        state = f"{outcome.fitness:.4f}" if outcome.ok else f"failed ({outcome.reason})"
+        log.info("%s on %d items: %s", owner, outcome.item_evals, state)
+
+    def _add(
+        self, generation: int, idx: int, genome, recipe, started: float, outcome: Outcome, fitness: float,
+        metrics: dict, fidelity: dict, merge_seconds: float | None = None, eval_seconds: float | None = None,
+    ) -> Candidate:  # fmt: skip
+        candidate = Candidate(
+            None, generation, idx, genome, recipe, "ok" if outcome.ok else "failed", outcome.reason,
+            fitness if outcome.ok else -math.inf, metrics, outcome.merge_seconds if merge_seconds is None
+            else merge_seconds, outcome.eval_seconds if eval_seconds is None else eval_seconds, started,
+            time.time(), fidelity,
+        )  # fmt: skip
+        candidate.id = self.store.record(candidate, outcome.items if outcome.ok else None)
+        self._journal[(generation, idx)] = candidate
+        what = "fitness" if fidelity.get("full") else "estimate"
+        if outcome.ok:
+            log.info(
+                "candidate %d.%d %s %.4f on %d item-evaluations (merge %.2fs, eval %.2fs)", generation, idx,
+                what, candidate.fitness, fidelity["items"], candidate.merge_seconds, candidate.eval_seconds,
+            )  # fmt: skip
+        else:
+            log.warning("candidate %d.%d failed: %s", generation, idx, outcome.reason)
+        done = len(self._journal)
+        self._check_failures(done)
+        if self.reporter:
+            best = self.store.best()
+            self.reporter.evaluated(candidate, done, best.fitness if best else None, self._item_evals())
+        return candidate
+
+    def _item_evals(self) -> int:
+        """Item-evaluations the search has paid for so far (candidates, anchor evidence, re-scores)."""
+        return item_evaluations(self._journal.values(), self._scores.values())
+
+    # -- what the optimizer is told --------------------------------------------------------------------
+
+    def _losses(self, results: list[Candidate]) -> list[float]:
+        """Minus each candidate's fitness (an estimate under a cheap fidelity). Racing keeps the race's
+        order: a candidate that stopped at an earlier rung is placed below every one that went further
+        (its loss is raised by the spread of the round's estimates per rung it missed)."""
+        losses = [-c.fitness if c.ok else FAILED_LOSS for c in results]
+        if self.fidelity.mode != "racing":
+            return losses
+        ok = [c.fitness for c in results if c.ok]
+        spread = (max(ok) - min(ok) + 1.0) if ok else 1.0
+        last = max((c.fidelity or {}).get("rung", 0) for c in results)
+        return [
+            loss + (last - (c.fidelity or {}).get("rung", 0)) * spread if c.ok else loss
+            for loss, c in zip(losses, results, strict=True)
+        ]
+
+    # -- racing ----------------------------------------------------------------------------------------
+
+    def _next_rung(self, generation: int, idx: int) -> int | None:
+        """The rung the candidate runs next, or None while the race has not decided it (or it is out)."""
+        done = [k for k in range(len(self.plan.rung_sizes())) if f"rung:{generation}.{idx}.{k}" in self._scores]
+        if not done:
+            return 0
+        rung = max(done) + 1
+        if rung >= len(self.plan.rung_sizes()):
+            return None
+        going_on = self._race(generation).get(rung)
+        return rung if going_on is not None and idx in going_on else None
+
+    def _race(self, generation: int) -> dict[int, list[int]]:
+        """Who runs each rung of the round, as far as the journaled rungs decide it: rung -> indices."""
+        batch = self.optimizer_batch
+        racers = list(range(self._round_size(generation, batch)))
+        out = {0: racers}
+        for rung in range(len(self.plan.rung_sizes()) - 1):
+            keys = [f"rung:{generation}.{i}.{rung}" for i in racers]
+            if not racers or not all(k in self._scores for k in keys):
+                break
+            ranked = sorted(
+                (i for i in racers if self._scores[f"rung:{generation}.{i}.{rung}"].ok),
+                key=lambda i: (-self.plan.mean_estimate(self._values_through(generation, i, rung))[0], i),
+            )
+            racers = sorted(ranked[: math.ceil(len(racers) / self.fidelity.eta)])
+            out[rung + 1] = racers
+        return out
+
+    def _values_through(self, generation: int, idx: int, rung: int) -> dict[str, dict[int, float]]:
+        """The candidate's per-item values from rungs 0..rung together."""
+        merged: dict[str, dict[int, float]] = {}
+        for k in range(rung + 1):
+            key = (generation, idx, k)
+            if key not in self._rung_values:
+                self._rung_values[key] = _stored_values(self.store.items(f"rung:{generation}.{idx}.{k}"))
+            for task, values in self._rung_values[key].items():
+                merged.setdefault(task, {}).update(values)
+        return merged
+
+    def _settle_races(self, schedule: Schedule) -> None:
+        """Journal every candidate whose race is over: failed at a rung, stopped by the race, or through
+        the last rung. Its row holds the estimate on all the items it reached."""
+        last = len(self.plan.rung_sizes()) - 1
+        for generation, genomes in sorted(schedule.rounds.items()):
+            size = self._round_size(generation, schedule.batch)
+            if size == 0 or all((generation, i) in self._journal for i in range(size)):
+                continue
+            race = self._race(generation)
+            for idx in range(min(size, len(genomes))):
+                if (generation, idx) in self._journal:
+                    continue
+                done = [k for k in range(last + 1) if f"rung:{generation}.{idx}.{k}" in self._scores]
+                if not done:
+                    continue
+                rung = max(done)
+                score = self._scores[f"rung:{generation}.{idx}.{rung}"]
+                stopped = rung + 1 in race and idx not in race[rung + 1]
+                if score.ok and rung < last and not stopped:
+                    continue
+                self._add_racer(generation, idx, genomes[idx], rung, score.ok)
+
+    def _add_racer(self, generation: int, idx: int, genome: np.ndarray, rung: int, ok: bool) -> None:
+        owners = [f"rung:{generation}.{idx}.{k}" for k in range(rung + 1)]
+        scores = [self._scores[o] for o in owners]
+        values = self._values_through(generation, idx, rung)
+        fitness, estimates = self.plan.mean_estimate(values)
+        items = {}
+        for k in range(rung + 1):
+            for task, data in self.store.items(owners[k]).items():
+                items.setdefault(task, {"metric": data.metric, "values": {}})["values"].update(
+                    zip(data.ids.tolist(), data.values.tolist(), strict=True)
+                )
+        per_item = {
+            task: {"metric": d["metric"], "ids": sorted(d["values"]), "values": [d["values"][i] for i in sorted(d["values"])]}
+            for task, d in items.items()
+        }  # fmt: skip
+        metrics = {task: {items[task]["metric"]: value} for task, value in estimates.items()}
+        last = scores[-1]
+        outcome = Outcome(ok, fitness, metrics, last.reason, 0.0, 0.0, per_item if ok else {})
+        fidelity = {
+            "items": sum(s.item_evals for s in scores), "full": self.plan.is_full(values), "rung": rung,
+        }  # fmt: skip
+        started = min((self._rung_meta.get((generation, idx, k), (None, None, s.finished_at))[2] for k, s in enumerate(scores)))
+        self._add(
+            generation, idx, [float(x) for x in genome], self.recipe(genome, generation, idx), started, outcome,
+            fitness, metrics, fidelity, merge_seconds=0.0, eval_seconds=sum(s.seconds for s in scores),
+        )  # fmt: skip
+
+    # -- anchors and re-scores -------------------------------------------------------------------------
+
+    def _baselines(self) -> list[tuple[str, dict | None, int | None]]:
+        """(name, recipe, source) of the parents and default merges: the finals' baselines."""
+        jobs = [(f"parent {label}", None, i) for i, label in enumerate(self.source_names)]
+        if self.config.dfs is not None:
+            return jobs
+        method = self.config.merge.method
+        methods = [method] + [m for m in self._default_methods() if m is not method]
+        return jobs + [(f"default {m.value}", self._default_recipe(m), None) for m in methods]
+
+    def _round_best(self, generation: int) -> Candidate | None:
+        """The round's best candidate by the fitness the search saw, once the whole round is journaled."""
+        size = self._round_size(generation, self.optimizer_batch)
+        results = [self._journal.get((generation, i)) for i in range(size)]
+        if size == 0 or any(c is None for c in results):
+            return None
+        ok = [c for c in results if c.ok]
+        return max(ok, key=lambda c: (c.fitness, -c.idx)) if ok else None
+
+    def _refresh_targets(self) -> list[Candidate]:
+        rounds = {g for g, _ in self._journal}
+        out = []
+        for generation in sorted(rounds):
+            if self.plan.is_refresh_round(generation):
+                best = self._round_best(generation)
+                if best is not None and f"rescore:{best.id}" not in self._scores:
+                    out.append(best)
+        return out
+
+    def _anchors(self, generation: int):
+        """The anchors round `generation` is scored on, or None while their evidence is not journaled."""
+        version = self.plan.anchor_version(generation)
+        if version in self._anchor_sets:
+            return self._anchor_sets[version]
+        owners = [f"prior:{name}" for name, _, _ in self._baselines()]
+        for refresh_round in self.plan.refresh_rounds(version):
+            size = self._round_size(refresh_round, self.optimizer_batch)
+            if size == 0:
+                continue
+            best = self._round_best(refresh_round)
+            if best is None and any((refresh_round, i) not in self._journal for i in range(size)):
+                return None
+            if best is not None:
+                owners.append(f"rescore:{best.id}")
+        if not all(o in self._scores for o in owners):
+            return None
+        evidence = [_stored_values(self.store.items(o)) for o in owners if self._scores[o].ok]
+        anchors = self.plan.choose_anchors(evidence, version)
+        self._anchor_sets[version] = anchors
+        log.info("anchors v%d: %s from %d models", version, {t: len(i) for t, i in anchors.items.items()}, len(evidence))
+        return anchors
+
+    def _rescore_targets(self) -> list[Candidate]:
+        """The best `rescore_top` candidates by estimate that have no fitness on every search item yet."""
+        if self.fidelity.mode == "full":
+            return []
+        ranked = sorted((c for c in self._journal.values() if c.ok), key=lambda c: (-c.fitness, c.id))
+        top = ranked[: self.fidelity.rescore_top]
+        return [c for c in top if c.estimate and f"rescore:{c.id}" not in self._scores]
 
     def _warn_round_size(self, batch: int) -> None:
         workers = self.executor.capacity
@@ -278,45 +587,6 @@ class Search:
                 "start over with --fresh --force"
             )
 
-    def _waiting(self, schedule: Schedule, journal: dict, in_flight: dict):
-        """Asked candidates within the budget that are neither journaled nor running, in round order."""
-        batch = schedule.batch
-        for generation in sorted(schedule.rounds):
-            for idx, genome in enumerate(schedule.rounds[generation]):
-                key = (generation, idx)
-                if generation * batch + idx >= self.budget:
-                    return
-                known = journal.get(key)
-                if known is not None:
-                    self._check_replay(key, known, genome)
-                    continue
-                if key not in in_flight:
-                    yield key, genome
-
-    def _record(
-        self, key: tuple[int, int], genome: list[float], recipe: dict, started: float, outcome: Outcome
-    ) -> Candidate:
-        generation, idx = key
-        outcome = _finite(outcome)
-        candidate = Candidate(
-            None, generation, idx, genome, recipe, "ok" if outcome.ok else "failed",
-            outcome.reason, outcome.fitness if outcome.ok else -math.inf, outcome.metrics,
-            outcome.merge_seconds, outcome.eval_seconds, started, time.time(),
-        )  # fmt: skip
-        candidate.id = self.store.record(candidate, outcome.items if outcome.ok else None)
-        if outcome.ok:
-            log.info(
-                "candidate %d.%d fitness %.4f (merge %.2fs, eval %.2fs)",
-                generation,
-                idx,
-                outcome.fitness,
-                outcome.merge_seconds,
-                outcome.eval_seconds,
-            )
-        else:
-            log.warning("candidate %d.%d failed: %s", generation, idx, outcome.reason)
-        return candidate
-
     def _check_failures(self, done: int) -> None:
         limit = self.config.runtime.stop_after_failures
         if done != limit:
@@ -332,7 +602,7 @@ class Search:
 
     def finish(self) -> list[Final]:
         """Score the best recipe, each parent and the default merges on the held-out split (once each)."""
-        best = self.store.best()
+        best = self.store.winner()
         if best is None:
             raise UserError(f"no candidate succeeded; see {self.store.dir / 'search.log'}")
         have = {f.name: f for f in self.store.finals()}
@@ -400,12 +670,32 @@ class Search:
         return Recipe(method, groups, seed=candidate_seed(self.config.optimizer.seed, -1, 0)).to_dict()
 
 
+def _owner(key: tuple) -> str:
+    """The journal's name of a job that is not a candidate's own evaluation."""
+    kind, *rest = key
+    if kind == "rung":
+        return "rung:" + ".".join(map(str, rest))
+    return f"{kind}:{rest[0]}"
+
+
+def _values(items: dict[str, dict]) -> dict[str, dict[int, float]]:
+    """An outcome's per-item results as {task: {item id: value}}."""
+    return {
+        task: dict(zip((int(i) for i in d["ids"]), (float(v) for v in d["values"]), strict=True))
+        for task, d in items.items()
+    }
+
+
+def _stored_values(items: dict[str, ItemResults]) -> dict[str, dict[int, float]]:
+    return {task: dict(zip(r.ids.tolist(), r.values.tolist(), strict=True)) for task, r in items.items()}
+
+
 def _finite(outcome: Outcome) -> Outcome:
     """A result whose fitness is not a finite number is a failed candidate, whatever produced it."""
     if outcome.ok and not (isinstance(outcome.fitness, (int, float)) and math.isfinite(outcome.fitness)):
         return Outcome(
             False, -math.inf, outcome.metrics, f"non-finite fitness ({outcome.fitness})",
-            outcome.merge_seconds, outcome.eval_seconds,
+            outcome.merge_seconds, outcome.eval_seconds, item_evals=outcome.item_evals,
         )  # fmt: skip (no items: a failed evaluation has none worth pairing)
     return outcome
 
