@@ -168,9 +168,13 @@ def _search_line(config: ExperimentConfig, num_layers: int | None) -> str:
         where = "local executor" if runtime.executor == "local" else "Ray executor"
         if runtime.executor == "ray":
             where += f", {runtime.ray.workers or 'auto'} workers"
+        fidelity = config.evaluation.fidelity
+        fitness = "full fitness" if fidelity.mode == "full" else (
+            f"{fidelity.mode} fitness ({fidelity.items or 'auto'} items per task, best {fidelity.rescore_top} re-scored)"
+        )  # fmt: skip
         return (
             f"{space.size} genes ({kind}), {config.optimizer.name} with {popsize} candidates per round "
-            f"({overlap} asked ahead), budget {config.optimizer.budget} ({rounds} rounds), {where}"
+            f"({overlap} asked ahead), budget {config.optimizer.budget} ({rounds} rounds), {fitness}, {where}"
         )
     if config.optimizer.name == "nevergrad":
         from evomerge.search.optimizers import check_nevergrad_name

@@ -1,9 +1,12 @@
 """Shared by the tests that run real searches: the smoke config, the CLI in a subprocess, the journal."""
 
 import os
+import random
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -47,6 +50,58 @@ def journal(exp: Path):
     finals = dict(db.execute("SELECT name, fitness FROM finals").fetchall())
     db.close()
     return rows, finals
+
+
+def kill_and_resume(cfg: Path, out: Path, *, budget: int, seed: int, kills: int = 4) -> list[tuple[int, int]]:
+    """Run `evomerge search cfg --out out`, kill -9 it at random moments (during start-up, after a random
+    number of journaled candidates plus a random fraction of the next, while scoring the finalists),
+    resume each time, and run it to the end. Returns (candidates, finals) journaled at each kill."""
+    rng = random.Random(seed)
+    db = out / "experiment.sqlite"
+
+    def progress():
+        if not db.exists():
+            return -1, 0
+        con = sqlite3.connect(db)
+        try:
+            return tuple(
+                con.execute("SELECT (SELECT COUNT(*) FROM candidates), (SELECT COUNT(*) FROM finals)").fetchone()
+            )
+        except sqlite3.OperationalError:
+            return -1, 0
+        finally:
+            con.close()
+
+    points = (
+        [("time", rng.uniform(0.5, 3.0))]
+        + [("count", n) for n in sorted(rng.sample(range(1, budget), kills))]
+        + [("finals", 2)]
+    )
+    killed_at = []
+    for kind, value in points + [("end", None)]:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "evomerge.cli", "search", str(cfg), "--out", str(out)], cwd=REPO,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )  # fmt: skip
+        started = time.time()
+        while proc.poll() is None and time.time() - started < 300:
+            done, finals = progress()
+            if (
+                (kind == "time" and time.time() - started > value)
+                or (kind == "count" and done >= value)
+                or (kind == "finals" and finals >= value)
+            ):
+                time.sleep(rng.uniform(0.0, 0.2))
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.02)
+        proc.wait()
+        if proc.returncode == -signal.SIGKILL:
+            killed_at.append(progress())
+            continue
+        assert proc.returncode == 0, proc.stderr.read().decode()
+    assert proc.returncode == 0
+    return killed_at
 
 
 FEWSHOT_TASK = """

@@ -73,6 +73,36 @@ def test_ray_two_workers_journal_equals_local(tmp_path, cluster, local_run):
     assert any(b[0] < a[1] for a, b in zip(spans, spans[1:], strict=False))
 
 
+def _scores(exp: Path):
+    con = sqlite3.connect(exp / "experiment.sqlite")
+    try:
+        return con.execute("SELECT owner, status, fitness, item_evals FROM scores ORDER BY owner").fetchall()
+    finally:
+        con.close()
+
+
+@pytest.mark.parametrize(
+    "fidelity",
+    [{"subsample": {"items": 6}}, {"anchors": {"items": 6, "refresh": 1}}, {"racing": {"items": 3}}],
+    ids=["subsample", "anchors", "racing"],
+)
+def test_ray_equals_local_in_every_fidelity_mode(tmp_path, cluster, fidelity):
+    """What a job scores is a function of the journal, never of which worker finished first: the same
+    candidates, estimates, re-scores, anchor evidence and racing rungs on two Ray workers as locally."""
+    local = cli("search", smoke(tmp_path / "a", **{"evaluation.fidelity": fidelity}))
+    assert local.returncode == 0, local.stderr
+    from evomerge.search.run import run_search
+
+    cfg = smoke(
+        tmp_path / "b",
+        **{"evaluation.fidelity": fidelity, "runtime.executor": "ray", "runtime.ray.workers": 2},
+    )
+    (result,) = run_search(cfg)
+    assert result.evaluations == 24 and result.finals
+    assert journal(tmp_path / "b" / "exp") == journal(tmp_path / "a" / "exp")
+    assert _scores(tmp_path / "b" / "exp") == _scores(tmp_path / "a" / "exp")
+
+
 def test_killed_worker_is_retried_on_a_new_one(tmp_path, cluster, local_run):
     cfg = smoke(tmp_path, **{"runtime.ray.address": cluster})
     proc = _search(cfg, "--executor", "ray", "--workers", "2")

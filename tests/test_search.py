@@ -4,7 +4,6 @@ on the shipped zoo (including kill -9 at random moments and resuming)."""
 import json
 import os
 import pickle
-import random
 import signal
 import sqlite3
 import subprocess
@@ -15,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from helpers import REPO, SMOKE
+from helpers import REPO, SMOKE, kill_and_resume
 from helpers import cli as _cli
 from helpers import journal as _journal
 from helpers import smoke as _smoke
@@ -337,55 +336,7 @@ def test_killed_and_resumed_ends_like_uninterrupted(straight, tmp_path):
     best recipe and fitness, same held-out finals as the uninterrupted run."""
     cfg, exp, _ = straight
     out = tmp_path / "killed"
-    rng = random.Random(1234)
-    db = out / "experiment.sqlite"
-
-    def progress():
-        if not db.exists():
-            return -1, 0
-        con = sqlite3.connect(db)
-        try:
-            return tuple(
-                con.execute(
-                    "SELECT (SELECT COUNT(*) FROM candidates), (SELECT COUNT(*) FROM finals)"
-                ).fetchone()
-            )
-        except sqlite3.OperationalError:
-            return -1, 0
-        finally:
-            con.close()
-
-    # kill points: during start-up, after a random number of journaled evaluations (plus a random
-    # fraction of the next one), and in the middle of scoring the finalists; then run to the end
-    points = (
-        [("time", rng.uniform(0.5, 3.0))]
-        + [("count", n) for n in sorted(rng.sample(range(1, 24), 4))]
-        + [("finals", 2)]
-    )
-    killed_at = []
-    for kind, value in points + [("end", None)]:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "evomerge.cli", "search", str(cfg), "--out", str(out)], cwd=REPO,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        )  # fmt: skip
-        started = time.time()
-        while proc.poll() is None and time.time() - started < 300:
-            done, finals = progress()
-            if (
-                (kind == "time" and time.time() - started > value)
-                or (kind == "count" and done >= value)
-                or (kind == "finals" and finals >= value)
-            ):
-                time.sleep(rng.uniform(0.0, 0.2))
-                proc.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.02)
-        proc.wait()
-        if proc.returncode == -signal.SIGKILL:
-            killed_at.append(progress())
-            continue
-        assert proc.returncode == 0, proc.stderr.read().decode()
-    assert proc.returncode == 0
+    killed_at = kill_and_resume(cfg, out, budget=24, seed=1234)
     assert len(killed_at) >= 4 and any(0 < n < 24 for n, _ in killed_at), killed_at
     assert _journal(out) == _journal(exp)
 

@@ -9,6 +9,7 @@ import html
 import io
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -129,10 +130,29 @@ def summary_rows(view: ExperimentView) -> list[tuple[str, str]]:
         ("optimizer", cfg.get("optimizer", {}).get("name", "")),
         ("evaluations", f"{len(view.candidates)} of {view.budget}" + ("" if view.finished else " (in progress or stopped)")),
         ("failed", str(len(view.candidates) - len(view.ok))),
+        ("fitness", _fidelity_text(view.fidelity)),
+    ]  # fmt: skip
+    if view.item_evals:
+        cost = view.full_cost
+        saved = f" ({cost * len(view.candidates) / view.item_evals:.1f}x fewer than full fitness)" if cost else ""
+        rows.append(("item-evaluations", f"{view.item_evals:,}{saved}"))
+    rows += [
         ("wall time", f"{view.wall_seconds / 60:.1f} min"),
         ("evals/min (busy)", f"{view.evals_per_minute:.1f}"),
-    ]  # fmt: skip
+    ]
     return rows
+
+
+def _fidelity_text(fidelity: dict[str, Any]) -> str:
+    mode = fidelity.get("mode", "full")
+    if mode == "full":
+        return "full: every search item for every candidate"
+    what = {
+        "subsample": f"subsample: {fidelity.get('items')} fresh items per task each round",
+        "anchors": f"anchors: {fidelity.get('items')} anchor items per task, re-chosen every {fidelity.get('refresh')} rounds",
+        "racing": f"racing: first rung {fidelity.get('items') or 'auto'} items per task, 1/{fidelity.get('eta')} go on",
+    }[mode]
+    return f"{what}; search fitness is an estimate (~) unless marked full; top {fidelity.get('rescore_top')} re-scored in full"
 
 
 def heldout_rows(view: ExperimentView) -> tuple[list[str], list[list[str]]]:
@@ -196,12 +216,32 @@ def _bootstrap(diffs: list[np.ndarray], weights: list[float]) -> tuple[float, fl
 
 
 def top_rows(view: ExperimentView, n: int = TOP) -> tuple[list[str], list[list[str]]]:
-    header = ["rank", "candidate", "generation.idx", "search fitness", *view.tasks]
+    """The best candidates: fitness on every search item where they have one, else the estimate (~) the
+    search saw, with what it cost."""
+    header = ["rank", "candidate", "generation.idx", "search fitness", "scored on", *view.tasks]
     rows = [
-        [str(i), str(c.id), f"{c.generation}.{c.idx}", _fmt(c.fitness), *(_fmt(view.metric(c.metrics, t)) for t in view.tasks)]
+        [str(i), str(c.id), f"{c.generation}.{c.idx}", search_fitness(c), _scored_on(c),
+         *(_fmt(view.metric(c.metrics, t)) for t in view.tasks)]
         for i, c in enumerate(view.ranked()[:n], 1)
     ]  # fmt: skip
     return header, rows
+
+
+def search_fitness(c) -> str:
+    """A full-split fitness as a number; an estimate marked `~` (with the re-score beside it, if any)."""
+    if not c.estimate:
+        return _fmt(c.fitness)
+    if c.rescored is not None:
+        return f"{c.rescored:.4f} (estimate ~{c.fitness:.4f})"
+    return f"~{c.fitness:.4f}"
+
+
+def _scored_on(c) -> str:
+    if c.item_evals is None:
+        return "all items"
+    if not c.estimate:
+        return f"all items ({c.item_evals})"
+    return f"{c.item_evals} item-evals" + (" + full re-score" if c.rescored is not None else "")
 
 
 def cross_rows(views: list[ExperimentView]) -> tuple[list[str], list[list[str]]]:
@@ -220,7 +260,7 @@ def cross_rows(views: list[ExperimentView]) -> tuple[list[str], list[list[str]]]
         gain = f"{evolved.fitness - parent.fitness:+.4f}" if evolved and parent else ""
         best = v.best
         rows.append([
-            v.name, str(len(v.candidates)), _fmt(best.fitness if best else None),
+            v.name, str(len(v.candidates)), search_fitness(best) if best else "",
             _fmt(evolved.fitness if evolved else None), _fmt(parent.fitness if parent else None), gain,
         ])  # fmt: skip
     return header, rows
@@ -295,6 +335,9 @@ def write_report(view: ExperimentView, out: Path, cross: list[ExperimentView] | 
             "idx",
             "status",
             "fitness",
+            "fitness_is_estimate",
+            "full_split_fitness",
+            "item_evals",
             *map(one_line, view.tasks),
             "merge_seconds",
             "eval_seconds",
@@ -303,7 +346,8 @@ def write_report(view: ExperimentView, out: Path, cross: list[ExperimentView] | 
     )
     for c in sorted(view.candidates, key=lambda c: (not c.ok, -c.fitness if c.ok else 0, c.id)):
         writer.writerow([
-            c.id, c.generation, c.idx, c.status, c.fitness if c.ok else "",
+            c.id, c.generation, c.idx, c.status, c.fitness if c.ok else "", int(c.estimate),
+            "" if c.full_fitness is None else c.full_fitness, "" if c.item_evals is None else c.item_evals,
             *(view.metric(c.metrics, t) for t in view.tasks), f"{c.merge_seconds:.4f}", f"{c.eval_seconds:.4f}", one_line(c.reason or ""),
         ])  # fmt: skip
     atomic_write(out / "leaderboard.csv", buffer.getvalue().encode())

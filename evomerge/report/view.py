@@ -11,7 +11,7 @@ from typing import Any
 
 from evomerge.config import source_labels
 from evomerge.errors import UserError
-from evomerge.store import Candidate, ExperimentStore, Final, ItemResults
+from evomerge.store import Candidate, ExperimentStore, Final, ItemResults, Score, item_evaluations, rank_key
 
 
 @dataclass
@@ -22,6 +22,7 @@ class ExperimentView:
     finals: list[Final]
     config_dir: Path | None = None
     final_items: dict[str, dict[str, ItemResults]] = field(default_factory=dict)  # final name -> task -> items
+    scores: list[Score] = field(default_factory=list)  # re-scores, anchor evidence, racing rungs
 
     @classmethod
     def load(cls, path: str | Path) -> ExperimentView:
@@ -35,7 +36,7 @@ class ExperimentView:
             finals = store.finals()
             view = cls(
                 path, config, store.candidates(), finals, Path(config_dir) if config_dir else None,
-                {f.name: store.items(f"final:{f.name}") for f in finals},
+                {f.name: store.items(f"final:{f.name}") for f in finals}, store.scores(),
             )  # fmt: skip
         finally:
             store.close()
@@ -81,7 +82,23 @@ class ExperimentView:
         return Counter(c.reason or "unknown" for c in self.candidates if not c.ok)
 
     def ranked(self) -> list[Candidate]:
-        return sorted(self.ok, key=lambda c: (-c.fitness, c.id))
+        """Best first: by fitness on every search item where a candidate has one, then the estimates."""
+        return sorted(self.ok, key=rank_key)
+
+    @property
+    def fidelity(self) -> dict[str, Any]:
+        return self.config.get("evaluation", {}).get("fidelity") or {"mode": "full"}
+
+    @property
+    def item_evals(self) -> int:
+        return item_evaluations(self.candidates, self.scores)
+
+    @property
+    def full_cost(self) -> int | None:
+        """Item-evaluations one candidate costs on every search item (known once one was scored so)."""
+        full = [c.item_evals for c in self.candidates if c.ok and not c.estimate and c.item_evals]
+        full += [s.item_evals for s in self.scores if s.ok and s.owner.startswith(("rescore:", "prior:"))]
+        return max(full) if full else None
 
     @property
     def best(self) -> Candidate | None:
