@@ -196,14 +196,13 @@ def test_cheap_search_journals_estimates_and_rescores_the_best(mode_run):
     assert "(estimate ~" in text or "~" in text
 
 
+@pytest.mark.parametrize("mode_run", ["racing"], indirect=True)
 def test_racing_candidate_through_every_rung_scores_as_full(tmp_path, mode_run):
     """A racer that reaches the last rung has been scored on every search item, in parts: its fitness is
     the full-split fitness (the same number a full-fidelity search journals for the same recipe)."""
     import json
 
-    mode, _, exp, _ = mode_run
-    if mode != "racing":
-        pytest.skip("racing only")
+    _, _, exp, _ = mode_run
     full_exp = tmp_path / "full"
     done = cli("search", smoke(tmp_path), "--out", full_exp, "--budget", 6)
     assert done.returncode == 0, done.stderr

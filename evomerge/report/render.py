@@ -248,6 +248,7 @@ def cross_rows(views: list[ExperimentView]) -> tuple[list[str], list[list[str]]]
     header = [
         "experiment",
         "evaluations",
+        "item-evaluations",
         "best search fitness",
         "evolved held-out",
         "best parent held-out",
@@ -260,7 +261,8 @@ def cross_rows(views: list[ExperimentView]) -> tuple[list[str], list[list[str]]]
         gain = f"{evolved.fitness - parent.fitness:+.4f}" if evolved and parent else ""
         best = v.best
         rows.append([
-            v.name, str(len(v.candidates)), search_fitness(best) if best else "",
+            v.name, str(len(v.candidates)), f"{v.item_evals:,}" if v.item_evals else "",
+            search_fitness(best) if best else "",
             _fmt(evolved.fitness if evolved else None), _fmt(parent.fitness if parent else None), gain,
         ])  # fmt: skip
     return header, rows

@@ -61,6 +61,7 @@ class ItemPlan:
             g: sorted(set().union(*(self.search[n] for n in names))) for g, names in self.groups.items()
         }
         self.total = sum(len(ids) for ids in self.search.values())
+        self._first: dict[tuple[int, int], Items] = {}
 
     @property
     def mode(self) -> str:
@@ -79,7 +80,12 @@ class ItemPlan:
 
     def first(self, generation: int, count: int) -> Items:
         """The first `count` items per task of the round's order (a subsample; a racing rung)."""
-        return {name: sorted(ids[:count]) for name, ids in self.order(generation).items()}
+        key = (generation, count)
+        if key not in self._first:
+            if len(self._first) > 64:
+                self._first.clear()
+            self._first[key] = {name: sorted(ids[:count]) for name, ids in self.order(generation).items()}
+        return {name: list(ids) for name, ids in self._first[key].items()}
 
     def subsample(self, generation: int) -> Items:
         return self.first(generation, self.spec.items)

@@ -197,6 +197,7 @@ class Search:
         self._rung_values: dict[tuple[int, int, int], dict[str, dict[int, float]]] = {}
         self._rung_meta: dict[tuple[int, int, int], tuple] = {}
         self._anchor_sets: dict[int, object] = {}
+        self._races: dict[int, tuple[int, dict[int, list[int]]]] = {}  # round -> (rungs journaled, race)
         self.optimizer_batch = 0
 
     @property
@@ -423,6 +424,14 @@ class Search:
 
     def _race(self, generation: int) -> dict[int, list[int]]:
         """Who runs each rung of the round, as far as the journaled rungs decide it: rung -> indices."""
+        prefix = f"rung:{generation}."
+        journaled = sum(1 for owner in self._scores if owner.startswith(prefix))
+        cached = self._races.get(generation)
+        if cached is None or cached[0] != journaled:
+            self._races[generation] = (journaled, self._run_race(generation))
+        return self._races[generation][1]
+
+    def _run_race(self, generation: int) -> dict[int, list[int]]:
         batch = self.optimizer_batch
         racers = list(range(self._round_size(generation, batch)))
         out = {0: racers}
