@@ -3,8 +3,9 @@ two or three item counts, three optimizer seeds each, every run a real `evomerge
 
 Per setting it prints the winner's held-out exact match (zoo_math_x on the 300 held-out problems, never
 seen by the search: mean and spread over the seeds), the search's item-evaluations (candidates, anchor
-evidence, re-scores; the held-out finals are the same in every mode and not counted) and the wall time
-of the whole command, and each as a ratio to `full`.
+evidence, re-scores; the held-out finals are the same in every mode and not counted), the wall time of
+the whole command (start-up, search, re-scores, held-out finals, report), and the time of the search
+itself (first evaluation to last re-score), each as a ratio to `full`.
 
     python experiments/bench_fitness.py [--seeds 0 1 2] [--only full subsample-20] [--out runs/bench-fitness]
 """
@@ -32,6 +33,7 @@ SETTINGS: dict[str, object] = {
     "subsample-10": {"subsample": {"items": 10}},
     "subsample-20": {"subsample": {"items": 20}},
     "subsample-40": {"subsample": {"items": 40}},
+    "anchors-10": {"anchors": {"items": 10}},
     "anchors-20": {"anchors": {"items": 20}},
     "anchors-40": {"anchors": {"items": 40}},
     "racing-20": {"racing": {"items": 20}},
@@ -68,7 +70,20 @@ def run(setting: str, seed: int, out: Path) -> dict:
             "heldout_em": evolved.metrics[task][metric],
             "item_evals": item_evaluations(store.candidates(), store.scores()),
             "wall_s": wall,
+            "search_s": search_seconds(directory),
         }
+    finally:
+        store.close()
+
+
+def search_seconds(directory: Path) -> float:
+    """From the first evaluation of the search split (anchor evidence included) to the last re-score."""
+    store = ExperimentStore.open(directory, readonly=True)
+    try:
+        candidates, scores = store.candidates(), store.scores()
+        start = min([c.started_at for c in candidates] + [s.finished_at - s.seconds for s in scores])
+        end = max([c.finished_at for c in candidates] + [s.finished_at for s in scores])
+        return end - start
     finally:
         store.close()
 
@@ -85,6 +100,8 @@ def main() -> None:
     if results_file.exists():  # a rerun keeps finished runs
         for line in results_file.read_text().splitlines():
             row = json.loads(line)
+            if "search_s" not in row and (args.out / f"{row['setting']}-seed{row['seed']}").is_dir():
+                row["search_s"] = search_seconds(args.out / f"{row['setting']}-seed{row['seed']}")
             done[(row["setting"], row["seed"])] = row
     for setting in args.only:
         for seed in args.seeds:
@@ -106,20 +123,26 @@ def table(done: dict, settings: list[str], seeds: list[int]) -> None:
     full_items = statistics.mean(stats("full", "item_evals")) if stats("full", "item_evals") else None
     full_wall = statistics.mean(stats("full", "wall_s")) if stats("full", "wall_s") else None
     full_em = statistics.mean(stats("full", "heldout_em")) if stats("full", "heldout_em") else None
+    full_search = statistics.mean(stats("full", "search_s")) if stats("full", "search_s") else None
     print()
-    print("| fitness | held-out EM (mean ± sd, 3 seeds) | vs full | item-evals | fewer | wall | faster |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| fitness | held-out EM (mean ± sd) | vs full | item-evals | fewer | wall (whole command) | less "
+        "| search (loop + re-scores) | less |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for setting in settings:
         em, items, wall = stats(setting, "heldout_em"), stats(setting, "item_evals"), stats(setting, "wall_s")
+        search = stats(setting, "search_s")
         if not em:
             continue
         mean, sd = statistics.mean(em), statistics.stdev(em) if len(em) > 1 else 0.0
         gap = f"{100 * (mean - full_em):+.1f} pts" if full_em is not None else ""
         fewer = f"{full_items / statistics.mean(items):.1f}x" if full_items else ""
         faster = f"{full_wall / statistics.mean(wall):.1f}x" if full_wall else ""
+        quicker = f"{full_search / statistics.mean(search):.1f}x" if full_search and search else ""
         print(
             f"| {setting} | {mean:.3f} ± {sd:.3f} | {gap} | {statistics.mean(items):,.0f} | {fewer} "
-            f"| {statistics.mean(wall):.0f} s | {faster} |"
+            f"| {statistics.mean(wall):.0f} s | {faster} | {statistics.mean(search):.0f} s | {quicker} |"
         )
 
 

@@ -21,6 +21,7 @@ from evomerge.files import atomic_write, one_line
 from evomerge.merge.methods import Method, TensorParams, merge_tensor
 from evomerge.merge.recipe import Recipe
 from evomerge.models.architecture import EMBED, HEAD, Family, merged_names
+from evomerge.report.render import search_fitness
 from evomerge.report.view import ExperimentView
 from evomerge.runtime.worker import open_models
 
@@ -207,7 +208,7 @@ def _path_card(view: ExperimentView, candidate, rank: int) -> str:
         f"(`{HOP_SCALES}`); plain `AutoModelForCausalLM.from_pretrained` loads the layers without them.",
         "",
         f"- sources: {', '.join(f'`{one_line(s)}`' for s in view.config['models']['sources'])}",
-        f"- search-split fitness: {candidate.fitness:.4f}",
+        f"- search-split fitness: {search_fitness(candidate)}",
         "",
         "| hop | source | layer | scale |",
         "|---:|---|---:|---:|",
@@ -241,7 +242,7 @@ def model_card(view: ExperimentView, candidate, rank: int, recipe: Recipe) -> st
         "- sources: " + ", ".join(f"`{one_line(s)}`" for s in models["sources"]),
         f"- optimizer: {view.config.get('optimizer', {}).get('name')} , {len(view.candidates)} evaluations "
         f"(this candidate: generation {candidate.generation}, #{candidate.idx})",
-        f"- search-split fitness: {candidate.fitness:.4f}",
+        f"- search-split fitness: {search_fitness(candidate)}",
     ]
     if heldout is not None:
         lines.append(f"- held-out fitness: {heldout.fitness:.4f}")
