@@ -213,6 +213,21 @@ def test_racing_candidate_through_every_rung_scores_as_full(tmp_path, mode_run):
         assert r[4] == pytest.approx(plain[(0, r[2])], abs=1e-9)
 
 
+def test_raised_budget_finishes_a_race_cut_short(tmp_path):
+    """A budget that ends inside a round races only the candidates within it; raising the budget adds
+    racers to that round, and the search still journals every candidate and scores the finalists."""
+    cfg = smoke(tmp_path, **{"evaluation.fidelity": MODES["racing"]})
+    first = cli("search", cfg, "--budget", 20)  # rounds of 6: the last round holds 2 racers
+    assert first.returncode == 0, first.stderr
+    again = cli("search", cfg, "--budget", 24)
+    assert again.returncode == 0, again.stderr
+    rows = _rows(tmp_path / "exp")
+    assert len(rows) == 24 and {(r[1], r[2]) for r in rows} == {(g, i) for g in range(4) for i in range(6)}
+    db = sqlite3.connect(tmp_path / "exp" / "experiment.sqlite")
+    assert db.execute("SELECT COUNT(*) FROM finals WHERE kind='evolved'").fetchone()[0] == 1
+    db.close()
+
+
 @pytest.mark.slow
 def test_killed_and_resumed_ends_like_uninterrupted_in_every_mode(mode_run, tmp_path):
     mode, cfg, exp, _ = mode_run

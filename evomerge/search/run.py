@@ -444,6 +444,9 @@ class Search:
                 key=lambda i: (-self.plan.mean_estimate(self._values_through(generation, i, rung))[0], i),
             )
             racers = sorted(ranked[: math.ceil(len(racers) / self.fidelity.eta)])
+            # a racer journaled as stopped here stays stopped: only a raised budget, which adds racers to a
+            # round that was cut short, can make the race pick it again
+            racers = [i for i in racers if (generation, i) not in self._journal]
             out[rung + 1] = racers
         return out
 
