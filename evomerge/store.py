@@ -69,7 +69,7 @@ CREATE TABLE IF NOT EXISTS items (
     PRIMARY KEY (owner, task)
 );
 CREATE TABLE IF NOT EXISTS scores (
-    owner TEXT PRIMARY KEY,  -- rescore:<candidate id> | prior:<name> | rung:<generation>.<idx>.<rung>
+    owner TEXT PRIMARY KEY,  -- rescore:<generation>.<idx> | prior:<name> | rung:<generation>.<idx>.<rung>
     status TEXT NOT NULL,
     reason TEXT,
     fitness REAL NOT NULL,
@@ -165,9 +165,16 @@ def item_evaluations(candidates, scores) -> int:
 
 
 def rank_key(c: Candidate) -> tuple:
-    """Best first: candidates with a fitness on every search item (by it), then the estimated rest."""
+    """Best first: candidates with a fitness on every search item (by it), then the estimated rest; ties
+    go to the earlier place in the run (not the journal id, whose order depends on which worker finished
+    first)."""
     full = c.full_fitness
-    return (full is None, -(full if full is not None else c.fitness), c.id)
+    return (full is None, -(full if full is not None else c.fitness), c.generation, c.idx)
+
+
+def rescore_owner(c: Candidate) -> str:
+    """A re-score's name in the journal: by the candidate's place in the run, the same on every executor."""
+    return f"rescore:{c.generation}.{c.idx}"
 
 
 @dataclass
@@ -321,7 +328,7 @@ class ExperimentStore:
         out = [_candidate(row) for row in rows]
         rescored = {s.owner: s for s in self.scores("rescore:")}
         for c in out:
-            again = rescored.get(f"rescore:{c.id}")
+            again = rescored.get(rescore_owner(c))
             if again is not None and again.ok:
                 c.rescored = again.fitness
         return out
@@ -332,7 +339,7 @@ class ExperimentStore:
     def best(self) -> Candidate | None:
         """The best by the fitness the search saw (an estimate under a cheap fidelity)."""
         row = self.db.execute(
-            "SELECT * FROM candidates WHERE status = 'ok' ORDER BY fitness DESC, id ASC LIMIT 1"
+            "SELECT * FROM candidates WHERE status = 'ok' ORDER BY fitness DESC, generation, idx LIMIT 1"
         ).fetchone()
         return _candidate(row) if row else None
 

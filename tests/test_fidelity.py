@@ -173,14 +173,16 @@ def test_cheap_search_journals_estimates_and_rescores_the_best(mode_run):
     estimates = [i for i, f in fidelity.items() if not f["full"]]
     assert estimates, "a cheap mode scores most candidates on part of the split"
     assert all(fidelity[i]["items"] < full_cost for i in estimates)
-    rescored = {int(o.split(":")[1]): fit for o, status, fit, _ in scores if o.startswith("rescore:")}
+    place = {f"{r[1]}.{r[2]}": r[0] for r in rows}  # re-scores are named by place in the run
+    rescored = {place[o.split(":")[1]]: fit for o, status, fit, _ in scores if o.startswith("rescore:")}
     # the 5 best estimates all end with a fitness on every search item
-    ok = sorted((r for r in rows if r[3] == "ok"), key=lambda r: (-r[4], r[0]))[:5]
+    ok = sorted((r for r in rows if r[3] == "ok"), key=lambda r: (-r[4], r[1], r[2]))[:5]
     assert all(r[0] in rescored or fidelity[r[0]]["full"] for r in ok)
     assert all(items == full_cost for o, _, _, items in scores if o.startswith("rescore:"))
-    # the finals score the best full-split fitness, not the best estimate
+    # the finals score the best full-split fitness, not the best estimate (ties: the earlier candidate)
     full = {r[0]: r[4] for r in rows if r[3] == "ok" and fidelity[r[0]]["full"]} | rescored
-    winner = max(full, key=lambda i: (full[i], -i))
+    order = {r[0]: (r[1], r[2]) for r in rows}
+    winner = min(full, key=lambda i: (-full[i], order[i]))
     db = sqlite3.connect(exp / "experiment.sqlite")
     assert db.execute("SELECT candidate_id FROM finals WHERE kind='evolved'").fetchone()[0] == winner
     db.close()

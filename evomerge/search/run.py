@@ -42,6 +42,7 @@ from evomerge.store import (
     Score,
     item_evaluations,
     mark_staged,
+    rescore_owner,
 )
 
 log = logging.getLogger("evomerge.search")
@@ -279,16 +280,16 @@ class Search:
                 if f"prior:{name}" not in self._scores and ("prior", name) not in in_flight:
                     yield Job(("prior", name), "search", recipe=recipe, source=source), None
             for c in self._refresh_targets():
-                if ("rescore", c.id) not in in_flight:
-                    yield Job(("rescore", c.id), "search", recipe=c.recipe), None
+                if ("rescore", c.generation, c.idx) not in in_flight:
+                    yield Job(("rescore", c.generation, c.idx), "search", recipe=c.recipe), None
         for key, genome in self._waiting(schedule, self._journal):
             job = self._candidate_job(key, genome)
             if job is not None and job.key not in in_flight:
                 yield job, [float(x) for x in genome]
         if len(self._journal) >= self.budget:
             for c in self._rescore_targets():
-                if ("rescore", c.id) not in in_flight:
-                    yield Job(("rescore", c.id), "search", recipe=c.recipe), None
+                if ("rescore", c.generation, c.idx) not in in_flight:
+                    yield Job(("rescore", c.generation, c.idx), "search", recipe=c.recipe), None
 
     def _candidate_job(self, key: tuple[int, int], genome: np.ndarray) -> Job | None:
         """The job that scores the candidate next, or None while what it needs is not journaled yet."""
@@ -444,11 +445,15 @@ class Search:
                 key=lambda i: (-self.plan.mean_estimate(self._values_through(generation, i, rung))[0], i),
             )
             racers = sorted(ranked[: math.ceil(len(racers) / self.fidelity.eta)])
-            # a racer journaled as stopped here stays stopped: only a raised budget, which adds racers to a
-            # round that was cut short, can make the race pick it again
-            racers = [i for i in racers if (generation, i) not in self._journal]
+            # a racer journaled as stopped at this rung stays stopped: only a raised budget, which adds
+            # racers to a round that was cut short, can make the race pick it again
+            racers = [i for i in racers if not self._stopped_at(generation, i, rung)]
             out[rung + 1] = racers
         return out
+
+    def _stopped_at(self, generation: int, idx: int, rung: int) -> bool:
+        known = self._journal.get((generation, idx))
+        return known is not None and (known.fidelity or {}).get("rung") == rung
 
     def _values_through(self, generation: int, idx: int, rung: int) -> dict[str, dict[int, float]]:
         """The candidate's per-item values from rungs 0..rung together."""
@@ -536,7 +541,7 @@ class Search:
         for generation in sorted(rounds):
             if self.plan.is_refresh_round(generation):
                 best = self._round_best(generation)
-                if best is not None and f"rescore:{best.id}" not in self._scores:
+                if best is not None and rescore_owner(best) not in self._scores:
                     out.append(best)
         return out
 
@@ -554,7 +559,7 @@ class Search:
             if best is None and any((refresh_round, i) not in self._journal for i in range(size)):
                 return None
             if best is not None:
-                owners.append(f"rescore:{best.id}")
+                owners.append(rescore_owner(best))
         if not all(o in self._scores for o in owners):
             return None
         evidence = [_stored_values(self.store.items(o)) for o in owners if self._scores[o].ok]
@@ -567,9 +572,9 @@ class Search:
         """The best `rescore_top` candidates by estimate that have no fitness on every search item yet."""
         if self.fidelity.mode == "full":
             return []
-        ranked = sorted((c for c in self._journal.values() if c.ok), key=lambda c: (-c.fitness, c.id))
+        ranked = sorted((c for c in self._journal.values() if c.ok), key=lambda c: (-c.fitness, c.generation, c.idx))
         top = ranked[: self.fidelity.rescore_top]
-        return [c for c in top if c.estimate and f"rescore:{c.id}" not in self._scores]
+        return [c for c in top if c.estimate and rescore_owner(c) not in self._scores]
 
     def _warn_round_size(self, batch: int) -> None:
         workers = self.executor.capacity
@@ -685,9 +690,7 @@ class Search:
 def _owner(key: tuple) -> str:
     """The journal's name of a job that is not a candidate's own evaluation."""
     kind, *rest = key
-    if kind == "rung":
-        return "rung:" + ".".join(map(str, rest))
-    return f"{kind}:{rest[0]}"
+    return f"{kind}:" + ".".join(map(str, rest))
 
 
 def _values(items: dict[str, dict]) -> dict[str, dict[int, float]]:
