@@ -378,15 +378,16 @@ def test_failed_candidates_are_journaled_then_stop(tmp_path):
 def test_ctrl_c_saves_and_exits_130(tmp_path):
     cfg = _smoke(tmp_path)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "evomerge.cli", "search", str(cfg)], cwd=REPO, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )  # fmt: skip
+        [sys.executable, "-m", "evomerge.cli", "search", str(cfg), "--budget", "400"], cwd=REPO,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip (a budget it cannot finish before the signal, however slow the poll below is)
     db = tmp_path / "exp" / "experiment.sqlite"
     deadline = time.time() + 120
     while time.time() < deadline:
         if db.exists() and sqlite3.connect(db).execute("SELECT COUNT(*) FROM candidates").fetchone()[0] >= 2:
             break
         time.sleep(0.2)
+    assert proc.poll() is None, "the search ended before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err.decode()
