@@ -29,3 +29,24 @@ def cluster():
     os.environ["RAY_AUTH_MODE"] = "token"  # what a process joining it needs (CLI searches in subprocesses)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def fidelity_runs(tmp_path_factory):
+    """The smoke search in each cheap fitness mode on the local executor, run once per session on first
+    use and shared (test_fidelity checks them, test_ray compares Ray against them): mode -> (cfg, exp,
+    completed process)."""
+    from helpers import FIDELITY_MODES, cli, smoke
+
+    runs = {}
+
+    def get(mode: str):
+        if mode not in runs:
+            tmp = tmp_path_factory.mktemp(mode)
+            cfg = smoke(tmp, **{"evaluation.fidelity": FIDELITY_MODES[mode]})
+            done = cli("search", cfg)
+            assert done.returncode == 0, done.stderr
+            runs[mode] = (cfg, tmp / "exp", done)
+        return runs[mode]
+
+    return get

@@ -41,6 +41,13 @@ def smoke(tmp_path: Path, **changes) -> Path:
     return path
 
 
+FIDELITY_MODES = {  # cheap fitness on the smoke search (24 search items, rounds of 6)
+    "subsample": {"subsample": {"items": 6}},
+    "anchors": {"anchors": {"items": 6, "refresh": 1}},
+    "racing": {"racing": {"items": 3}},
+}
+
+
 def journal(exp: Path):
     """(candidates in (generation, idx) order, {final name: fitness})."""
     db = sqlite3.connect(exp / "experiment.sqlite")

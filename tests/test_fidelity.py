@@ -7,17 +7,13 @@ import sqlite3
 import numpy as np
 import pytest
 import yaml
-from helpers import REPO, cli, journal, kill_and_resume, smoke
+from helpers import FIDELITY_MODES, REPO, cli, journal, kill_and_resume, smoke
 
 from evomerge.errors import UserError
 from evomerge.evaluate.spec import FidelitySpec, TaskSpec
 from evomerge.search.fidelity import ItemPlan, k_medoids
 
-MODES = {
-    "subsample": {"subsample": {"items": 6}},
-    "anchors": {"anchors": {"items": 6, "refresh": 1}},
-    "racing": {"racing": {"items": 3}},
-}
+MODES = FIDELITY_MODES
 
 
 def _plan(fidelity, sizes=(40, 40, 30)) -> ItemPlan:
@@ -154,12 +150,8 @@ def _rows(exp):
 
 
 @pytest.fixture(scope="module", params=list(MODES))
-def mode_run(request, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp(request.param)
-    cfg = smoke(tmp, **{"evaluation.fidelity": MODES[request.param]})
-    done = cli("search", cfg)
-    assert done.returncode == 0, done.stderr
-    return request.param, cfg, tmp / "exp", done
+def mode_run(request, fidelity_runs):
+    return (request.param, *fidelity_runs(request.param))
 
 
 def test_cheap_search_journals_estimates_and_rescores_the_best(mode_run):

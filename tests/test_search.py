@@ -380,7 +380,9 @@ def test_ctrl_c_saves_and_exits_130(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "evomerge.cli", "search", str(cfg), "--budget", "400"], cwd=REPO,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )  # fmt: skip (a budget it cannot finish before the signal, however slow the poll below is)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip (a budget it cannot finish first; SIGINT as a terminal has it, even when the tests
+    # run as a background job, whose children inherit SIGINT ignored)
     db = tmp_path / "exp" / "experiment.sqlite"
     deadline = time.time() + 120
     while time.time() < deadline:
