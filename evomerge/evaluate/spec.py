@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-MODES = ("full", "subsample", "anchors", "racing")
+Mode = Literal["full", "subsample", "anchors", "racing"]
+MODES = get_args(Mode)
 
 
 class TaskSpec(BaseModel):
@@ -54,7 +55,7 @@ class FidelitySpec(BaseModel):
     with an optional `rescore_top: k` beside the mode."""
 
     model_config = ConfigDict(extra="forbid")
-    mode: Literal["full", "subsample", "anchors", "racing"] = "full"
+    mode: Mode = "full"
     items: int | None = Field(
         None, ge=1, description="items per task: each round's subset, the anchors, or racing's first rung"
     )

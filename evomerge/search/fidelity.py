@@ -60,7 +60,6 @@ class ItemPlan:
         self.group_ids = {
             g: sorted(set().union(*(self.search[n] for n in names))) for g, names in self.groups.items()
         }
-        self.total = sum(len(ids) for ids in self.search.values())
         self._first: dict[tuple[int, int], Items] = {}
 
     @property

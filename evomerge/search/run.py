@@ -31,7 +31,7 @@ from evomerge.merge.recipe import Recipe
 from evomerge.runtime.executor import Executor, Job, WorkerFactory, make_executor
 from evomerge.runtime.worker import Outcome
 from evomerge.search.dfs_space import DfsSpace
-from evomerge.search.fidelity import ItemPlan
+from evomerge.search.fidelity import Anchors, ItemPlan
 from evomerge.search.optimizers import Optimizer, make_optimizer, round_size
 from evomerge.search.space import Space, default_params
 from evomerge.store import (
@@ -196,10 +196,10 @@ class Search:
         self._journal: dict[tuple[int, int], Candidate] = {}
         self._scores: dict[str, Score] = {}
         self._rung_values: dict[tuple[int, int, int], dict[str, dict[int, float]]] = {}
-        self._rung_meta: dict[tuple[int, int, int], tuple] = {}
-        self._anchor_sets: dict[int, object] = {}
+        self._anchor_sets: dict[int, Anchors] = {}
         self._races: dict[int, tuple[int, dict[int, list[int]]]] = {}  # round -> (rungs journaled, race)
         self.optimizer_batch = 0
+        self._best: Candidate | None = None  # by the fitness the search saw (progress only)
 
     @property
     def executor(self) -> Executor:
@@ -249,9 +249,9 @@ class Search:
         self.optimizer_batch = schedule.batch
         self._journal = {(c.generation, c.idx): c for c in self.store.candidates()}
         self._scores = {s.owner: s for s in self.store.scores()}
-        best = self.store.best()
+        self._best = self.store.best()
         if self.reporter:
-            self.reporter.start(len(self._journal), self.budget, best.fitness if best else None)
+            self.reporter.start(len(self._journal), self.budget, self._best.fitness if self._best else None)
         in_flight: dict[tuple, tuple[list[float] | None, dict | None, float]] = {}
         while True:
             if self.fidelity.mode == "racing":
@@ -279,17 +279,13 @@ class Search:
             for name, recipe, source in self._baselines():
                 if f"prior:{name}" not in self._scores and ("prior", name) not in in_flight:
                     yield Job(("prior", name), "search", recipe=recipe, source=source), None
-            for c in self._refresh_targets():
-                if ("rescore", c.generation, c.idx) not in in_flight:
-                    yield Job(("rescore", c.generation, c.idx), "search", recipe=c.recipe), None
+            yield from _rescore_jobs(self._refresh_targets(), in_flight)
         for key, genome in self._waiting(schedule, self._journal):
             job = self._candidate_job(key, genome)
             if job is not None and job.key not in in_flight:
                 yield job, [float(x) for x in genome]
         if len(self._journal) >= self.budget:
-            for c in self._rescore_targets():
-                if ("rescore", c.generation, c.idx) not in in_flight:
-                    yield Job(("rescore", c.generation, c.idx), "search", recipe=c.recipe), None
+            yield from _rescore_jobs(self._rescore_targets(), in_flight)
 
     def _candidate_job(self, key: tuple[int, int], genome: np.ndarray) -> Job | None:
         """The job that scores the candidate next, or None while what it needs is not journaled yet."""
@@ -325,7 +321,9 @@ class Search:
                     continue
                 yield key, genome
 
-    def _round_size(self, generation: int, batch: int) -> int:
+    def _round_size(self, generation: int) -> int:
+        """Candidates of the round within the budget (the last round may be cut short)."""
+        batch = self.optimizer_batch
         return max(0, min(batch, self.budget - generation * batch))
 
     # -- journaling ------------------------------------------------------------------------------------
@@ -358,7 +356,6 @@ class Search:
         self._scores[owner] = score
         if kind == "rung":
             self._rung_values[job.key[1:]] = _values(outcome.items) if outcome.ok else {}
-            self._rung_meta[job.key[1:]] = (genome, recipe, started, outcome)
         state = f"{outcome.fitness:.4f}" if outcome.ok else f"failed ({outcome.reason})"
         log.info("%s on %d items: %s", owner, outcome.item_evals, state)
 
@@ -382,11 +379,13 @@ class Search:
             )  # fmt: skip
         else:
             log.warning("candidate %d.%d failed: %s", generation, idx, outcome.reason)
+        if candidate.ok and (self._best is None or candidate.fitness > self._best.fitness):
+            self._best = candidate
         done = len(self._journal)
         self._check_failures(done)
         if self.reporter:
-            best = self.store.best()
-            self.reporter.evaluated(candidate, done, best.fitness if best else None, self._item_evals())
+            best = self._best.fitness if self._best else None
+            self.reporter.evaluated(candidate, done, best, self._item_evals())
         return candidate
 
     def _item_evals(self) -> int:
@@ -414,10 +413,10 @@ class Search:
 
     def _next_rung(self, generation: int, idx: int) -> int | None:
         """The rung the candidate runs next, or None while the race has not decided it (or it is out)."""
-        done = [k for k in range(len(self.plan.rung_sizes())) if f"rung:{generation}.{idx}.{k}" in self._scores]
-        if not done:
+        done = self._rungs_done(generation, idx)
+        if done is None:
             return 0
-        rung = max(done) + 1
+        rung = done + 1
         if rung >= len(self.plan.rung_sizes()):
             return None
         going_on = self._race(generation).get(rung)
@@ -433,15 +432,14 @@ class Search:
         return self._races[generation][1]
 
     def _run_race(self, generation: int) -> dict[int, list[int]]:
-        batch = self.optimizer_batch
-        racers = list(range(self._round_size(generation, batch)))
+        racers = list(range(self._round_size(generation)))
         out = {0: racers}
         for rung in range(len(self.plan.rung_sizes()) - 1):
-            keys = [f"rung:{generation}.{i}.{rung}" for i in racers]
+            keys = [_rung_owner(generation, i, rung) for i in racers]
             if not racers or not all(k in self._scores for k in keys):
                 break
             ranked = sorted(
-                (i for i in racers if self._scores[f"rung:{generation}.{i}.{rung}"].ok),
+                (i for i, k in zip(racers, keys, strict=True) if self._scores[k].ok),
                 key=lambda i: (-self.plan.mean_estimate(self._values_through(generation, i, rung))[0], i),
             )
             racers = sorted(ranked[: math.ceil(len(racers) / self.fidelity.eta)])
@@ -450,6 +448,11 @@ class Search:
             racers = [i for i in racers if not self._stopped_at(generation, i, rung)]
             out[rung + 1] = racers
         return out
+
+    def _rungs_done(self, generation: int, idx: int) -> int | None:
+        """The last rung the candidate has journaled, or None before its first."""
+        done = [k for k in range(len(self.plan.rung_sizes())) if _rung_owner(generation, idx, k) in self._scores]
+        return max(done) if done else None
 
     def _stopped_at(self, generation: int, idx: int, rung: int) -> bool:
         known = self._journal.get((generation, idx))
@@ -461,7 +464,7 @@ class Search:
         for k in range(rung + 1):
             key = (generation, idx, k)
             if key not in self._rung_values:
-                self._rung_values[key] = _stored_values(self.store.items(f"rung:{generation}.{idx}.{k}"))
+                self._rung_values[key] = _stored_values(self.store.items(_rung_owner(generation, idx, k)))
             for task, values in self._rung_values[key].items():
                 merged.setdefault(task, {}).update(values)
         return merged
@@ -471,45 +474,39 @@ class Search:
         the last rung. Its row holds the estimate on all the items it reached."""
         last = len(self.plan.rung_sizes()) - 1
         for generation, genomes in sorted(schedule.rounds.items()):
-            size = self._round_size(generation, schedule.batch)
+            size = self._round_size(generation)
             if size == 0 or all((generation, i) in self._journal for i in range(size)):
                 continue
             race = self._race(generation)
             for idx in range(min(size, len(genomes))):
                 if (generation, idx) in self._journal:
                     continue
-                done = [k for k in range(last + 1) if f"rung:{generation}.{idx}.{k}" in self._scores]
-                if not done:
+                rung = self._rungs_done(generation, idx)
+                if rung is None:
                     continue
-                rung = max(done)
-                score = self._scores[f"rung:{generation}.{idx}.{rung}"]
+                score = self._scores[_rung_owner(generation, idx, rung)]
                 stopped = rung + 1 in race and idx not in race[rung + 1]
                 if score.ok and rung < last and not stopped:
                     continue
                 self._add_racer(generation, idx, genomes[idx], rung, score.ok)
 
     def _add_racer(self, generation: int, idx: int, genome: np.ndarray, rung: int, ok: bool) -> None:
-        owners = [f"rung:{generation}.{idx}.{k}" for k in range(rung + 1)]
+        owners = [_rung_owner(generation, idx, k) for k in range(rung + 1)]
         scores = [self._scores[o] for o in owners]
         values = self._values_through(generation, idx, rung)
         fitness, estimates = self.plan.mean_estimate(values)
-        items = {}
-        for k in range(rung + 1):
-            for task, data in self.store.items(owners[k]).items():
-                items.setdefault(task, {"metric": data.metric, "values": {}})["values"].update(
-                    zip(data.ids.tolist(), data.values.tolist(), strict=True)
-                )
+        # the metric that makes each task's fitness: the same in every rung (rung 0 scores every task)
+        metric = {task: r.metric for task, r in self.store.items(owners[0]).items()}
         per_item = {
-            task: {"metric": d["metric"], "ids": sorted(d["values"]), "values": [d["values"][i] for i in sorted(d["values"])]}
-            for task, d in items.items()
-        }  # fmt: skip
-        metrics = {task: {items[task]["metric"]: value} for task, value in estimates.items()}
-        last = scores[-1]
-        outcome = Outcome(ok, fitness, metrics, last.reason, 0.0, 0.0, per_item if ok else {})
+            task: {"metric": metric[task], "ids": sorted(v), "values": [v[i] for i in sorted(v)]}
+            for task, v in values.items()
+        }
+        metrics = {task: {metric[task]: value} for task, value in estimates.items()}
+        outcome = Outcome(ok, fitness, metrics, scores[-1].reason, 0.0, 0.0, per_item if ok else {})
         fidelity = {
             "items": sum(s.item_evals for s in scores), "full": self.plan.is_full(values), "rung": rung,
         }  # fmt: skip
-        started = min((self._rung_meta.get((generation, idx, k), (None, None, s.finished_at))[2] for k, s in enumerate(scores)))
+        started = min(s.finished_at - s.seconds for s in scores)
         self._add(
             generation, idx, [float(x) for x in genome], self.recipe(genome, generation, idx), started, outcome,
             fitness, metrics, fidelity, merge_seconds=0.0, eval_seconds=sum(s.seconds for s in scores),
@@ -528,7 +525,7 @@ class Search:
 
     def _round_best(self, generation: int) -> Candidate | None:
         """The round's best candidate by the fitness the search saw, once the whole round is journaled."""
-        size = self._round_size(generation, self.optimizer_batch)
+        size = self._round_size(generation)
         results = [self._journal.get((generation, i)) for i in range(size)]
         if size == 0 or any(c is None for c in results):
             return None
@@ -552,7 +549,7 @@ class Search:
             return self._anchor_sets[version]
         owners = [f"prior:{name}" for name, _, _ in self._baselines()]
         for refresh_round in self.plan.refresh_rounds(version):
-            size = self._round_size(refresh_round, self.optimizer_batch)
+            size = self._round_size(refresh_round)
             if size == 0:
                 continue
             best = self._round_best(refresh_round)
@@ -685,6 +682,18 @@ class Search:
         params = default_params(method, len(self.source_names))
         groups = {g: params for g in self.space.all_groups}
         return Recipe(method, groups, seed=candidate_seed(self.config.optimizer.seed, -1, 0)).to_dict()
+
+
+def _rescore_jobs(candidates: list[Candidate], in_flight: dict):
+    """Jobs re-scoring each candidate on every search item, unless already running."""
+    for c in candidates:
+        key = ("rescore", c.generation, c.idx)
+        if key not in in_flight:
+            yield Job(key, "search", recipe=c.recipe), None
+
+
+def _rung_owner(generation: int, idx: int, rung: int) -> str:
+    return _owner(("rung", generation, idx, rung))
 
 
 def _owner(key: tuple) -> str:
