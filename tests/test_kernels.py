@@ -5,8 +5,9 @@ import math
 import torch
 
 from evomerge.merge import kernels
-from evomerge.merge.kernels.rng import derive_key, mix32, uniform_from_index
-from evomerge.merge.kernels.trim import ThresholdTable, keep_above, keep_count, topk_mask
+from evomerge.merge.kernels.gta import gta_apply
+from evomerge.merge.kernels.rng import derive_key, mix32, uniform_from_index, uniform_table
+from evomerge.merge.kernels.trim import ThresholdTable, keep_above, keep_count, strict_thresholds, topk_mask
 
 
 def _lowbias32(x: int) -> int:
@@ -118,6 +119,43 @@ def test_small_tensor_table_is_exact():
     u = torch.zeros(500)
     for density in (0.1, 0.5, 0.93):
         assert keep_above(x.abs(), *table.threshold(density), u).sum().item() == keep_count(density, 500)
+
+
+def test_merge_pass_keeps_exactly_what_keep_above_keeps():
+    """The merge pass decides with float arithmetic (sign, relu) instead of compares: on bf16-tied task
+    vectors, with the hash in the pass, with precomputed uniforms and with strict thresholds, it keeps
+    the entries keep_above keeps, and merges them to the same bits as a select would."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(50_000, generator=g).bfloat16().float()
+    deltas = [(torch.randn(50_000, generator=g) * 0.01).bfloat16().float() for _ in range(2)]
+    models = [base + d for d in deltas]
+    weights = [0.7, 0.4]
+    keys = [derive_key("ties", j) for j in range(2)]
+    tables = [ThresholdTable((m - base).abs()) for m in models]
+    for density in (0.1, 0.37, 0.8):
+        cuts = [t.threshold(density) for t in tables]
+        assert any(0 < q < 1 for _, q in cuts)  # real ties at the threshold
+        common = dict(mode="threshold", consensus=False, normalize=False, thresholds=[c[0] for c in cuts])
+        hashed = gta_apply(torch.empty(50_000), base, models, weights, **common,
+                           tie_probs=[c[1] for c in cuts], keys=keys)  # fmt: skip
+        tabled = gta_apply(torch.empty(50_000), base, models, weights, **common,
+                           tie_probs=[c[1] for c in cuts], keys=keys,
+                           uniforms=[uniform_table(k, 50_000) for k in keys])  # fmt: skip
+        kept = [
+            keep_above((m - base).abs(), v, q, uniform_from_index(torch.arange(50_000, dtype=torch.int32), k))
+            for m, (v, q), k in zip(models, cuts, keys, strict=True)
+        ]
+        selected = base + sum(torch.where(k, (m - base) * w, 0.0) for k, m, w in zip(kept, models, weights))
+        assert torch.equal(hashed, selected) and torch.equal(tabled, selected)
+    # no fractional tie: one plain compare with moved thresholds keeps the same entries
+    cuts = [(float(deltas[0].abs().median()), 1.0), (float(deltas[1].abs().median()), 0.0)]
+    strict = strict_thresholds(cuts)
+    assert strict is not None and strict_thresholds([(0.1, 0.5)]) is None
+    plain = gta_apply(torch.empty(50_000), base, models, weights, mode="threshold", consensus=False,
+                      normalize=False, thresholds=strict)  # fmt: skip
+    hashed = gta_apply(torch.empty(50_000), base, models, weights, mode="threshold", consensus=False,
+                       normalize=False, thresholds=[c[0] for c in cuts], tie_probs=[c[1] for c in cuts], keys=keys)  # fmt: skip
+    assert torch.equal(plain, hashed)
 
 
 def test_slerp_endpoints_and_colinear_fallback():

@@ -19,8 +19,9 @@ import torch
 from evomerge.errors import UserError, first_line
 from evomerge.merge.kernels.gta import gta_apply, gta_into
 from evomerge.merge.kernels.linear import linear_into
+from evomerge.merge.kernels.rng import uniform_table
 from evomerge.merge.kernels.slerp import lerp_into, slerp_coefficients, slerp_dot
-from evomerge.merge.kernels.trim import ThresholdTable
+from evomerge.merge.kernels.trim import ThresholdTable, strict_thresholds
 from evomerge.merge.methods import Method, TensorParams, dare_keys, merge_tensor, tie_keys
 from evomerge.merge.recipe import Recipe
 from evomerge.models.architecture import merged_names
@@ -103,6 +104,7 @@ class MergeEngine:
             compile = self.device.type == "cuda" or self.resident_bytes >= _AUTO_COMPILE_BYTES
         self.kernels = _Kernels(bool(compile))
         self.tables: dict[str, list[ThresholdTable]] = {}
+        self.tie_uniforms: dict[str, list[torch.Tensor]] = {}
         self.slerp_dots: dict[str, float] = {}
         if not exact:
             self._precompute()
@@ -131,6 +133,10 @@ class MergeEngine:
             for name in self.names:
                 b = self.base[name].to(F32)
                 self.tables[name] = [ThresholdTable((src[name].to(F32) - b).abs()) for src in self.inputs]
+                if not self.kernels.compile:  # eager: hash the fixed tie keys once, not per candidate
+                    numel = b.numel()
+                    keys = tie_keys(name, len(self.inputs))
+                    self.tie_uniforms[name] = [uniform_table(k, numel, self.device) for k in keys]
         elif self.method is Method.slerp:
             self.slerp_dots = {name: slerp_dot(self.base[name], self.inputs[0][name]) for name in self.names}
 
@@ -165,9 +171,14 @@ class MergeEngine:
             self._gta(out, base, models, p, mode="all")
         elif method is Method.ties:
             cuts = [table.threshold(d) for table, d in zip(self.tables[name], p.densities, strict=True)]
+            strict = strict_thresholds(cuts)
+            if strict is not None:
+                self._gta(out, base, models, p, mode="threshold", thresholds=strict)
+                return
             self._gta(
                 out, base, models, p, mode="threshold", thresholds=[c[0] for c in cuts],
                 tie_probs=[c[1] for c in cuts], keys=tie_keys(name, len(models)),
+                uniforms=self.tie_uniforms.get(name) if not self.kernels.compile else None,
             )  # fmt: skip
         else:
             keys = dare_keys(p.seed, name, len(models))

@@ -7,8 +7,9 @@ weights, scale by lambda, add to the base. `gta_into` does that in float32 and w
 functional kernels call the same function eagerly, so the fast path and the exact path share their math.
 
 keep modes: "all" (no trim), "mask" (given bool masks), "threshold" (precomputed top-k threshold t_j with
-tie fraction q_j: |d| > t_j, or |d| == t_j and hash < q_j; see trim.ThresholdTable), "random" (DARE:
-counter-hash uniform < p_j, optionally rescaled by 1/p_j). Both hashed modes take one key per model.
+tie fraction q_j: |d| > t_j, or |d| == t_j and hash < q_j; see trim.ThresholdTable; without tie fractions
+and keys, a plain |d| > t_j: see trim.strict_thresholds), "random" (DARE: counter-hash uniform < p_j,
+optionally rescaled by 1/p_j). Both hashed modes take one key per model.
 """
 
 from __future__ import annotations
@@ -18,9 +19,14 @@ from collections.abc import Sequence
 import torch
 
 from evomerge.merge.kernels.rng import chunk_keys, uniform_from_index
-from evomerge.merge.kernels.trim import keep_above
 
 F32 = torch.float32
+
+
+def _positive(x: torch.Tensor) -> torch.Tensor:
+    """1.0 where x > 0, else 0.0. Float arithmetic instead of a compare: on a CPU, eager ops that make or
+    read bool tensors (compare, where) cost 4-15x a float op, and this kernel is all such choices."""
+    return torch.relu(torch.sign(x))
 
 
 def gta_into(
@@ -38,9 +44,13 @@ def gta_into(
     masks: Sequence[torch.Tensor] | None = None,
     rescale: bool = False,
     tie_probs: torch.Tensor | None = None,
+    uniforms: Sequence[torch.Tensor] | None = None,
 ) -> None:
+    # Every keep decision is a 0/1 float factor. sign(a - b) is the sign of the exact difference for finite
+    # floats (a difference of distinct floats never rounds to zero), so each factor equals the compare it
+    # replaces; a dropped entry becomes delta * 0 (a zero, perhaps -0.0) where a select would give +0.0.
     b = base.to(F32)
-    if keys is not None:  # generated inside so a compiled kernel fuses it into the pass
+    if keys is not None and uniforms is None:  # generated inside so a compiled kernel fuses it into the pass
         index = torch.arange(b.numel(), dtype=torch.int32, device=b.device).view(b.shape)
     contributions = []
     for j, model in enumerate(models):
@@ -49,28 +59,32 @@ def gta_into(
         if mode == "all":
             contributions.append(delta * coef)
             continue
-        if mode == "threshold":
-            keep = keep_above(delta.abs(), thresholds[j], tie_probs[j], uniform_from_index(index, keys[j]))
+        if mode == "threshold" and tie_probs is None:  # no tie to break: |d| > t_j
+            keep = _positive(delta.abs() - thresholds[j])
+        elif mode == "threshold":  # |d| > t_j, or |d| == t_j and u < q_j (see trim.ThresholdTable)
+            u = uniforms[j] if uniforms is not None else uniform_from_index(index, keys[j])
+            side = torch.sign(delta.abs() - thresholds[j])
+            keep = torch.relu(side) + (1.0 - side.abs()) * _positive(tie_probs[j] - u)
         elif mode == "random":
-            keep = uniform_from_index(index, keys[j]) < probs[j]
+            keep = _positive(probs[j] - uniform_from_index(index, keys[j]))
         elif mode == "mask":
-            keep = masks[j]
+            keep = masks[j].to(F32)
         else:
             raise ValueError(f"unknown keep mode {mode}")
-        contributions.append(torch.where(keep, delta * coef, 0.0))
+        contributions.append(delta * coef * keep)
 
     total = contributions[0]
     for c in contributions[1:]:
         total = total + c
     if consensus:
-        positive = total >= 0
+        sign = torch.sign(torch.sign(total) + 0.5)  # the elected sign: +1 where total >= 0, else -1
         mixed = torch.zeros_like(b)
         divisor = torch.zeros_like(b)
         for j, c in enumerate(contributions):
-            agree = torch.where(positive, c > 0, c < 0)
-            mixed = mixed + torch.where(agree, c, 0.0)
-            divisor = divisor + torch.where(agree, weights[j], 0.0)
-        divisor = torch.where(divisor == 0, 1.0, divisor)
+            agree = _positive(c * sign)  # nonzero and of the elected sign
+            mixed = mixed + c * agree
+            divisor = divisor + weights[j] * agree
+        divisor = divisor + (1.0 - torch.sign(divisor).abs())  # 1 where no model agrees
     else:
         mixed = total
         divisor = weights.sum()
@@ -96,10 +110,12 @@ def gta_apply(
     masks: Sequence[torch.Tensor] | None = None,
     rescale: bool = False,
     tie_probs: Sequence[float] | None = None,
+    uniforms: Sequence[torch.Tensor] | None = None,
     kernel=gta_into,
 ) -> torch.Tensor:
     """Run `kernel` (gta_into, or a compiled copy of it) on flat views; hashed modes go in chunks of
-    at most rng.CHUNK elements, each with its own key, so int32 element indices never overflow."""
+    at most rng.CHUNK elements, each with its own key, so int32 element indices never overflow.
+    `uniforms` (flat, from rng.uniform_table) stand in for the tie keys' hash when precomputed."""
     device = base.device
     vec = lambda values, dtype=F32: torch.as_tensor(values, dtype=dtype, device=device)  # noqa: E731
     args = dict(
@@ -116,8 +132,8 @@ def gta_apply(
     )
     flat_out, flat_base = out.view(-1), base.reshape(-1)
     flat_models = [m.reshape(-1) for m in models]
-    if keys is None:
-        kernel(flat_out, flat_base, flat_models, **args)
+    if keys is None or uniforms is not None:  # precomputed uniforms replace the keys' hash
+        kernel(flat_out, flat_base, flat_models, uniforms=uniforms, **args)
         return out
     numel = flat_base.numel()
     per_model = [chunk_keys(k, numel) for k in keys]

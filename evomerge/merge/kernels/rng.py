@@ -45,3 +45,13 @@ def chunk_keys(key: int, numel: int) -> list[tuple[int, int, int]]:
         (start, min(start + CHUNK, numel), key if start == 0 else derive_key(key, start // CHUNK))
         for start in range(0, max(numel, 1), CHUNK)
     ]
+
+
+def uniform_table(key: int, numel: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The flat uniforms the hashed modes draw for a tensor of `numel` elements under `key`, chunk keys
+    included: for a fixed key (TIES ties) they can be computed once instead of per candidate."""
+    out = torch.empty(numel, dtype=torch.float32, device=device)
+    for start, stop, chunk_key in chunk_keys(key, numel):
+        index = torch.arange(stop - start, dtype=torch.int32, device=device)
+        out[start:stop] = uniform_from_index(index, chunk_key)
+    return out

@@ -34,6 +34,16 @@ def keep_above(magnitude: torch.Tensor, value, tie_fraction, uniform: torch.Tens
     return (magnitude > value) | ((magnitude == value) & (uniform < tie_fraction))
 
 
+def strict_thresholds(cuts: list[tuple[float, float]]) -> list[float] | None:
+    """Thresholds v' with `|x| > v'` equal to keep_above(|x|, v, q, u) for every u, when no q needs the
+    hash: q = 0 keeps |x| > v; q = 1 keeps |x| >= v, i.e. |x| > the float32 just below v. None otherwise
+    (a real tie fraction, common in bf16 task vectors)."""
+    if any(q not in (0.0, 1.0) for _, q in cuts):
+        return None
+    below = lambda v: float(np.nextafter(np.float32(v), np.float32(-np.inf)))  # noqa: E731
+    return [below(v) if q == 1.0 else v for v, q in cuts]
+
+
 class ThresholdTable:
     """Sorted magnitudes of one tensor, sampled at geometrically spaced ranks, for top-k by comparison.
 
