@@ -13,11 +13,19 @@ import math
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from evomerge.errors import UserError
 from evomerge.evaluate.spec import EvaluationSpec
-from evomerge.merge.methods import Method
+from evomerge.merge.methods import REGISTRY, Method
 from evomerge.strict_yaml import load_yaml
 
 
@@ -46,7 +54,7 @@ class ModelsSpec(_Strict):
 class MergeSpec(_Strict):
     method: Method = Method.ties
     normalize: bool | None = Field(None, description="default: the method's own (true for ties, linear)")
-    rescale: bool = True
+    rescale: bool | None = Field(None, description="default: the method's own (true for dare_*, della*)")
 
 
 class Bounds(_Strict):
@@ -86,7 +94,7 @@ class UnitBounds(Bounds):
     _limits: ClassVar[tuple[float, float, bool] | None] = (0.0, 1.0, False)
 
 
-class SpaceSpec(_Strict):
+class _SpaceBase(_Strict):
     """Which tensor groups get their own genes, and the range each kind of gene maps to."""
 
     layers_per_group: int = Field(1, ge=1, description="consecutive layers that share genes")
@@ -97,6 +105,22 @@ class SpaceSpec(_Strict):
     weight: Bounds = Bounds(min=0.0, max=1.0)
     density: DensityBounds = DensityBounds()
     t: UnitBounds = UnitBounds()
+
+    def range(self, param) -> tuple[float, float]:
+        """The gene range of a method parameter: the config's `space.<name>`, else the method's default."""
+        given = getattr(self, param.name, None)
+        return param.gene if given is None else (given.min, given.max)
+
+
+# The searchable parameters of the registered methods beyond weight, density and t (gamma, epsilon, ...):
+# each an optional `space.<name>: {min, max}`, checked against the experiment's method.
+METHOD_GENES = sorted({p.name for m in REGISTRY.values() for p in m.genes} - set(_SpaceBase.model_fields))
+SpaceSpec = create_model(
+    "SpaceSpec",
+    __base__=_SpaceBase,
+    __doc__=_SpaceBase.__doc__,
+    **{n: (Bounds | None, None) for n in METHOD_GENES},
+)
 
 
 class ScaleBounds(Bounds):
@@ -192,7 +216,9 @@ class RaySpec(_Strict):
 
 
 class RuntimeSpec(_Strict):
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$", description="auto, cpu, cuda or cuda:N")
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$", description="auto, cpu, cuda or cuda:N"
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     executor: Literal["local", "ray"] = Field(
         "local", description="local: one worker in this process; ray: actors on this machine or a cluster"
@@ -258,10 +284,27 @@ class ExperimentConfig(_Strict):
         if self.dfs is not None:
             return self  # DFS merges no weights: models.base and merge are not used
         method = self.merge.method
-        if method.uses_base and self.models.base is None:
+        spec = method.spec
+        if spec.needs_base and self.models.base is None:
             raise ValueError(f"merge.method {method.value} needs models.base")
-        if method is Method.slerp and len(self.models.sources) != 1:
-            raise ValueError("merge.method slerp interpolates models.base with exactly one source")
+        if spec.inputs is not None and len(self.models.sources) != spec.inputs:
+            count = "one source" if spec.inputs == 1 else f"{spec.inputs} sources"
+            raise ValueError(f"merge.method {method.value} merges models.base with exactly {count}")
+        if not spec.genes:
+            raise ValueError(f"merge.method {method.value} has no parameter to search")
+        searchable = ", ".join(p.name for p in spec.genes)
+        for name in METHOD_GENES:
+            bounds = getattr(self.space, name)
+            if bounds is None:
+                continue
+            param = spec.param(name)
+            if param is None or param.gene is None:
+                raise ValueError(f"space.{name}: not a searchable parameter of {method.value} ({searchable})")
+            low_ok = param.low is None or (
+                bounds.min > param.low if param.open_low else bounds.min >= param.low
+            )
+            if not low_ok or (param.high is not None and bounds.max > param.high):
+                raise ValueError(f"space.{name}: {method.value} allows {name} in [{param.low}, {param.high}]")
         return self
 
     def identity(self) -> dict[str, Any]:
@@ -273,6 +316,12 @@ class ExperimentConfig(_Strict):
             data["evaluation"].pop("fidelity")
         data.pop("output")
         data.pop("name")
+        for name in METHOD_GENES:  # unset: as before these existed (older experiments resume)
+            if data["space"].get(name, 0) is None:
+                data["space"].pop(name)
+        if data["merge"]["rescale"] is None:  # the method's own; older configs dumped rescale: true
+            own = self.merge.method.spec.default("rescale")
+            data["merge"]["rescale"] = True if own is None else own
         runtime = data.pop("runtime")
         data["dtype"] = runtime["dtype"]
         return data

@@ -60,8 +60,9 @@ def main() -> None:
     tensors = len(engine.names)
     sources = engine.resident_bytes
     target = sum(t.numel() * t.element_size() for t in engine.targets.values())
-    tables = sum(table.nbytes for per in engine.tables.values() for table in per)
-    per_table = tables / max(1, sum(len(per) for per in engine.tables.values()))
+    per_tensor = [state[0] for state in engine.state.values() if isinstance(state, tuple)]  # TIES: (tables, uniforms)
+    tables = sum(table.nbytes for per in per_tensor for table in per)
+    per_table = tables / max(1, sum(len(per) for per in per_tensor))
     n = len(engine.inputs)
     print(
         f"zoo ({config.merge.method.value}, base + {n} sources, {model_bytes / 2**20:.2f} MiB per model, {tensors} tensors)"

@@ -247,7 +247,7 @@ def test_stage_config_errors():
     with pytest.raises(UserError, match=r"stages\[1\]\.dfs\.repeats: Input should be greater"):
         parse_config({**base, "stages": [{"name": "a"}, {"name": "b", "dfs": {"repeats": 0}}]})
     with pytest.raises(
-        UserError, match=r"stages\[1\] \(b\): .*slerp interpolates models.base with exactly one"
+        UserError, match=r"stages\[1\] \(b\): .*slerp merges models.base with exactly one"
     ):
         parse_config({**base, "stages": [{"name": "a"}, {"name": "b", "merge": {"method": "slerp"}}]})
 

@@ -27,12 +27,14 @@ def _varied_recipe(engine, method, rng, seed=0, split=False):
     """Different parameters in every group, as a search would propose."""
     n = len(engine.inputs)
     groups = {}
+    spec = method.spec
     for name in engine.family.group_names(engine.num_layers, split=split):
-        groups[name] = GroupParams(
-            weights=tuple(float(w) for w in rng.uniform(0.1, 1.0, n)),
-            densities=tuple(float(d) for d in rng.uniform(0.2, 1.0, n)) if method.uses_density else (),
-            t=float(rng.uniform(0, 1)),
-        )
+        values = {}
+        for p in spec.genes:  # every searchable parameter, drawn inside its default range
+            low, high = max(p.gene[0], 0.2) if p.name in ("weight", "density") else p.gene[0], p.gene[1]
+            drawn = [float(v) for v in rng.uniform(low, high, n if p.per_input else 1)]
+            values[p.name] = tuple(drawn) if p.per_input else drawn[0]
+        groups[name] = GroupParams(spec.repair(values) if spec.repair else values)
     return Recipe(method, groups, seed=seed)
 
 
@@ -65,9 +67,9 @@ def test_in_place_equals_functional(zoo, method, split):
 def test_split_groups_give_attention_and_mlp_their_own_parameters(zoo):
     engine, target = _engine(zoo["mistral"], Method.task_arithmetic)
     groups = {
-        g: GroupParams(weights=(0.0, 0.0)) for g in engine.family.group_names(engine.num_layers, split=True)
+        g: GroupParams(weight=(0.0, 0.0)) for g in engine.family.group_names(engine.num_layers, split=True)
     }
-    groups["layers.1.mlp"] = GroupParams(weights=(1.0, 0.0))
+    groups["layers.1.mlp"] = GroupParams(weight=(1.0, 0.0))
     engine.apply(Recipe(Method.task_arithmetic, groups))
     ft1 = Checkpoint.open(zoo["mistral"][1])
     base = Checkpoint.open(zoo["mistral"][0])
@@ -88,11 +90,11 @@ def test_fast_ties_keeps_within_0_1_percent_on_large_tensors(tmp_path):
     engine.apply(recipe)
     exact_engine.apply(recipe)
     name = "model.layers.0.mlp.up_proj.weight"  # 131k entries: the table samples ranks, not every magnitude
-    assert engine.tables[name][0].values.size < engine.tables[name][0].numel
+    assert engine.state[name][0][0].values.size < engine.state[name][0][0].numel
     base = engine.base[name]
     for j, density in enumerate((0.2, 0.45)):
         delta = engine.inputs[j][name] - base
-        value, q = engine.tables[name][j].threshold(density)
+        value, q = engine.state[name][0][j].threshold(density)
         kept = int((delta.abs() > value).sum()) + (int((delta.abs() == value).sum()) if q > 0 else 0)
         assert (
             abs(kept - keep_count(density, delta.numel())) <= 0.001 * keep_count(density, delta.numel()) + 1

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from evomerge.merge import kernels
@@ -145,7 +146,7 @@ def test_merge_pass_keeps_exactly_what_keep_above_keeps():
             keep_above((m - base).abs(), v, q, uniform_from_index(torch.arange(50_000, dtype=torch.int32), k))
             for m, (v, q), k in zip(models, cuts, keys, strict=True)
         ]
-        selected = base + sum(torch.where(k, (m - base) * w, 0.0) for k, m, w in zip(kept, models, weights))
+        selected = base + sum(torch.where(k, (m - base) * w, 0.0) for k, m, w in zip(kept, models, weights, strict=True))
         assert torch.equal(hashed, selected) and torch.equal(tabled, selected)
     # no fractional tie: one plain compare with moved thresholds keeps the same entries
     cuts = [(float(deltas[0].abs().median()), 1.0), (float(deltas[1].abs().median()), 0.0)]
@@ -177,3 +178,31 @@ def test_linear_normalize():
     assert kernels.linear([a, b], [1.0, 3.0]).tolist() == [2.5] * 3
     assert kernels.linear([a, b], [1.0, 3.0], normalize=False).tolist() == [10.0] * 3
     assert not math.isnan(kernels.linear([a, b], [0.5, 0.5])[0].item())
+
+
+def test_della_magprune_keeps_by_rank_in_expectation():
+    """DELLA's mask: a row's smallest magnitudes kept with probability density - epsilon, its largest with
+    density + epsilon, on average density; survivors rescaled to the row vector's L1 norm (mergekit)."""
+    from evomerge.merge.kernels.sparsify import l1_rescale, magprune_mask
+
+    g = torch.Generator().manual_seed(5)
+    delta = torch.randn(64, 4096, generator=g)
+    mask = magprune_mask(delta, 0.4, 0.15, key=derive_key("della", 0))
+    assert abs(mask.mean().item() - 0.4) < 0.01
+    order = delta.abs().argsort(dim=1)
+    low = mask.gather(1, order[:, :400]).mean().item()
+    high = mask.gather(1, order[:, -400:]).mean().item()
+    assert abs(low - 0.25) < 0.03 and abs(high - 0.55) < 0.03
+    assert torch.equal(mask, magprune_mask(delta, 0.4, 0.15, key=derive_key("della", 0)))  # keyed, not global RNG
+    assert not torch.equal(mask, magprune_mask(delta, 0.4, 0.15, key=derive_key("della", 1)))
+    factor = l1_rescale(delta, mask)
+    assert (delta * mask * factor).abs().sum().item() == pytest.approx(delta.abs().sum().item(), rel=1e-5)
+
+
+def test_breadcrumbs_mask_drops_outliers_and_smallest():
+    from evomerge.merge.kernels.sparsify import outlier_mask
+
+    delta = torch.arange(1, 1001, dtype=torch.float32).reshape(10, 100)  # magnitudes 1..1000
+    mask = outlier_mask(delta, density=0.5, gamma=0.1)
+    kept = delta[mask.bool()]
+    assert kept.numel() == 500 and kept.min().item() == 401 and kept.max().item() == 900

@@ -171,6 +171,47 @@ def test_export_loads_and_mergekit_rebuilds_it(ties_experiment, tmp_path):
     assert all(torch.equal(ours[k], rebuilt[k]) for k in ours)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["breadcrumbs_ties", "della"])
+def test_registry_methods_search_and_export(tmp_path, method):
+    """A method added through the registry is searchable with its own genes (breadcrumbs: gamma; DELLA:
+    epsilon, kept valid against density), scored in the finals beside the standard defaults, and exported
+    as a mergekit config that mergekit rebuilds within 1e-5 when the method is deterministic."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    extra = "gamma" if method.startswith("breadcrumbs") else "epsilon"
+    cfg = _config(tmp_path, method, merge={"method": method},
+                  space={"layers_per_group": 2, extra: {"min": 0.01, "max": 0.05}})  # fmt: skip
+    data = yaml.safe_load(cfg.read_text())
+    data["optimizer"]["budget"] = 4
+    cfg.write_text(yaml.safe_dump(data))
+    done = _cli("search", cfg)
+    assert done.returncode == 0, done.stderr
+    db = sqlite3.connect(tmp_path / "exp" / "experiment.sqlite")
+    recipe = json.loads(db.execute("SELECT recipe FROM candidates WHERE status='ok' LIMIT 1").fetchone()[0])
+    values = recipe["groups"]["layers.0"]
+    assert recipe["method"] == method and 0.01 <= min(values[extra]) <= max(values[extra]) <= 0.05
+    finals = {row[0] for row in db.execute("SELECT name FROM finals")}
+    assert {f"default {method}", "default ties", "default dare_ties", "default task_arithmetic"} <= finals
+    out = tmp_path / "model"
+    done = _cli("export", tmp_path / "exp", out)
+    assert done.returncode == 0, done.stderr
+    assert f"{extra}" in (out / "README.md").read_text()
+    config = yaml.safe_load((out / "mergekit_config.yml").read_text())
+    assert config["merge_method"] == method
+    if method == "della":
+        assert "seeds its masks from the candidate" in (out / "mergekit_config.yml").read_text()
+        return
+    theirs = tmp_path / "mergekit"
+    run_merge(
+        MergeConfiguration.model_validate(config), str(theirs), MergeOptions(copy_tokenizer=True, quiet=True)
+    )
+    ours, ref = _tensors(out), _tensors(theirs)
+    assert max((ours[k] - ref[k]).abs().max().item() for k in ours) <= 1e-5
+
+
 def test_export_dare_is_the_searched_candidate(finished, tmp_path):
     """A DARE export has the candidate's own masks: scoring it gives the journaled search fitness."""
     out = tmp_path / "dare"

@@ -1,8 +1,9 @@
 """In-memory merging for the search: sources resident once, each candidate written in place.
 
 Per candidate the engine does only kernel work: no model is built, nothing is read from disk. What does
-not depend on the candidate is computed once at load: TIES magnitude thresholds (`ThresholdTable`) and
-SLERP angles. The elementwise kernels are compiled with torch.compile into one fused pass per tensor
+not depend on the candidate is computed once at load, by the method's `precompute` (TIES magnitude
+thresholds, SLERP angles); the method's `fast` path writes each tensor in place (its exact kernel when it
+has none). The elementwise kernels are compiled with torch.compile into one fused pass per tensor
 (about 40x faster than eager torch on a CPU); if compilation is unavailable the same functions run eagerly.
 
 `exact=True` uses the exact kernels (true top-k per candidate) instead; `evomerge merge` always does.
@@ -13,16 +14,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
 from evomerge.errors import UserError, first_line
-from evomerge.merge.kernels.gta import gta_apply, gta_into
-from evomerge.merge.kernels.linear import linear_into
-from evomerge.merge.kernels.rng import uniform_table
-from evomerge.merge.kernels.slerp import lerp_into, slerp_coefficients, slerp_dot
-from evomerge.merge.kernels.trim import ThresholdTable, strict_thresholds
-from evomerge.merge.methods import Method, TensorParams, dare_keys, merge_tensor, tie_keys
+from evomerge.merge.methods import Method, TensorParams
 from evomerge.merge.recipe import Recipe
 from evomerge.models.architecture import merged_names
 from evomerge.models.checkpoint import Checkpoint
@@ -39,6 +36,10 @@ class _Kernels:
     def __init__(self, compile: bool) -> None:
         self.compile = compile
         self._compiled: dict[str, Callable] = {}
+
+    @property
+    def eager(self) -> bool:
+        return not self.compile
 
     def __call__(self, fn: Callable) -> Callable:
         def run(*args, **kwargs):
@@ -71,10 +72,11 @@ class MergeEngine:
         exact: bool = False,
         compile: bool | str = "auto",
     ) -> None:
-        if method.uses_base and base is None:
+        spec = method.spec
+        if spec.needs_base and base is None:
             raise UserError(f"{method.value} needs a base model")
-        if method is Method.slerp and len(inputs) != 1:
-            raise UserError("slerp merges the base with exactly one other model")
+        if spec.inputs is not None and len(inputs) != spec.inputs:
+            raise UserError(f"{method.value} merges the base with exactly {spec.inputs} other model(s)")
         self.method = method
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:  # "cuda" and "cuda:0" must compare equal
@@ -103,8 +105,7 @@ class MergeEngine:
         if compile == "auto":
             compile = self.device.type == "cuda" or self.resident_bytes >= _AUTO_COMPILE_BYTES
         self.kernels = _Kernels(bool(compile))
-        self.tables: dict[str, list[ThresholdTable]] = {}
-        self.tie_uniforms: dict[str, list[torch.Tensor]] = {}
+        self.state: dict[str, Any] = {}
         self.slerp_dots: dict[str, float] = {}
         if not exact:
             self._precompute()
@@ -128,17 +129,15 @@ class MergeEngine:
         return bound
 
     def _precompute(self) -> None:
-        """Candidate-independent work, done once: trim thresholds (TIES), angles (SLERP)."""
-        if self.method is Method.ties:
-            for name in self.names:
-                b = self.base[name].to(F32)
-                self.tables[name] = [ThresholdTable((src[name].to(F32) - b).abs()) for src in self.inputs]
-                if not self.kernels.compile:  # eager: hash the fixed tie keys once, not per candidate
-                    numel = b.numel()
-                    keys = tie_keys(name, len(self.inputs))
-                    self.tie_uniforms[name] = [uniform_table(k, numel, self.device) for k in keys]
-        elif self.method is Method.slerp:
-            self.slerp_dots = {name: slerp_dot(self.base[name], self.inputs[0][name]) for name in self.names}
+        """Candidate-independent work, done once per tensor (the method's `precompute`)."""
+        prepare = self.method.spec.precompute
+        if prepare is None:
+            return
+        for name in self.names:
+            models = [src[name] for src in self.inputs]
+            self.state[name] = prepare(
+                name, self.base[name] if self.base else None, models, not self.kernels.compile
+            )
 
     @torch.no_grad()
     def apply(self, recipe: Recipe | Mapping[str, TensorParams]) -> None:
@@ -157,38 +156,11 @@ class MergeEngine:
         out = self.targets[name]
         base = self.base[name] if self.base is not None else None
         models = [src[name] for src in self.inputs]
-        method = self.method
-        if self.exact:
-            out.copy_(merge_tensor(method, name, base, models, p))
+        spec = self.method.spec
+        if self.exact or spec.fast is None:
+            out.copy_(spec.exact(name, base, models, p))
             return
-        vec = lambda values: torch.tensor(values, dtype=F32, device=self.device)  # noqa: E731
-        if method is Method.linear:
-            self.kernels(linear_into)(out, models, vec(p.weights), p.normalize)
-        elif method is Method.slerp:
-            coefs = slerp_coefficients(self.slerp_dots[name], p.t)
-            self.kernels(lerp_into)(out, base, models[0], vec(coefs))
-        elif method is Method.task_arithmetic:
-            self._gta(out, base, models, p, mode="all")
-        elif method is Method.ties:
-            cuts = [table.threshold(d) for table, d in zip(self.tables[name], p.densities, strict=True)]
-            strict = strict_thresholds(cuts)
-            if strict is not None:
-                self._gta(out, base, models, p, mode="threshold", thresholds=strict)
-                return
-            self._gta(
-                out, base, models, p, mode="threshold", thresholds=[c[0] for c in cuts],
-                tie_probs=[c[1] for c in cuts], keys=tie_keys(name, len(models)),
-                uniforms=self.tie_uniforms.get(name) if not self.kernels.compile else None,
-            )  # fmt: skip
-        else:
-            keys = dare_keys(p.seed, name, len(models))
-            self._gta(out, base, models, p, mode="random", probs=p.densities, keys=keys, rescale=p.rescale)
-
-    def _gta(self, out, base, models, p: TensorParams, **keep) -> None:
-        gta_apply(
-            out, base, models, p.weights, consensus=self.method.consensus, normalize=p.normalize, lam=p.lam,
-            kernel=self.kernels(gta_into), **keep,
-        )  # fmt: skip
+        spec.fast(self.kernels, out, base, models, p, name, self.state.get(name))
 
 
 def _shares_embeddings(target: torch.nn.Module, family) -> bool:

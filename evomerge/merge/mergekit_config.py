@@ -1,7 +1,7 @@
 """Read mergekit's merge-config YAML and resolve every parameter for every tensor.
 
-Supported: `models` (+ per-model `parameters`), `base_model`, `merge_method` (linear, task_arithmetic, ties,
-dare_linear, dare_ties, slerp), global `parameters`, scalars, gradient lists (interpolated over layers with
+Supported: `models` (+ per-model `parameters`), `base_model`, `merge_method` (every method in the registry,
+evomerge/merge/methods/), global `parameters` (each method's own, as its module declares them), scalars, gradient lists (interpolated over layers with
 t = layer / (layers - 1); embeddings and head use t = 0), `filter` conditionals (substring of the tensor
 name; first match wins), `dtype`, `out_dtype`, `tokenizer_source`. Resolution order and defaults are
 mergekit 0.1.5's.
@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from evomerge.errors import UserError
-from evomerge.merge.methods import Method, TensorParams, parse_method
+from evomerge.merge.methods import REGISTRY, Param, TensorParams, parse_method
 from evomerge.models.architecture import Family
 from evomerge.strict_yaml import load_yaml
 
@@ -48,26 +48,6 @@ class MergeConfig(BaseModel):
     tokenizer_source: str | None = None
     # evomerge extension (mergekit ignores it): accept .bin checkpoints, loaded with weights_only=True
     allow_pickle: bool = False
-
-
-# parameter -> (kind, scope): "shared" parameters are global; "input" ones can be given per model.
-_PARAMS = {
-    "weight": (float, "input"),
-    "density": (float, "input"),
-    "t": (float, "shared"),
-    "normalize": (bool, "shared"),
-    "lambda": (float, "shared"),
-    "rescale": (bool, "shared"),
-    "int8_mask": (bool, "shared"),  # accepted for compatibility; masks are always bool here
-}
-_METHOD_PARAMS = {
-    Method.linear: {"weight", "normalize"},
-    Method.task_arithmetic: {"weight", "normalize", "lambda", "int8_mask", "density"},
-    Method.ties: {"weight", "density", "normalize", "lambda", "int8_mask"},
-    Method.dare_linear: {"weight", "density", "normalize", "lambda", "int8_mask", "rescale"},
-    Method.dare_ties: {"weight", "density", "normalize", "lambda", "int8_mask", "rescale"},
-    Method.slerp: {"t"},
-}
 
 
 def load_merge_config(path: Path) -> MergeConfig:
@@ -131,28 +111,32 @@ class ConfigPlan:
     def __init__(self, config: MergeConfig) -> None:
         self.config = config
         self.method = parse_method(config.merge_method)
+        self.spec = spec = self.method.spec
         refs = [entry.model for entry in config.models]
         if len(set(refs)) != len(refs):
             raise UserError("a model is listed twice in models")
-        allowed = _METHOD_PARAMS[self.method]
+        known = sorted({p.name for m in REGISTRY.values() for p in m.params})
         for scope in [config.parameters or {}] + [e.parameters or {} for e in config.models]:
             for key in scope:
-                if key not in _PARAMS:
-                    raise UserError(f"unknown parameter {key!r} (known: {', '.join(sorted(_PARAMS))})")
-                if key not in allowed:
+                if key not in known:
+                    raise UserError(f"unknown parameter {key!r} (known: {', '.join(known)})")
+                if spec.param(key) is None:
                     raise UserError(f"parameter {key!r} does not apply to {self.method.value}")
         for entry in config.models:
             for key in entry.parameters or {}:
-                if _PARAMS[key][1] == "shared":
+                if not spec.param(key).per_input:
                     raise UserError(f"parameter {key!r} is global; put it under the top-level parameters")
         base = config.base_model
-        if self.method.uses_base:
+        if spec.needs_base:
             if base is None:
                 raise UserError(f"{self.method.value} needs a base_model")
             self.base: str | None = base
             self.inputs = [r for r in refs if r != base]
-            if self.method is Method.slerp and len(self.inputs) != 1:
-                raise UserError("slerp merges exactly two models: the base_model and one other")
+            if spec.inputs is not None and len(self.inputs) != spec.inputs:
+                raise UserError(
+                    f"{self.method.value} merges exactly {spec.inputs + 1} models: the base_model and "
+                    f"{'one other' if spec.inputs == 1 else f'{spec.inputs} others'}"
+                )
             if not self.inputs:
                 raise UserError("no models to merge besides the base_model")
         else:
@@ -164,14 +148,13 @@ class ConfigPlan:
     def all_refs(self) -> list[str]:
         return ([self.base] if self.base else []) + self.inputs
 
-    def _resolve(self, name: str, tensor: str, t: float, model: str | None) -> Any:
-        kind, _ = _PARAMS[name]
+    def _resolve(self, param: Param, tensor: str, t: float, model: str | None) -> Any:
         scopes = ([self._per_model.get(model, {})] if model is not None else []) + [
             self.config.parameters or {}
         ]
         for scope in scopes:
-            if name in scope:
-                value = evaluate_setting(scope[name], tensor, t, kind, name)
+            if param.name in scope:
+                value = evaluate_setting(scope[param.name], tensor, t, param.kind, param.name)
                 if value is not None:
                     return value
         return None
@@ -180,31 +163,17 @@ class ConfigPlan:
         index = family.layer_index(tensor)
         t = (index / (num_layers - 1) if num_layers > 1 else 1.0) if index is not None else 0.0
         where = f"tensor {tensor}"
-        weights, densities = [], []
-        for model in self.inputs:
-            if self.method is Method.slerp:
-                break
-            weight = self._resolve("weight", tensor, t, model)
-            if weight is None:
-                raise UserError(f"missing parameter weight for model {model} ({where})")
-            weights.append(weight)
-            density = self._resolve("density", tensor, t, model)
-            densities.append(1.0 if density is None else density)
-        normalize = self._resolve("normalize", tensor, t, None)
-        lam = self._resolve("lambda", tensor, t, None)
-        rescale = self._resolve("rescale", tensor, t, None)
-        slerp_t = self._resolve("t", tensor, t, None)
-        if self.method is Method.slerp and slerp_t is None:
-            raise UserError(f"missing parameter t for slerp ({where})")
-        params = TensorParams(
-            weights=tuple(weights),
-            densities=tuple(densities) if self.method.uses_density else (),
-            t=0.5 if slerp_t is None else slerp_t,
-            normalize=self.method.default_normalize if normalize is None else normalize,
-            lam=1.0 if lam is None else lam,
-            rescale=True if rescale is None else rescale,
-        )
-        if self.method is Method.task_arithmetic and any(d != 1.0 for d in densities):
-            raise UserError("task_arithmetic does not trim; use ties or dare_* for density")
-        params.validate(self.method, where)
-        return params
+        values: dict[str, Any] = {}
+        for param in self.spec.params:
+            if param.per_input:
+                given = [self._resolve(param, tensor, t, model) for model in self.inputs]
+                for model, value in zip(self.inputs, given, strict=True):
+                    if value is None and param.default is None:
+                        raise UserError(f"missing parameter {param.name} for model {model} ({where})")
+                values[param.name] = tuple(param.default if v is None else v for v in given)
+            else:
+                value = self._resolve(param, tensor, t, None)
+                if value is None and param.default is None:
+                    raise UserError(f"missing parameter {param.name} for {self.method.value} ({where})")
+                values[param.name] = param.default if value is None else value
+        return self.spec.tensor_params(values, len(self.inputs), where)

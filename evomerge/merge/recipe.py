@@ -6,20 +6,50 @@ place where a group's parameters become a tensor's.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-from evomerge.errors import UserError
 from evomerge.merge.methods import Method, TensorParams
 from evomerge.models.architecture import Family
 
+# journals written before the method registry spelled the searched values this way
+_OLD_NAMES = {"weights": "weight", "densities": "density"}
 
-@dataclass(frozen=True)
+
+def _plain(value: Any) -> Any:
+    return tuple(float(v) for v in value) if isinstance(value, list | tuple) else value
+
+
 class GroupParams:
-    weights: tuple[float, ...] = ()
-    densities: tuple[float, ...] = ()
-    t: float = 0.5
+    """A group's values by mergekit parameter name: per-model ones as tuples (`weight`, `density`,
+    `gamma`, ...), the others as numbers (`t`). Missing ones take the method's defaults."""
+
+    __slots__ = ("values",)
+
+    def __init__(self, values: Mapping[str, Any] | None = None, **named: Any) -> None:
+        merged = {**(values or {}), **named}
+        self.values: dict[str, Any] = {k: _plain(v) for k, v in merged.items()}
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.values.get(name, default)
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        return self.values.get("weight", ())
+
+    @property
+    def densities(self) -> tuple[float, ...]:
+        return self.values.get("density", ())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, GroupParams) and self.values == other.values
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted(self.values.items())))
+
+    def __repr__(self) -> str:
+        return f"GroupParams({self.values})"
 
 
 @dataclass
@@ -28,49 +58,68 @@ class Recipe:
     groups: dict[str, GroupParams]
     normalize: bool | None = None
     lam: float = 1.0
-    rescale: bool = True
+    rescale: bool | None = None
     seed: int = 0
     split: bool = field(init=False)
 
     def __post_init__(self) -> None:
         self.split = any(name.endswith((".attn", ".mlp")) for name in self.groups)
 
+    def shared(self) -> dict[str, Any]:
+        """The recipe-wide settings the method has (None: the method's default)."""
+        spec = self.method.spec
+        given = {"normalize": self.normalize, "lambda": self.lam, "rescale": self.rescale}
+        return {k: v for k, v in given.items() if v is not None and spec.param(k) is not None}
+
     def tensor_params(self, names: Iterable[str], family: Family) -> dict[str, TensorParams]:
-        normalize = self.method.default_normalize if self.normalize is None else self.normalize
-        out = {}
+        spec, shared, count = self.method.spec, self.shared(), None
+        out, by_group = {}, {}
         for name in names:
             group = family.group(name, self.split)
             if group not in self.groups:
+                from evomerge.errors import UserError
+
                 raise UserError(f"recipe has no parameters for group {group} (tensor {name})")
-            g = self.groups[group]
-            params = TensorParams(
-                weights=g.weights, densities=g.densities if self.method.uses_density else (), t=g.t,
-                normalize=normalize, lam=self.lam, rescale=self.rescale, seed=self.seed,
-            )  # fmt: skip
-            params.validate(self.method, f"group {group}")
-            out[name] = params
+            if group not in by_group:
+                values = {**self.groups[group].values, **shared}
+                count = len(values.get("weight", ())) or _count(values)
+                by_group[group] = spec.tensor_params(values, count, f"group {group}", self.seed)
+            out[name] = by_group[group]
         return out
 
     @classmethod
-    def uniform(
-        cls, method: Method, group_names: Iterable[str], weights, densities=(), t: float = 0.5, **kw
-    ) -> Recipe:
-        """The same parameters for every group (e.g. a method's default merge)."""
-        params = GroupParams(tuple(weights), tuple(densities), t)
+    def uniform(cls, method: Method, group_names: Iterable[str], weights=(), densities=(), **kw) -> Recipe:
+        """The same parameters for every group (e.g. a method's default merge); `values` for any other."""
+        values = dict(kw.pop("values", {}))
+        if weights:
+            values["weight"] = tuple(weights)
+        if densities:
+            values["density"] = tuple(densities)
+        if "t" in kw:
+            values["t"] = kw.pop("t")
+        params = GroupParams(values)
         return cls(method, {name: params for name in group_names}, **kw)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "method": self.method.value, "normalize": self.normalize, "lambda": self.lam,
             "rescale": self.rescale, "seed": self.seed,
-            "groups": {name: asdict(g) for name, g in self.groups.items()},
+            "groups": {name: {k: list(v) if isinstance(v, tuple) else v for k, v in g.values.items()}
+                       for name, g in self.groups.items()},
         }  # fmt: skip
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Recipe:
-        groups = {
-            name: GroupParams(tuple(g.get("weights", ())), tuple(g.get("densities", ())), g.get("t", 0.5))
-            for name, g in data["groups"].items()
-        }
-        return cls(Method(data["method"]), groups, data.get("normalize"), data.get("lambda", 1.0),
-                   data.get("rescale", True), data.get("seed", 0))  # fmt: skip
+        method = Method(data["method"])
+        groups = {}
+        for name, g in data["groups"].items():
+            # old journals wrote weights/densities/t for every method, empty or unused ones included
+            values = {_OLD_NAMES.get(k, k): v for k, v in g.items() if v != []}
+            groups[name] = GroupParams({k: v for k, v in values.items() if method.spec.param(k) is not None})
+        return cls(method, groups, data.get("normalize"), data.get("lambda", 1.0),
+                   data.get("rescale"), data.get("seed", 0))  # fmt: skip
+
+
+def _count(values: Mapping[str, Any]) -> int:
+    """How many merged models a group's values speak for (slerp's t alone: one)."""
+    return next((len(v) for v in values.values() if isinstance(v, tuple)), 1)

@@ -18,7 +18,7 @@ import yaml
 from evomerge.config import ExperimentConfig
 from evomerge.errors import UserError
 from evomerge.files import atomic_write, one_line
-from evomerge.merge.methods import Method, TensorParams, merge_tensor
+from evomerge.merge.methods import TensorParams, merge_tensor
 from evomerge.merge.recipe import Recipe
 from evomerge.models.architecture import EMBED, HEAD, Family, merged_names
 from evomerge.report.render import search_fitness
@@ -50,7 +50,7 @@ def recipe_to_mergekit(
     recipe: Recipe, base: str | None, sources: list[str], family: Family, tensors: list[str], dtype: str
 ) -> dict[str, Any]:
     """A mergekit merge config giving every tensor the parameters `recipe` gives it."""
-    method = recipe.method
+    spec = recipe.method.spec
     filters = {group: group_filters(family, group, tensors) for group in recipe.groups}
 
     def setting(value_of) -> list[dict[str, Any]]:
@@ -60,30 +60,38 @@ def recipe_to_mergekit(
             for f in filters[group]
         ]
 
-    normalize = method.default_normalize if recipe.normalize is None else recipe.normalize
+    def searched(name: str) -> bool:
+        return any(name in g.values for g in recipe.groups.values())
+
+    def group_value(g, param, j=None):
+        value = g.get(param.name)
+        if value is None:
+            return param.default
+        return float(value[j]) if j is not None else float(value)
+
     shared: dict[str, Any] = {}
+    given = recipe.shared()
+    for param in spec.params:
+        if param.per_input or param.name == "int8_mask":
+            continue
+        if searched(param.name):
+            shared[param.name] = setting(lambda g, param=param: group_value(g, param))
+        else:
+            shared[param.name] = given.get(param.name, param.default)
     models = []
-    if method is Method.slerp:
-        shared["t"] = setting(lambda p: float(p.t))
-        models = [{"model": base}, {"model": sources[0]}]
-    else:
-        for j, ref in enumerate(sources):
-            params: dict[str, Any] = {"weight": setting(lambda p, j=j: float(p.weights[j]))}
-            if method.uses_density:
-                params["density"] = setting(lambda p, j=j: float(p.densities[j]))
-            models.append({"model": ref, "parameters": params})
-        if method is not Method.linear:
-            shared["lambda"] = float(recipe.lam)
-        shared["normalize"] = bool(normalize)
-        if method in (Method.dare_linear, Method.dare_ties):
-            shared["rescale"] = bool(recipe.rescale)
+    per_input = [p for p in spec.params if p.per_input and (searched(p.name) or p.default is None)]
+    for j, ref in enumerate(sources):
+        params = {p.name: setting(lambda g, p=p, j=j: group_value(g, p, j)) for p in per_input}
+        models.append({"model": ref, "parameters": params} if params else {"model": ref})
+    if spec.needs_base and not per_input:  # mergekit lists slerp's two models, the base among them
+        models.insert(0, {"model": base})
     config: dict[str, Any] = {
-        "merge_method": method.value,
+        "merge_method": recipe.method.value,
         "models": models,
         "parameters": shared,
         "dtype": dtype,
     }
-    if method.uses_base:
+    if spec.needs_base:
         config["base_model"] = base
     return config
 
@@ -125,12 +133,7 @@ def export_candidate(
     plan = ConfigPlan(MergeConfig.model_validate(mergekit))
     for name in names:  # the config must mean exactly this recipe, tensor by tensor
         theirs, ours = plan.tensor_params(name, family, first.num_layers), params[name]
-        if (theirs.weights, theirs.densities, theirs.normalize, theirs.lam) != (
-            ours.weights,
-            ours.densities,
-            ours.normalize,
-            ours.lam,
-        ) or (recipe.method is Method.slerp and theirs.t != ours.t):
+        if dict(theirs.values) != dict(ours.values):
             raise RuntimeError(f"internal error: mergekit config differs from the recipe at {name}")
 
     with staged_directory(out_dir, force, keep) as stage:
@@ -221,10 +224,10 @@ def _path_card(view: ExperimentView, candidate, rank: int) -> str:
 
 
 def _dare_note(recipe: Recipe) -> str:
-    if recipe.method not in (Method.dare_linear, Method.dare_ties):
+    if not recipe.method.spec.random:
         return ""
     return (
-        f"# DARE drops entries at random: evomerge seeds its masks from the candidate (seed {recipe.seed});\n"
+        f"# {recipe.method.value} drops entries at random: evomerge seeds its masks from the candidate (seed {recipe.seed});\n"
         "# mergekit draws its own, so its rebuild matches in distribution, not bit for bit.\n"
     )
 
@@ -253,16 +256,15 @@ def model_card(view: ExperimentView, candidate, rank: int, recipe: Recipe) -> st
         lines.append(f"| {task} | {'' if s is None else f'{s:.4f}'} | {'' if h is None else f'{h:.4f}'} |")
     lines += ["", "## Recipe", ""]
     names = view.sources
-    if recipe.method is Method.slerp:
-        lines += ["| group | t |", "|---|---:|"] + [f"| {g} | {p.t:.4f} |" for g, p in recipe.groups.items()]
-    else:
-        cols = [f"{n} weight" for n in names] + (
-            [f"{n} density" for n in names] if recipe.method.uses_density else []
-        )
-        lines += ["| group | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
-        for g, p in recipe.groups.items():
-            values = list(p.weights) + (list(p.densities) if recipe.method.uses_density else [])
-            lines.append(f"| {g} | " + " | ".join(f"{v:.4f}" for v in values) + " |")
+    genes = recipe.method.spec.genes
+    cols = [p.name for p in genes if not p.per_input]
+    cols += [f"{n} {p.name}" for p in genes if p.per_input for n in names]
+    lines += ["| group | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    for g, p in recipe.groups.items():
+        values = [p.get(q.name) for q in genes if not q.per_input]
+        values += [(p.get(q.name) or (q.default,) * len(names))[j] for q in genes if q.per_input
+                   for j in range(len(names))]  # fmt: skip
+        lines.append(f"| {g} | " + " | ".join("" if v is None else f"{v:.4f}" for v in values) + " |")
     lines += ["", "`mergekit_config.yml` rebuilds these weights. The full recipe as JSON:", "", "```json",
               json.dumps(candidate.recipe, indent=1), "```", ""]  # fmt: skip
     return "\n".join(lines)

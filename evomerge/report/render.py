@@ -42,27 +42,30 @@ def fitness_plot(view: ExperimentView) -> bytes:
 
 
 def recipe_plot(view: ExperimentView) -> bytes | None:
-    """The best recipe as a heatmap: tensor groups x (source, weight | density)."""
+    """The best recipe as a heatmap: tensor groups x (source, parameter)."""
     best = view.best
     if best is None:
         return None
     plt = _pyplot()
     if best.recipe.get("kind") == "dfs":
         return _path_plot(plt, view, best)
-    groups = best.recipe["groups"]
+    from evomerge.merge.recipe import Recipe
+
+    groups = Recipe.from_dict(best.recipe).groups  # old journals' spellings read as today's
     names = list(groups)
-    columns, rows = [], []
-    sample = groups[names[0]]
-    for j, source in enumerate(view.sources):
-        if sample.get("weights"):
-            columns.append((f"{source}\nweight", "weights", j))
-        if sample.get("densities"):
-            columns.append((f"{source}\ndensity", "densities", j))
-    if not columns:
-        columns = [("t", "t", None)]
-    for name in names:
-        g = groups[name]
-        rows.append([g[key] if j is None else g[key][j] for _, key, j in columns])
+    sample = groups[names[0]].values
+    columns = []  # (label, parameter, source index or None)
+    for key, value in sample.items():
+        if isinstance(value, tuple):
+            columns += [(f"{source}\n{key}", key, j) for j, source in enumerate(view.sources)]
+        else:
+            columns.append((key, key, None))
+
+    def cell(group, key, j) -> float:
+        value = group.get(key)  # a group without genes may lack a parameter (its default applies)
+        return float("nan") if value is None else value if j is None else value[j]
+
+    rows = [[cell(groups[n], key, j) for _, key, j in columns] for n in names]
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(columns), 0.9 + 0.32 * len(names)), dpi=110)
     image = ax.imshow(rows, aspect="auto", cmap="viridis")
     for i, row in enumerate(rows):

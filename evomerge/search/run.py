@@ -673,10 +673,15 @@ class Search:
         return self.store.finals()
 
     def _default_methods(self) -> list[Method]:
-        if self.config.models.base is None:
-            return [Method.linear]
-        methods = [Method.task_arithmetic, Method.ties, Method.dare_ties]
-        return methods + ([Method.slerp] if len(self.source_names) == 1 else [])
+        """The standard default merges that fit the models (with a base: the task-vector methods and, for
+        one source, SLERP; without: linear), in the methods' `finals` order."""
+        has_base = self.config.models.base is not None
+        count = len(self.source_names)
+        fits = [
+            m for m in Method
+            if m.spec.finals is not None and m.spec.needs_base == has_base and m.spec.inputs in (None, count)
+        ]  # fmt: skip
+        return sorted(fits, key=lambda m: m.spec.finals)
 
     def _default_recipe(self, method: Method) -> dict:
         params = default_params(method, len(self.source_names))

@@ -1,9 +1,10 @@
 """Parameter-space (PS) genome <-> recipe.
 
 A genome is a flat vector in [0, 1]^n, the box every optimizer searches; each gene maps linearly onto the
-range of its kind (weight, density, t) from the config. Genes are laid out per *block* of tensor groups
-(the embeddings, k consecutive layers, optionally their attention and MLP halves apart, the head), and
-within a block per source: weight, then density for the methods that trim or drop. Groups without genes
+range of its parameter (the method's searchable ones: weight, density, gamma, epsilon, t...; `space.<name>`
+in the config or the method's default range). Genes are laid out per *block* of tensor groups (the
+embeddings, k consecutive layers, optionally their attention and MLP halves apart, the head), and within a
+block: shared parameters first (slerp's t), then per source its parameters in the method's order. Groups without genes
 take the method's default merge. All genes at 0.5 is the search's starting point (as in Sakana's PS search).
 """
 
@@ -19,19 +20,13 @@ from evomerge.merge.methods import Method
 from evomerge.merge.recipe import GroupParams, Recipe
 from evomerge.models.architecture import EMBED, HEAD
 
-DEFAULT_DENSITY = 0.5
-
 
 def default_params(method: Method, num_sources: int) -> GroupParams:
-    """A method's default merge, the baseline the search must beat: task vectors added at weight 1
-    (TIES normalizes by the agreeing weights, so this is their mean), TIES/DARE keeping half of each
-    task vector, SLERP half-way, linear the plain average."""
-    if method is Method.slerp:
-        return GroupParams(t=0.5)
-    if method is Method.linear:
-        return GroupParams(weights=(1.0 / num_sources,) * num_sources)
-    densities = (DEFAULT_DENSITY,) * num_sources if method.uses_density else ()
-    return GroupParams(weights=(1.0,) * num_sources, densities=densities)
+    """A method's default merge, the baseline the search must beat (the method's `baseline`: e.g. task
+    vectors added at weight 1, TIES/DARE keeping half of each, SLERP half-way, linear the plain average)."""
+    spec = method.spec
+    values = spec.baseline(num_sources) if spec.baseline is not None else {}
+    return GroupParams({k: (v,) * num_sources if spec.param(k).per_input else v for k, v in values.items()})
 
 
 @dataclass(frozen=True)
@@ -43,8 +38,8 @@ class Block:
 @dataclass(frozen=True)
 class Gene:
     block: str
-    source: int | None  # None for slerp's t
-    kind: str  # weight | density | t
+    source: int | None  # None for a parameter shared by all models (slerp's t)
+    kind: str  # the parameter's mergekit name: weight | density | gamma | epsilon | t ...
     low: float
     high: float
 
@@ -60,15 +55,18 @@ class Space:
         self.spec, self.method, self.num_sources, self.seed = spec, method, num_sources, seed
         self.blocks = _blocks(spec, num_layers)
         self.all_groups = _groups(num_layers, spec.split)
+        searched = method.spec.genes
+        if not searched:
+            raise UserError(f"merge.method {method.value} has no parameter to search")
         genes = []
         for block in self.blocks:
-            if method is Method.slerp:
-                genes.append(Gene(block.name, None, "t", spec.t.min, spec.t.max))
-                continue
+            for p in searched:
+                if not p.per_input:
+                    genes.append(Gene(block.name, None, p.name, *spec.range(p)))
             for j in range(num_sources):
-                genes.append(Gene(block.name, j, "weight", spec.weight.min, spec.weight.max))
-                if method.uses_density:
-                    genes.append(Gene(block.name, j, "density", spec.density.min, spec.density.max))
+                for p in searched:
+                    if p.per_input:
+                        genes.append(Gene(block.name, j, p.name, *spec.range(p)))
         if not genes:
             raise UserError("space: no genes (no layers and embeddings: false)")
         self.genes = tuple(genes)
@@ -82,7 +80,7 @@ class Space:
         return np.full(self.size, 0.5)
 
     def decode(
-        self, genome, *, seed: int | None = None, normalize: bool | None = None, rescale: bool = True
+        self, genome, *, seed: int | None = None, normalize: bool | None = None, rescale: bool | None = None
     ) -> Recipe:
         """Genes outside [0, 1] are clipped (optimizers may step outside the box)."""
         x = np.clip(np.asarray(genome, dtype=float), 0.0, 1.0)
@@ -93,12 +91,14 @@ class Space:
             value = gene.low + float(unit) * (gene.high - gene.low)
             values.setdefault(gene.block, {}).setdefault(gene.kind, []).append(value)
         groups = {name: self.default for name in self.all_groups}
+        spec = self.method.spec
         for block in self.blocks:
-            v = values[block.name]
-            params = GroupParams(
-                weights=tuple(v.get("weight", ())), densities=tuple(v.get("density", ())),
-                t=v["t"][0] if "t" in v else 0.5,
-            )  # fmt: skip
+            v = {k: tuple(vs) if spec.param(k).per_input else vs[0] for k, vs in values[block.name].items()}
+            if spec.repair is not None:  # e.g. DELLA: epsilon within its density's margin
+                defaults = {p.name: (p.default,) * self.num_sources for p in spec.params
+                            if p.per_input and p.default is not None and p.name not in v}  # fmt: skip
+                v = spec.repair({**defaults, **v})
+            params = GroupParams(v)
             for group in block.groups:
                 groups[group] = params
         return Recipe(
@@ -114,11 +114,9 @@ class Space:
         x = []
         for gene in self.genes:
             block = next(b for b in self.blocks if b.name == gene.block)
-            params = recipe.groups[block.groups[0]]
-            if gene.kind == "t":
-                value = params.t
-            else:
-                value = (params.weights if gene.kind == "weight" else params.densities)[gene.source]
+            value = recipe.groups[block.groups[0]].get(gene.kind)
+            if gene.source is not None:
+                value = value[gene.source]
             span = gene.high - gene.low
             x.append(0.5 if span == 0 else (value - gene.low) / span)
         return np.clip(np.array(x, dtype=float), 0.0, 1.0)

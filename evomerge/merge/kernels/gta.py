@@ -45,6 +45,7 @@ def gta_into(
     rescale: bool = False,
     tie_probs: torch.Tensor | None = None,
     uniforms: Sequence[torch.Tensor] | None = None,
+    scales: torch.Tensor | None = None,
 ) -> None:
     # Every keep decision is a 0/1 float factor. sign(a - b) is the sign of the exact difference for finite
     # floats (a difference of distinct floats never rounds to zero), so each factor equals the compare it
@@ -56,6 +57,8 @@ def gta_into(
     for j, model in enumerate(models):
         delta = model.to(F32) - b
         coef = weights[j] / probs[j] if (mode == "random" and rescale) else weights[j]
+        if scales is not None:  # a per-model rescale of the kept entries (breadcrumbs, DELLA: L1)
+            coef = coef * scales[j]
         if mode == "all":
             contributions.append(delta * coef)
             continue
@@ -111,6 +114,7 @@ def gta_apply(
     rescale: bool = False,
     tie_probs: Sequence[float] | None = None,
     uniforms: Sequence[torch.Tensor] | None = None,
+    scales: Sequence[float] | None = None,
     kernel=gta_into,
 ) -> torch.Tensor:
     """Run `kernel` (gta_into, or a compiled copy of it) on flat views; hashed modes go in chunks of
@@ -129,6 +133,7 @@ def gta_apply(
         tie_probs=None if tie_probs is None else vec(tie_probs),
         masks=None if masks is None else [m.reshape(-1) for m in masks],
         rescale=rescale,
+        scales=None if scales is None else vec(scales),
     )
     flat_out, flat_base = out.view(-1), base.reshape(-1)
     flat_models = [m.reshape(-1) for m in models]

@@ -1,0 +1,52 @@
+"""Trims of a task vector that keep entries by rank, for the breadcrumbs and DELLA methods, and mergekit's
+L1 rescale. Each returns a float32 0/1 mask (or a factor); the merge itself is the shared task-vector pass.
+
+- outliers (Model Breadcrumbs, Davari & Belilovsky 2023): drop the `gamma` fraction of largest magnitudes
+  and the smallest ones, keeping `density` of the entries (mergekit's rule: fewer outliers dropped when
+  both cannot be met; ranks from an ascending sort of the float32 magnitudes).
+- magprune (DELLA, Deep et al. 2024): keep each entry with a probability that grows with its magnitude's
+  rank within its row, from density - epsilon (smallest) to density + epsilon (largest). The draw is a
+  counter hash keyed by the caller (rng.py), so a mask is a function of (key, entry), on any device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from evomerge.merge.kernels.rng import uniform_table
+
+F32 = torch.float32
+
+
+def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    numel = delta.numel()
+    if density >= 1:
+        return torch.ones(delta.shape, dtype=F32, device=delta.device)
+    keep = int(density * numel)
+    top = int(gamma * numel)
+    bottom = max(0, numel - keep - top)
+    order = torch.sort(delta.abs().reshape(-1).to(F32), descending=False).indices
+    mask = torch.zeros(numel, dtype=F32, device=delta.device)
+    mask[order[bottom : bottom + keep]] = 1.0
+    return mask.reshape(delta.shape)
+
+
+def magprune_mask(delta: torch.Tensor, density: float, epsilon: float, key: int) -> torch.Tensor:
+    if density >= 1:
+        return torch.ones(delta.shape, dtype=F32, device=delta.device)
+    rows = delta.unsqueeze(0) if delta.dim() < 2 else delta  # mergekit ranks along dim 1
+    ranks = torch.argsort(torch.argsort(rows.abs().to(F32), dim=1), dim=1).to(F32) + 1
+    low, high = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
+    rank_norm = ((ranks - low) / (high - low)).clamp(0, 1)
+    probs = (density - epsilon) + rank_norm * 2 * epsilon
+    uniform = uniform_table(key, delta.numel(), delta.device).view(rows.shape)
+    return (uniform < probs).to(F32).reshape(delta.shape)
+
+
+def l1_rescale(delta: torch.Tensor, mask: torch.Tensor, eps: float = 1e-7) -> float:
+    """The factor that gives the kept entries the L1 norm of the whole vector (1 when either is ~0)."""
+    before = delta.abs().sum()
+    after = (delta * mask).abs().sum()
+    if before < eps or after < eps:
+        return 1.0
+    return float(before / after)

@@ -1,0 +1,130 @@
+"""The task-vector family's shared pieces: mergekit's parameter list for it, and the engine's one-pass path
+(kernels/gta.py) for each way of keeping entries. Each family member is still its own module."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from evomerge.errors import UserError
+from evomerge.merge.kernels.gta import F32, gta_apply, gta_into
+from evomerge.merge.kernels.rng import uniform_table
+from evomerge.merge.kernels.sparsify import l1_rescale
+from evomerge.merge.kernels.trim import ThresholdTable, strict_thresholds
+from evomerge.merge.methods.base import Param, TensorParams, dare_keys, tie_keys
+
+WEIGHT = Param("weight", per_input=True, gene=(0.0, 1.0))
+DENSITY = Param("density", per_input=True, default=1.0, low=0.0, high=1.0, open_low=True, gene=(0.1, 1.0))
+LAMBDA = Param("lambda", default=1.0)
+GAMMA = Param("gamma", per_input=True, default=0.01, low=0.0, high=1.0, gene=(0.0, 0.1))
+EPSILON = Param("epsilon", per_input=True, default=0.15, low=0.0, high=1.0, gene=(0.01, 0.2))
+INT8_MASK = Param("int8_mask", kind=bool, default=False)  # accepted as mergekit does; masks are exact here
+
+
+def gta_params(*, normalize: bool, rescale: bool | None = None, trims: bool = True, extra=()) -> tuple:
+    """weight, density, normalize, lambda, int8_mask (+ rescale when the method has it), mergekit's order.
+    A method that does not `trim` still accepts density (mergekit does) but does not search it."""
+    params = [WEIGHT, DENSITY if trims else replace(DENSITY, gene=None)]
+    params += [Param("normalize", kind=bool, default=normalize), LAMBDA, INT8_MASK]
+    if rescale is not None:
+        params.append(Param("rescale", kind=bool, default=rescale))
+    return tuple(params) + tuple(extra)
+
+
+def full_density(params: TensorParams, where: str) -> None:
+    if any(d != 1.0 for d in params["density"]):
+        raise UserError(f"{where}: task_arithmetic does not trim; use ties or dare_* for density")
+
+
+def check_epsilon(params: TensorParams, where: str) -> None:
+    """DELLA's probabilities density ± epsilon must lie in (0, 1) wherever it trims (mergekit's rule)."""
+    for d, e in zip(params["density"], params["epsilon"], strict=True):
+        if d < 1 and not (d - e > 0 and d + e < 1):
+            raise UserError(f"{where}: epsilon {e:g} with density {d:g}: density ± epsilon must be in (0, 1)")
+
+
+def repair_epsilon(values: dict) -> dict:
+    """A searched group made valid for DELLA: each epsilon shrunk inside its density's margin."""
+    eps = tuple(
+        e if d >= 1 else min(e, 0.999 * min(d, 1 - d))
+        for d, e in zip(values["density"], values["epsilon"], strict=True)
+    )
+    return {**values, "epsilon": eps}
+
+
+def default_baseline(n: int) -> dict:
+    """Task vectors added at weight 1 (normalizing methods: their mean), trimming ones keeping half."""
+    return {"weight": 1.0, "density": 0.5}
+
+
+def _run(kernels, out, base, models, p: TensorParams, consensus: bool, **keep) -> None:
+    gta_apply(
+        out, base, models, p["weight"], consensus=consensus, normalize=p["normalize"], lam=p["lambda"],
+        kernel=kernels(gta_into), **keep,
+    )  # fmt: skip
+
+
+def fast_all(consensus: bool):
+    def fast(kernels, out, base, models, p, name, state) -> None:
+        _run(kernels, out, base, models, p, consensus, mode="all")
+
+    return fast
+
+
+def fast_random(consensus: bool):
+    """DARE: a counter-hash uniform per entry against the density, in the same pass."""
+
+    def fast(kernels, out, base, models, p, name, state) -> None:
+        keys = dare_keys(p.seed, name, len(models))
+        _run(kernels, out, base, models, p, consensus, mode="random", probs=p["density"], keys=keys,
+             rescale=p["rescale"])  # fmt: skip
+
+    return fast
+
+
+def precompute_thresholds(name: str, base, models, eager: bool):
+    """TIES: each task vector's sorted magnitudes (a threshold for any density), and, for eager kernels,
+    the tie-break uniforms (fixed keys: hashed once here instead of per candidate)."""
+    b = base.to(F32)
+    tables = [ThresholdTable((m.to(F32) - b).abs()) for m in models]
+    uniforms = [uniform_table(k, b.numel(), b.device) for k in tie_keys(name, len(models))] if eager else None
+    return tables, uniforms
+
+
+def fast_threshold(kernels, out, base, models, p, name, state) -> None:
+    """TIES by threshold: top-k as one compare against the precomputed cut (ties broken by hash)."""
+    tables, uniforms = state
+    cuts = [table.threshold(d) for table, d in zip(tables, p["density"], strict=True)]
+    strict = strict_thresholds(cuts)
+    if strict is not None:
+        _run(kernels, out, base, models, p, True, mode="threshold", thresholds=strict)
+        return
+    _run(kernels, out, base, models, p, True, mode="threshold", thresholds=[c[0] for c in cuts],
+         tie_probs=[c[1] for c in cuts], keys=tie_keys(name, len(models)),
+         uniforms=uniforms if kernels.eager else None)  # fmt: skip
+
+
+def empty_like_f32(base: torch.Tensor) -> torch.Tensor:
+    return torch.empty(base.shape, dtype=F32, device=base.device)
+
+
+def sparsified_exact(mask_of, consensus: bool):
+    """The exact kernel of a method that trims each task vector by `mask_of(j, delta, params, name)`, then
+    (with `rescale`) gives the kept entries the vector's L1 norm, as mergekit's sparsify does."""
+
+    def exact(name, base, models, p: TensorParams) -> torch.Tensor:
+        b = base.to(F32)
+        masks, scales = [], []
+        for j, m in enumerate(models):
+            delta = m.to(F32) - b
+            mask = mask_of(j, delta, p, name)
+            masks.append(mask)
+            trimmed = p["density"][j] < 1
+            scales.append(l1_rescale(delta, mask) if p.get("rescale") and trimmed else 1.0)
+        return gta_apply(
+            empty_like_f32(base), base, models, p["weight"], mode="mask", masks=masks, scales=scales,
+            consensus=consensus, normalize=p["normalize"], lam=p["lambda"],
+        )  # fmt: skip
+
+    return exact
