@@ -55,6 +55,9 @@ class MergeSpec(_Strict):
     method: Method = Method.ties
     normalize: bool | None = Field(None, description="default: the method's own (true for ties, linear)")
     rescale: bool | None = Field(None, description="default: the method's own (true for dare_*, della*)")
+    baselines: list[Method] = Field(
+        default_factory=list, description="more default merges for the finals (e.g. model_stock, karcher)"
+    )
 
 
 class Bounds(_Strict):
@@ -290,8 +293,15 @@ class ExperimentConfig(_Strict):
         if spec.inputs is not None and len(self.models.sources) != spec.inputs:
             count = "one source" if spec.inputs == 1 else f"{spec.inputs} sources"
             raise ValueError(f"merge.method {method.value} merges models.base with exactly {count}")
+        if len(self.models.sources) < spec.min_inputs:
+            raise ValueError(f"merge.method {method.value} needs at least {spec.min_inputs} sources")
+        for extra in self.merge.baselines:
+            other, count = extra.spec, len(self.models.sources)
+            fits = (self.models.base is not None or not other.needs_base) and count >= other.min_inputs
+            if not fits or other.inputs not in (None, count) or other.baseline is None:
+                raise ValueError(f"merge.baselines: {extra.value} cannot merge these models as a baseline")
         if not spec.genes:
-            raise ValueError(f"merge.method {method.value} has no parameter to search")
+            raise ValueError(f"merge.method {method.value} has no parameter to search (it can be a baseline)")
         searchable = ", ".join(p.name for p in spec.genes)
         for name in METHOD_GENES:
             bounds = getattr(self.space, name)
@@ -319,6 +329,7 @@ class ExperimentConfig(_Strict):
         for name in METHOD_GENES:  # unset: as before these existed (older experiments resume)
             if data["space"].get(name, 0) is None:
                 data["space"].pop(name)
+        data["merge"].pop("baselines")  # more finals change no candidate
         if data["merge"]["rescale"] is None:  # the method's own; older configs dumped rescale: true
             own = self.merge.method.spec.default("rescale")
             data["merge"]["rescale"] = True if own is None else own

@@ -15,10 +15,13 @@ from evomerge.models.checkpoint import Checkpoint
 
 
 def _engine(paths, method, exact=False, compile=False):
+    spec = method.spec
     base, *fts = [Checkpoint.open(p) for p in paths]
-    inputs = fts[:1] if method is Method.slerp else fts
-    if method is Method.linear:
+    inputs = fts
+    if not (spec.needs_base or spec.optional_base):  # linear, karcher, passthrough: the models themselves
         base, inputs = None, [Checkpoint.open(p) for p in paths]
+    if spec.inputs is not None:
+        inputs = inputs[: spec.inputs]
     target = load_target(inputs[0] if base is None else base)
     return MergeEngine(base, inputs, method, target, exact=exact, compile=compile), target
 

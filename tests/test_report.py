@@ -176,13 +176,15 @@ def test_export_loads_and_mergekit_rebuilds_it(ties_experiment, tmp_path):
 def test_registry_methods_search_and_export(tmp_path, method):
     """A method added through the registry is searchable with its own genes (breadcrumbs: gamma; DELLA:
     epsilon, kept valid against density), scored in the finals beside the standard defaults, and exported
-    as a mergekit config that mergekit rebuilds within 1e-5 when the method is deterministic."""
+    as a mergekit config that mergekit rebuilds within 1e-5 when the method is deterministic; methods with
+    nothing to search (model_stock, karcher) join the finals through merge.baselines."""
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
     extra = "gamma" if method.startswith("breadcrumbs") else "epsilon"
-    cfg = _config(tmp_path, method, merge={"method": method},
+    extra_baselines = ["model_stock", "karcher"] if method == "breadcrumbs_ties" else []
+    cfg = _config(tmp_path, method, merge={"method": method, "baselines": extra_baselines},
                   space={"layers_per_group": 2, extra: {"min": 0.01, "max": 0.05}})  # fmt: skip
     data = yaml.safe_load(cfg.read_text())
     data["optimizer"]["budget"] = 4
@@ -194,7 +196,8 @@ def test_registry_methods_search_and_export(tmp_path, method):
     values = recipe["groups"]["layers.0"]
     assert recipe["method"] == method and 0.01 <= min(values[extra]) <= max(values[extra]) <= 0.05
     finals = {row[0] for row in db.execute("SELECT name FROM finals")}
-    assert {f"default {method}", "default ties", "default dare_ties", "default task_arithmetic"} <= finals
+    expected = {f"default {m}" for m in [method, "ties", "dare_ties", "task_arithmetic", *extra_baselines]}
+    assert expected <= finals
     out = tmp_path / "model"
     done = _cli("export", tmp_path / "exp", out)
     assert done.returncode == 0, done.stderr

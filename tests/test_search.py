@@ -108,7 +108,11 @@ def test_validate_hub_models_unchecked_offline(tmp_path):
 @pytest.mark.parametrize("method", list(Method))
 @pytest.mark.parametrize("split, per", [(False, 1), (True, 1), (False, 3)])
 def test_codec_round_trip(method, split, per):
-    sources = 1 if method is Method.slerp else 2
+    sources = method.spec.inputs or 2
+    if not method.spec.genes:  # model_stock, karcher, passthrough: baselines, nothing to search
+        with pytest.raises(UserError, match="no parameter to search"):
+            Space(SpaceSpec(split=split, layers_per_group=per), method, sources, num_layers=4)
+        return
     space = Space(SpaceSpec(split=split, layers_per_group=per), method, sources, num_layers=4)
     rng = np.random.default_rng(0)
     for _ in range(5):

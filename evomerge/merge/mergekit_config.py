@@ -37,9 +37,24 @@ class ModelEntry(BaseModel):
     parameters: dict[str, Setting] | None = None
 
 
+class SliceSource(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    layer_range: tuple[int, int]
+    parameters: dict[str, Setting] | None = None
+
+
+class SliceDef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sources: list[SliceSource]
+    parameters: dict[str, Setting] | None = None
+    base_model: str | None = None
+
+
 class MergeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    models: list[ModelEntry]
+    models: list[ModelEntry] | None = None
+    slices: list[SliceDef] | None = None
     merge_method: str
     base_model: str | None = None
     parameters: dict[str, Setting] | None = None
@@ -54,11 +69,12 @@ def load_merge_config(path: Path) -> MergeConfig:
     raw = load_yaml(path)
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping at the top level")
-    for key in ("slices", "modules"):
-        if key in raw:
-            raise UserError(
-                f"{path}: '{key}' (frankenmerge layer stacking) is not supported by evomerge merge yet; use 'models'"
-            )
+    if "modules" in raw:
+        raise UserError(f"{path}: 'modules' (multi-module models) is not supported; use 'models' or 'slices'")
+    if ("models" in raw) == ("slices" in raw):
+        raise UserError(
+            f"{path}: give either 'models' or 'slices' (frankenmerge layer ranges), not both or neither"
+        )
     try:
         return MergeConfig.model_validate(raw)
     except ValidationError as exc:
@@ -105,6 +121,21 @@ def evaluate_setting(setting: Setting, tensor: str, t: float, kind: type, name: 
     return None
 
 
+def check_parameter_names(spec, method: str, shared: list[dict], per_model: list[dict]) -> None:
+    """Every key a known parameter of the method; per-model scopes hold per-model parameters only."""
+    known = sorted({p.name for m in REGISTRY.values() for p in m.params})
+    for scope in shared + per_model:
+        for key in scope:
+            if key not in known:
+                raise UserError(f"unknown parameter {key!r} (known: {', '.join(known)})")
+            if spec.param(key) is None:
+                raise UserError(f"parameter {key!r} does not apply to {method}")
+    for scope in per_model:
+        for key in scope:
+            if not spec.param(key).per_input:
+                raise UserError(f"parameter {key!r} is global; put it under the top-level parameters")
+
+
 class ConfigPlan:
     """A parsed config bound to its models: which is the base, which are the inputs, and their parameters."""
 
@@ -112,22 +143,16 @@ class ConfigPlan:
         self.config = config
         self.method = parse_method(config.merge_method)
         self.spec = spec = self.method.spec
+        if config.models is None:
+            raise UserError("this config has slices; it is planned by SlicePlan")
         refs = [entry.model for entry in config.models]
         if len(set(refs)) != len(refs):
             raise UserError("a model is listed twice in models")
-        known = sorted({p.name for m in REGISTRY.values() for p in m.params})
-        for scope in [config.parameters or {}] + [e.parameters or {} for e in config.models]:
-            for key in scope:
-                if key not in known:
-                    raise UserError(f"unknown parameter {key!r} (known: {', '.join(known)})")
-                if spec.param(key) is None:
-                    raise UserError(f"parameter {key!r} does not apply to {self.method.value}")
-        for entry in config.models:
-            for key in entry.parameters or {}:
-                if not spec.param(key).per_input:
-                    raise UserError(f"parameter {key!r} is global; put it under the top-level parameters")
+        check_parameter_names(
+            spec, self.method.value, [config.parameters or {}], [e.parameters or {} for e in config.models]
+        )
         base = config.base_model
-        if spec.needs_base:
+        if spec.needs_base or (spec.optional_base and base is not None):
             if base is None:
                 raise UserError(f"{self.method.value} needs a base_model")
             self.base: str | None = base
@@ -142,6 +167,15 @@ class ConfigPlan:
         else:
             self.base = None
             self.inputs = refs + ([base] if base is not None and base not in refs else [])
+            if spec.inputs is not None and len(self.inputs) != spec.inputs:
+                raise UserError(
+                    f"{self.method.value} takes exactly {spec.inputs} model(s), got {len(self.inputs)}"
+                )
+        if len(self.inputs) < spec.min_inputs:
+            raise UserError(
+                f"{self.method.value} needs at least {spec.min_inputs} models"
+                + (" besides the base_model" if self.base else "")
+            )
         self._per_model = {e.model: e.parameters or {} for e in config.models}
 
     @property

@@ -55,6 +55,8 @@ def merge_from_config(
 
     check_destination(out_dir, force)  # before any model is opened
     config = load_merge_config(config_path)
+    if config.slices is not None:
+        return _merge_slices(config, config_path, out_dir, device, force, allow_pickle, shard_bytes, progress)
     plan = ConfigPlan(config)
     base_dir = config_path.parent.resolve()
     allow_pickle = allow_pickle or config.allow_pickle
@@ -87,6 +89,51 @@ def merge_from_config(
         atomic_write(stage / "mergekit_config.yml", config_path.read_bytes())
     return MergeSummary(
         out_dir, plan.method.value, len(names), writer.total_bytes, str(out_dtype).removeprefix("torch.")
+    )
+
+
+def _merge_slices(
+    config, config_path: Path, out_dir: Path, device, force, allow_pickle, shard_bytes, progress
+):
+    """A frankenmerge: the output's layers are the slices' layers, each merged by the config's method."""
+    from evomerge.merge.slices import SlicePlan, sliced_config
+
+    plan = SlicePlan(config)
+    base_dir = config_path.parent.resolve()
+    allow_pickle = allow_pickle or config.allow_pickle
+    ckpts = {ref: Checkpoint.open(ref, allow_pickle=allow_pickle, base_dir=base_dir) for ref in plan.all_refs}
+    family = check_compatible(list(ckpts.values()), same_depth=False)
+    first = ckpts[plan.all_refs[0]]
+    tied = first.ties_embeddings(family)
+    tensors = {ref: merged_names(list(c.tensors), family, tied) for ref, c in ckpts.items()}
+    for ref, ckpt in ckpts.items():
+        for k, piece in enumerate(config.slices):
+            for source in piece.sources:
+                if source.model == ref and source.layer_range[1] > ckpt.num_layers:
+                    raise UserError(f"slices[{k}]: {ref} has {ckpt.num_layers} layers, layer_range "
+                                    f"{list(source.layer_range)} goes past them")  # fmt: skip
+    load_dtype = parse_dtype(config.dtype)
+    out_dtype = parse_dtype(config.out_dtype) or load_dtype or _stored_dtype(first)
+    tokenizer_dir = _tokenizer_dir(config.tokenizer_source, first.path, ckpts, base_dir)
+    jobs = plan.jobs(tensors, family)  # every parameter resolved and checked before anything is written
+    method = plan.method
+    with staged_directory(out_dir, force) as stage:
+        writer = ShardWriter(stage, shard_bytes)
+        task = progress.add_task("merging", total=len(jobs)) if progress else None
+        for job in jobs:
+            base = ckpts[job.base[0]].get(job.base[1], dtype=load_dtype, device=device) if job.base else None
+            inputs = [ckpts[ref].get(name, dtype=load_dtype, device=device) for ref, name in job.inputs]
+            writer.add(job.out, method.spec.exact(job.out, base, inputs, job.params).to(out_dtype))
+            if progress:
+                progress.advance(task)
+        writer.finish()
+        configs = {ref: c.config for ref, c in ckpts.items()}
+        layers = plan.layer_sources()
+        write_config(stage, sliced_config(first.config, len(layers), layers, configs), out_dtype, tied)
+        copy_tokenizer(tokenizer_dir, stage)
+        atomic_write(stage / "mergekit_config.yml", config_path.read_bytes())
+    return MergeSummary(
+        out_dir, method.value, len(jobs), writer.total_bytes, str(out_dtype).removeprefix("torch.")
     )
 
 

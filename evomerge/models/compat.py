@@ -9,8 +9,10 @@ from evomerge.models.architecture import FAMILIES, Family, family_for
 from evomerge.models.checkpoint import Checkpoint
 
 
-def check_compatible(models: Sequence[Checkpoint]) -> Family:
-    """Same family, same tensor names and shapes; returns the family. Raises UserError naming the first problem."""
+def check_compatible(models: Sequence[Checkpoint], *, same_depth: bool = True) -> Family:
+    """Same family, same tensor names and shapes; returns the family. Raises UserError naming the first problem.
+    `same_depth=False` (frankenmerge slices): the layer counts may differ; every layer must still have the
+    same tensors and shapes as every other model's layers."""
     if not models:
         raise UserError("no models to merge")
     first = models[0]
@@ -26,6 +28,9 @@ def check_compatible(models: Sequence[Checkpoint]) -> Family:
                 f"models {first.ref} and {other.ref} are different architectures ({first.model_type} vs {other.model_type})"
             )
         _check_vocab(first, other, family)
+        if not same_depth:
+            _check_layers(first, other, family)
+            continue
         for name, info in first.tensors.items():
             theirs = other.tensors.get(name)
             if theirs is None:
@@ -55,3 +60,31 @@ def _check_vocab(a: Checkpoint, b: Checkpoint, family: Family) -> None:
             f"vocabulary sizes differ: {a.ref} has {va} embedding rows, {b.ref} has {vb}; resize both to the same "
             f"vocabulary first (e.g. model.resize_token_embeddings({max(va, vb)}) on the smaller one, then save_pretrained)"
         )
+
+
+def _layout(model: Checkpoint, family: Family) -> dict[str, tuple]:
+    """Tensor name -> shape, with every layer's tensors folded into one `layers.*.<suffix>` entry."""
+    import re
+
+    out: dict[str, tuple] = {}
+    for name, info in model.tensors.items():
+        key = re.sub(family.layer_pattern, "layers.*.", name, count=1)
+        if out.setdefault(key, tuple(info.shape)) != tuple(info.shape):
+            raise UserError(
+                f"model {model.ref}: {name} has shape {list(info.shape)}, its other layers {list(out[key])}"
+            )
+    return out
+
+
+def _check_layers(a: Checkpoint, b: Checkpoint, family: Family) -> None:
+    mine, theirs = _layout(a, family), _layout(b, family)
+    for key, shape in mine.items():
+        if key not in theirs:
+            raise UserError(f"tensor {key} is in {a.ref} but missing from {b.ref}")
+        if theirs[key] != shape:
+            raise UserError(
+                f"tensor {key} has shape {list(shape)} in {a.ref} but {list(theirs[key])} in {b.ref}"
+            )
+    extra = next((key for key in theirs if key not in mine), None)
+    if extra is not None:
+        raise UserError(f"tensor {extra} is in {b.ref} but missing from {a.ref}")

@@ -91,7 +91,7 @@ def recipe_to_mergekit(
         "parameters": shared,
         "dtype": dtype,
     }
-    if spec.needs_base:
+    if base is not None and (spec.needs_base or spec.optional_base):
         config["base_model"] = base
     return config
 

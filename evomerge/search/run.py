@@ -674,14 +674,15 @@ class Search:
 
     def _default_methods(self) -> list[Method]:
         """The standard default merges that fit the models (with a base: the task-vector methods and, for
-        one source, SLERP; without: linear), in the methods' `finals` order."""
+        one source, SLERP; without: linear), in the methods' `finals` order, then `merge.baselines`."""
         has_base = self.config.models.base is not None
         count = len(self.source_names)
         fits = [
             m for m in Method
             if m.spec.finals is not None and m.spec.needs_base == has_base and m.spec.inputs in (None, count)
         ]  # fmt: skip
-        return sorted(fits, key=lambda m: m.spec.finals)
+        chosen = sorted(fits, key=lambda m: m.spec.finals)
+        return chosen + [m for m in self.config.merge.baselines if m not in chosen]
 
     def _default_recipe(self, method: Method) -> dict:
         params = default_params(method, len(self.source_names))

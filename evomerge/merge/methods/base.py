@@ -86,7 +86,9 @@ class MergeMethod:
     params: tuple[Param, ...]
     exact: Exact
     needs_base: bool = True
+    optional_base: bool = False  # uses a base when one is given (multislerp), else merges the models
     inputs: int | None = None  # exactly this many merged models (besides the base), when fixed
+    min_inputs: int = 1
     fast: Fast | None = None
     precompute: Callable[..., Any] | None = None
     baseline: Callable[[int], dict[str, Value]] | None = None
