@@ -2,7 +2,8 @@
 
     python experiments/bench_merge.py [--hidden 1024 --layers 4 --vocab 32000 --device auto]
 
-Builds a base + 3 fine-tunes (float32, a few hundred MB each), then for linear, ties and dare_ties prints:
+Builds a base + 3 fine-tunes (float32, a few hundred MB each), then for every searchable method (or
+`--methods a,b`), with its genes mid-range, prints:
 - per-candidate in-memory merge time (engine, sources resident, result written in place);
 - bytes touched per second (all inputs read + the target written) as a ratio to a plain tensor copy of
   the same bytes on the same device (a copy touches 2 bytes per byte copied);
@@ -81,6 +82,27 @@ def copy_seconds(nbytes: int, device: str, reps: int, sync) -> float:
     return timed(lambda: dst.copy_(src), reps, sync, best=True)
 
 
+def searched_values(method: Method, count: int, i: int) -> tuple[dict, dict]:
+    """(per-model, global) values for every gene of the method: inside its default range, a little
+    different for each candidate `i` (as a search's candidates are)."""
+    per, shared = {}, {}
+    for p in method.spec.genes:
+        low, high = p.gene
+        value = low + (high - low) * (0.45 + 0.01 * i)
+        (per if p.per_input else shared)[p.name] = value
+    return per, shared
+
+
+def models_for(method: Method, paths: list):
+    """(base, inputs) the method merges from base + 3 fine-tunes."""
+    spec = method.spec
+    if not (spec.needs_base or spec.optional_base):
+        base, inputs = None, list(paths)
+    else:
+        base, inputs = paths[0], list(paths[1:])
+    return base, inputs[: spec.inputs] if spec.inputs else inputs
+
+
 def mergekit_seconds(paths: list[Path], method: Method, reps: int) -> float | None:
     try:
         from mergekit.config import MergeConfiguration
@@ -88,12 +110,16 @@ def mergekit_seconds(paths: list[Path], method: Method, reps: int) -> float | No
         from mergekit.options import MergeOptions
     except ImportError:
         return None
-    models = [{"model": str(p), "parameters": {"weight": 0.4, "density": 0.5}} for p in paths[1:]]
-    if method is Method.linear:
-        models = [{"model": str(p), "parameters": {"weight": 0.25}} for p in paths]
+    base, inputs = models_for(method, paths)
+    per, shared = searched_values(method, len(inputs), 0)
+    models = [{"model": str(p), **({"parameters": per} if per else {})} for p in inputs]
     cfg = {"models": models, "merge_method": method.value, "dtype": "float32"}
-    if method.uses_base:
-        cfg["base_model"] = str(paths[0])
+    if shared:
+        cfg["parameters"] = shared
+    if base is not None:
+        cfg["base_model"] = str(base)
+        if not per:  # slerp, nearswap: mergekit lists the base among the models
+            cfg["models"].insert(0, {"model": str(base)})
     config = MergeConfiguration.model_validate(cfg)
     times = []
     for _ in range(reps):
@@ -115,7 +141,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--mergekit-reps", type=int, default=2)
-    parser.add_argument("--methods", default="linear,ties,dare_ties")
+    parser.add_argument("--methods", default="all", help="comma-separated, or all (every searchable one)")
     args = parser.parse_args()
     device = resolve_device(args.device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -132,21 +158,23 @@ def main() -> None:
             f"plain copy of {model_bytes / 1e6:.0f} MB: {copy_s * 1e3:.1f} ms ({copy_bw / 1e9:.1f} GB/s touched)"
         )
         print(
-            f"{'method':<10} {'load+pre s':>10} {'first s':>8} {'ms/cand':>9} {'GB/s':>7} {'x copy':>7} {'mergekit s':>10} {'x faster':>9}"
+            f"{'method':<16} {'load+pre s':>10} {'first s':>8} {'ms/cand':>9} {'GB/s':>7} {'x copy':>7} {'mergekit s':>10} {'x faster':>9}"
         )
-        for name in args.methods.split(","):
+        names = [m.value for m in Method if m.spec.genes] if args.methods == "all" else args.methods.split(",")
+        for name in names:
             method = Method(name)
-            base, inputs = (None, ckpts) if method is Method.linear else (ckpts[0], ckpts[1:])
+            base, inputs = models_for(method, ckpts)
             target = load_target(ckpts[0], device=device)
             engine = MergeEngine(base, inputs, method, target, device=device, compile=True)
             groups = engine.family.group_names(engine.num_layers)
             n = len(inputs)
-            recipes = [
-                Recipe.uniform(
-                    method, groups, weights=[0.4 + 0.01 * i] * n, densities=[0.5 - 0.01 * i] * n, seed=i
-                )
-                for i in range(args.reps + 1)
-            ]
+            recipes = []
+            for i in range(args.reps + 1):
+                per, shared = searched_values(method, n, i)
+                values = {k: (v,) * n for k, v in per.items()} | shared
+                if method.spec.repair:
+                    values = method.spec.repair({"epsilon": (0.15,) * n} | values)
+                recipes.append(Recipe.uniform(method, groups, values=values, seed=i))
             start = time.perf_counter()
             engine.apply(recipes[0])  # compile (cached on disk by inductor after the first run) + warm-up
             sync()
@@ -157,7 +185,7 @@ def main() -> None:
             mk = mergekit_seconds(paths, method, args.mergekit_reps)
             mk_text = f"{mk:10.2f} {mk / per:9.1f}" if mk else f"{'n/a':>10} {'n/a':>9}"
             print(
-                f"{name:<10} {engine.load_seconds:10.1f} {first:8.1f} {per * 1e3:9.1f} {touched / per / 1e9:7.1f} "
+                f"{name:<16} {engine.load_seconds:10.1f} {first:8.1f} {per * 1e3:9.1f} {touched / per / 1e9:7.1f} "
                 f"{(touched / per) / copy_bw:7.2f} {mk_text}"
             )
             del engine, target
