@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import fewshot_task
+from helpers import cli, fewshot_task
 
 from evomerge.evaluate import EvaluationSpec, Evaluator, split_indices
 from evomerge.evaluate.run import load_model_and_tokenizer
@@ -162,14 +162,8 @@ def test_broken_candidate_is_a_failed_result_not_an_exception(math_en):
     assert evaluator.evaluate().ok
 
 
-def _cli(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "evomerge.cli", *map(str, args)], capture_output=True, text=True
-    )
-
-
 def test_eval_cli_json():
-    done = _cli(
+    done = cli(
         "eval", ZOO / "math-en", "--task", "zoo_math_en", "--limit", "20", "--json", "--device", "cpu"
     )
     assert done.returncode == 0, done.stderr
@@ -179,7 +173,7 @@ def test_eval_cli_json():
 
 
 def test_unknown_task_fails_before_model_loads_with_suggestion():
-    done = _cli("eval", "/nonexistent/model", "--task", "zoo_math_z")
+    done = cli("eval", "/nonexistent/model", "--task", "zoo_math_z")
     assert done.returncode == 2
     assert "unknown task 'zoo_math_z'" in done.stderr and "zoo_math_x" in done.stderr
     assert "model directory" not in done.stderr
