@@ -121,6 +121,16 @@ def evaluate_setting(setting: Setting, tensor: str, t: float, kind: type, name: 
     return None
 
 
+def resolve(param: Param, scopes: list[dict], tensor: str, t: float) -> Any:
+    """The first scope (highest precedence first) that sets `param` for this tensor, evaluated; else None."""
+    for scope in scopes:
+        if param.name in scope:
+            value = evaluate_setting(scope[param.name], tensor, t, param.kind, param.name)
+            if value is not None:
+                return value
+    return None
+
+
 def check_parameter_names(spec, method: str, shared: list[dict], per_model: list[dict]) -> None:
     """Every key a known parameter of the method; per-model scopes hold per-model parameters only."""
     known = sorted({p.name for m in REGISTRY.values() for p in m.params})
@@ -186,12 +196,7 @@ class ConfigPlan:
         scopes = ([self._per_model.get(model, {})] if model is not None else []) + [
             self.config.parameters or {}
         ]
-        for scope in scopes:
-            if param.name in scope:
-                value = evaluate_setting(scope[param.name], tensor, t, param.kind, param.name)
-                if value is not None:
-                    return value
-        return None
+        return resolve(param, scopes, tensor, t)
 
     def tensor_params(self, tensor: str, family: Family, num_layers: int) -> TensorParams:
         index = family.layer_index(tensor)

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from evomerge.errors import UserError
-from evomerge.merge.mergekit_config import MergeConfig, SliceDef, check_parameter_names, evaluate_setting
-from evomerge.merge.methods import Method, Param, TensorParams, parse_method
+from evomerge.merge.mergekit_config import MergeConfig, SliceDef, check_parameter_names, resolve
+from evomerge.merge.methods import Method, TensorParams, parse_method
 from evomerge.models.architecture import EMBED, Family
 
 
@@ -141,13 +141,13 @@ class SlicePlan:
         where = f"tensor {out}"
         for param in self.spec.params:
             if param.per_input:
-                given = [_resolve(param, [per_model[m], *shared_scopes], sources[m], t) for m in inputs]
+                given = [resolve(param, [per_model[m], *shared_scopes], sources[m], t) for m in inputs]
                 for model, value in zip(inputs, given, strict=True):
                     if value is None and param.default is None:
                         raise UserError(f"missing parameter {param.name} for model {model} ({where})")
                 values[param.name] = tuple(param.default if v is None else v for v in given)
             else:
-                value = _resolve(param, shared_scopes, out, t)
+                value = resolve(param, shared_scopes, out, t)
                 if value is None and param.default is None:
                     raise UserError(f"missing parameter {param.name} for {self.method.value} ({where})")
                 values[param.name] = param.default if value is None else value
@@ -158,15 +158,6 @@ class SlicePlan:
             tuple((m, sources[m]) for m in inputs),
             params,
         )
-
-
-def _resolve(param: Param, scopes: list[dict], tensor: str, t: float) -> Any:
-    for scope in scopes:
-        if param.name in scope:
-            value = evaluate_setting(scope[param.name], tensor, t, param.kind, param.name)
-            if value is not None:
-                return value
-    return None
 
 
 def _suffix(name: str, family: Family) -> str:

@@ -12,7 +12,7 @@ from evomerge.merge.kernels.gta import F32, gta_apply, gta_into
 from evomerge.merge.kernels.rng import uniform_table
 from evomerge.merge.kernels.sparsify import l1_rescale
 from evomerge.merge.kernels.trim import ThresholdTable, strict_thresholds
-from evomerge.merge.methods.base import Param, TensorParams, dare_keys, tie_keys
+from evomerge.merge.methods.base import MergeMethod, Param, TensorParams, dare_keys, tie_keys
 
 WEIGHT = Param("weight", per_input=True, gene=(0.0, 1.0))
 DENSITY = Param("density", per_input=True, default=1.0, low=0.0, high=1.0, open_low=True, gene=(0.1, 1.0))
@@ -128,3 +128,65 @@ def sparsified_exact(mask_of, consensus: bool):
         )  # fmt: skip
 
     return exact
+
+
+def dare_method(name: str, *, consensus: bool, finals: int | None = None) -> MergeMethod:
+    """DARE, summed or with sign election: counter-hash drop masks in the engine's one pass."""
+    from evomerge.merge.kernels.dare import dare_linear, dare_ties
+
+    kernel = dare_ties if consensus else dare_linear
+    return MergeMethod(
+        name=name,
+        summary="random drop and rescale" + (", sign election" if consensus else "") + ", in one pass",
+        params=gta_params(normalize=False, rescale=True),
+        exact=lambda tensor, base, models, p: kernel(
+            base,
+            models,
+            p["weight"],
+            p["density"],
+            dare_keys(p.seed, tensor, len(models)),
+            normalize=p["normalize"],
+            rescale=p["rescale"],
+            lam=p["lambda"],
+        ),  # fmt: skip
+        fast=fast_random(consensus=consensus),
+        baseline=default_baseline,
+        finals=finals,
+        random=True,
+    )
+
+
+def breadcrumbs_method(name: str, *, consensus: bool) -> MergeMethod:
+    """Model Breadcrumbs, summed or with sign election; the search runs the exact kernel."""
+    from evomerge.merge.kernels.sparsify import outlier_mask
+
+    return MergeMethod(
+        name=name,
+        summary="drop the largest and smallest task-vector entries"
+        + (", sign election" if consensus else ""),
+        params=gta_params(normalize=False, rescale=False, extra=(GAMMA,)),
+        exact=sparsified_exact(
+            lambda j, delta, p, tensor: outlier_mask(delta, p["density"][j], p["gamma"][j]), consensus
+        ),
+        baseline=default_baseline,
+    )
+
+
+def della_method(name: str, *, consensus: bool) -> MergeMethod:
+    """DELLA, summed or with sign election (normalized by default then, as mergekit); exact kernel."""
+    from evomerge.merge.kernels.rng import derive_key
+    from evomerge.merge.kernels.sparsify import magprune_mask
+
+    def mask(j, delta, p, tensor):
+        return magprune_mask(delta, p["density"][j], p["epsilon"][j], derive_key(p.seed, tensor, j))
+
+    return MergeMethod(
+        name=name,
+        summary="magnitude-ranked random drop, L1 rescale" + (", sign election" if consensus else ""),
+        params=gta_params(normalize=consensus, rescale=True, extra=(EPSILON,)),
+        exact=sparsified_exact(mask, consensus),
+        baseline=default_baseline,
+        random=True,
+        check=check_epsilon,
+        repair=repair_epsilon,
+    )

@@ -2,16 +2,6 @@
 (`gamma`) and smallest entries, keeping `density` of them; the kept entries then vote on a sign per entry as in TIES.
 Fast path: none yet, the search runs the exact kernel (one sort per task vector and candidate)."""
 
-from evomerge.merge.kernels.sparsify import outlier_mask
-from evomerge.merge.methods._gta import GAMMA, default_baseline, gta_params, sparsified_exact
-from evomerge.merge.methods.base import MergeMethod
+from evomerge.merge.methods._gta import breadcrumbs_method
 
-METHOD = MergeMethod(
-    name="breadcrumbs_ties",
-    summary="drop the largest and smallest task-vector entries, sign election",
-    params=gta_params(normalize=False, rescale=False, extra=(GAMMA,)),
-    exact=sparsified_exact(
-        lambda j, delta, p, name: outlier_mask(delta, p["density"][j], p["gamma"][j]), True
-    ),
-    baseline=default_baseline,
-)
+METHOD = breadcrumbs_method("breadcrumbs_ties", consensus=True)
