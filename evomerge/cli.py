@@ -246,7 +246,7 @@ def export(
     force: bool = typer.Option(False, help="Replace OUT_DIR if it is not empty."),
 ) -> None:
     """Write a candidate as a model dir with a model card and a mergekit config that rebuilds it."""
-    from evomerge.report.export import export_candidate
+    from evomerge.export import export_candidate
 
     summary = export_candidate(experiment, out_dir, rank=rank, force=force)
     _say(

@@ -22,6 +22,17 @@ def cli(*args, cwd=REPO, timeout=600, env_extra=None):
     )  # fmt: skip
 
 
+def minimal_config(**changes) -> dict:
+    """The smallest experiment config the schema accepts (models and tasks unchecked), sections replaced."""
+    cfg = {
+        "models": {"base": "b", "sources": ["s1", "s2"]},
+        "evaluation": {"tasks": [{"name": "zoo_math_x"}]},
+        "output": {"dir": "x"},
+    }
+    cfg.update(changes)
+    return cfg
+
+
 def smoke(tmp_path: Path, **changes) -> Path:
     """configs/smoke.yaml with sections updated (dotted keys), models as absolute paths."""
     cfg = yaml.safe_load(SMOKE.read_text())

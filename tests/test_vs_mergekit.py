@@ -58,6 +58,10 @@ CONFIGS = [
     ("nuslerp-columns", "nuslerp", [(1, {"weight": 0.4}), (2, {"weight": 0.4})], {"nuslerp_flatten": False}, 0),
     ("karcher", "karcher", [(0, None), (1, None), (2, None)], None, None),
     ("karcher-short", "karcher", [(1, None), (2, None)], {"max_iter": 2, "tol": 1e-3}, None),
+    ("arcee-fusion", "arcee_fusion", [(0, None), (1, None)], None, 0),
+    ("ram", "ram", [(1, None), (2, None)], None, 0),
+    ("ram-epsilon", "ram", [(1, None), (2, None)], {"epsilon": 1e-3}, 0),
+    ("ramplus-tl", "ramplus_tl", [(1, None), (2, None)], {"r": 0.3, "alpha": [0.1, 0.6]}, 0),
     ("slerp-scalar", "slerp", [(0, None), (1, None)], {"t": 0.35}, 0),
     ("slerp-filters", "slerp", [(0, None), (2, None)],
      {"t": [{"filter": "self_attn", "value": [0, 0.5, 1]}, {"filter": "mlp", "value": [1, 0.5, 0]}, {"value": 0.5}]}, 0),
@@ -196,7 +200,7 @@ def test_slices_bad_input(zoo, tmp_path):
 
 
 SEARCHABLE = ["linear", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "slerp", "nearswap",
-              "multislerp", "nuslerp", "sce"]  # fmt: skip
+              "multislerp", "nuslerp", "sce", "ramplus_tl"]  # fmt: skip
 
 
 @pytest.mark.parametrize("method", SEARCHABLE)
@@ -210,7 +214,7 @@ def test_searched_recipe_exports_to_what_mergekit_rebuilds(zoo, tmp_path, method
     from evomerge.models.architecture import merged_names
     from evomerge.models.checkpoint import Checkpoint
     from evomerge.models.compat import check_compatible
-    from evomerge.report.export import recipe_to_mergekit
+    from evomerge.export import recipe_to_mergekit
     from evomerge.search.space import Space
 
     m = Method(method)
