@@ -21,9 +21,9 @@ from evomerge.files import atomic_write, one_line
 from evomerge.merge.methods import TensorParams, merge_tensor
 from evomerge.merge.recipe import Recipe
 from evomerge.models.architecture import EMBED, HEAD, Family, merged_names
+from evomerge.models.loading import open_models
 from evomerge.report.render import search_fitness
 from evomerge.report.view import ExperimentView
-from evomerge.runtime.worker import open_models
 
 
 @dataclass

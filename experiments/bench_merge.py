@@ -28,10 +28,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 
 from evomerge.device import resolve_device  # noqa: E402
-from evomerge.merge.engine import MergeEngine, load_target  # noqa: E402
+from evomerge.merge.engine import MergeEngine
 from evomerge.merge.methods import Method  # noqa: E402
 from evomerge.merge.recipe import Recipe  # noqa: E402
 from evomerge.models.checkpoint import Checkpoint  # noqa: E402
+from evomerge.models.loading import load_target  # noqa: E402
 
 
 def make_models(root: Path, hidden: int, layers: int, vocab: int) -> list[Path]:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from evomerge.config import load_config
-from evomerge.runtime.worker import Outcome
+from evomerge.runtime.jobs import Outcome
 from evomerge.search.run import Search, open_experiment
 
 REPO = Path(__file__).resolve().parent.parent

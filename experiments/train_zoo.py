@@ -277,10 +277,11 @@ def main() -> None:
 
 
 def default_merge(zoo: Path, method: str, weights, densities):
-    from evomerge.merge.engine import MergeEngine, load_target
+    from evomerge.merge.engine import MergeEngine
     from evomerge.merge.methods import Method
     from evomerge.merge.recipe import Recipe
     from evomerge.models.checkpoint import Checkpoint
+    from evomerge.models.loading import load_target
 
     base, a, b = (Checkpoint.open(zoo / n) for n in ("base", "math-en", "lang-x"))
     target = load_target(base, dtype=torch.float32)

@@ -7,11 +7,12 @@ import psutil
 import pytest
 import torch
 
-from evomerge.merge.engine import MergeEngine, load_target
+from evomerge.merge.engine import MergeEngine
 from evomerge.merge.kernels.trim import keep_count
 from evomerge.merge.methods import Method, merge_tensor
 from evomerge.merge.recipe import GroupParams, Recipe
 from evomerge.models.checkpoint import Checkpoint
+from evomerge.models.loading import load_target
 
 
 def _engine(paths, method, exact=False, compile=False):

@@ -289,7 +289,7 @@ def test_missing_task_data_duplicate_keys_and_eval_options(tmp_path):
 
 
 def test_non_finite_fitness_is_a_failed_candidate():
-    from evomerge.runtime.worker import Outcome
+    from evomerge.runtime.jobs import Outcome
     from evomerge.search.run import _finite
 
     for value in (float("nan"), float("inf"), float("-inf")):
@@ -340,10 +340,11 @@ def test_markup_in_names_and_reasons_is_printed_literally(tmp_path):
 def test_tied_embeddings_export_is_the_model_that_was_scored(tmp_path, stored):
     from transformers import AutoModelForCausalLM
 
-    from evomerge.merge.engine import MergeEngine, load_target
+    from evomerge.merge.engine import MergeEngine
     from evomerge.merge.methods import Method
     from evomerge.merge.recipe import Recipe
     from evomerge.models.checkpoint import Checkpoint
+    from evomerge.models.loading import load_target
     from evomerge.models.synthetic import make_family
 
     base, ft1, ft2 = make_family(tmp_path, "llama", seed=5, layers=2, tie=stored)

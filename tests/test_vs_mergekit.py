@@ -210,11 +210,11 @@ def test_searched_recipe_exports_to_what_mergekit_rebuilds(zoo, tmp_path, method
     import numpy as np
 
     from evomerge.config import SpaceSpec
+    from evomerge.export import recipe_to_mergekit
     from evomerge.merge.methods import Method, merge_tensor
     from evomerge.models.architecture import merged_names
     from evomerge.models.checkpoint import Checkpoint
     from evomerge.models.compat import check_compatible
-    from evomerge.export import recipe_to_mergekit
     from evomerge.search.space import Space
 
     m = Method(method)

@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-from evomerge.errors import UserError, first_line
+from evomerge.errors import UserError
 from evomerge.evaluate.evaluator import SPLITS, EvalResult, Evaluator
 from evomerge.evaluate.spec import EvaluationSpec
 
 
 def load_model_and_tokenizer(ref: str, *, device: str, dtype: str, trust_remote_code: bool = False):
-    from evomerge.merge.engine import load_target
     from evomerge.models.checkpoint import Checkpoint, parse_dtype
+    from evomerge.models.loading import load_target, load_tokenizer
 
     ckpt = Checkpoint.open(ref)
     model = load_target(ckpt, device=device, dtype=parse_dtype(dtype), trust_remote_code=trust_remote_code)
     return model, load_tokenizer(ckpt, trust_remote_code=trust_remote_code)
-
-
-def load_tokenizer(ckpt, *, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(ckpt.path), trust_remote_code=trust_remote_code)
-    except Exception as exc:
-        raise UserError(f"model {ckpt.ref}: cannot load its tokenizer ({first_line(exc, 200)})") from None
 
 
 def evaluate_model(

@@ -170,22 +170,3 @@ def _shares_embeddings(target: torch.nn.Module, family) -> bool:
         name in state and shared in state and state[name].data_ptr() == state[shared].data_ptr()
         for name, shared in family.tied
     )
-
-
-def load_target(
-    ckpt: Checkpoint,
-    *,
-    device: str = "cpu",
-    dtype: torch.dtype | None = None,
-    trust_remote_code: bool = False,
-) -> torch.nn.Module:
-    """The resident model candidates are written into: the first source loaded once, in eval mode."""
-    from transformers import AutoModelForCausalLM
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(ckpt.path), dtype=dtype or "auto", trust_remote_code=trust_remote_code
-        )
-    except Exception as exc:
-        raise UserError(f"model {ckpt.ref}: transformers cannot load it ({first_line(exc)})") from None
-    return model.to(device).eval()

@@ -10,70 +10,12 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
 
 from evomerge.config import ExperimentConfig
-from evomerge.runtime.worker import Outcome
-
-
-@dataclass(frozen=True)
-class Job:
-    """One evaluation: a recipe merged and scored, or a source model scored as it is (a parent), on a
-    split or on some of the search items (`items`: document ids by task)."""
-
-    key: Hashable
-    split: str
-    recipe: dict[str, Any] | None = None
-    source: int | None = None
-    items: dict[str, list[int]] | None = None
-
-
-class JobRunner(Protocol):
-    """What a worker offers an executor."""
-
-    def run(self, job: Job) -> Outcome: ...
-
-
-WorkerFactory = Callable[[], JobRunner]
-
-
-@dataclass
-class Usage:
-    """How busy the workers were: the basis of the utilisation figure that bench_ray.py prints."""
-
-    workers: int
-    busy_seconds: float = 0.0
-    first_submit: float | None = None
-    last_result: float | None = None
-    jobs: int = 0
-
-    @property
-    def wall_seconds(self) -> float:
-        if self.first_submit is None or self.last_result is None:
-            return 0.0
-        return self.last_result - self.first_submit
-
-    @property
-    def utilisation(self) -> float:
-        wall = self.wall_seconds
-        return self.busy_seconds / (self.workers * wall) if wall > 0 else 0.0
-
-
-class Executor(Protocol):
-    capacity: int  # jobs it runs at once: the loop keeps this many submitted
-    usage: Usage
-
-    def submit(self, job: Job) -> None: ...
-
-    def wait(self) -> list[tuple[Job, Outcome]]:
-        """Block until at least one submitted job has finished; return every finished one."""
-        ...
-
-    def close(self) -> None: ...
+from evomerge.runtime.jobs import Executor, Job, JobRunner, Outcome, Usage, WorkerFactory
 
 
 class LocalExecutor:

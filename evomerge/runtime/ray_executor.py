@@ -17,8 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from evomerge.errors import UserError, first_line
-from evomerge.runtime.executor import Job, Usage, WorkerFactory
-from evomerge.runtime.worker import Outcome
+from evomerge.runtime.jobs import Job, Outcome, Usage, WorkerFactory
 
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,35 +17,9 @@ from evomerge.config import ExperimentConfig
 from evomerge.errors import UserError, first_line
 from evomerge.merge.methods import Method
 from evomerge.merge.recipe import Recipe
+from evomerge.runtime.jobs import Outcome
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Outcome:
-    ok: bool
-    fitness: float
-    metrics: dict[str, Any] = field(default_factory=dict)
-    reason: str | None = None
-    merge_seconds: float = 0.0
-    eval_seconds: float = 0.0
-    items: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> {metric, ids, values}
-    item_evals: int = 0  # (task, item) pairs scored: what the evaluation cost
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def open_models(config: ExperimentConfig, config_dir: Path | None):
-    """(base checkpoint or None, source checkpoints, family); headers only. Raises UserError when a
-    model is missing or the models cannot be merged together."""
-    from evomerge.models.checkpoint import Checkpoint
-    from evomerge.models.compat import check_compatible
-
-    base = Checkpoint.open(config.models.base, base_dir=config_dir) if config.models.base else None
-    sources = [Checkpoint.open(ref, base_dir=config_dir) for ref in config.models.sources]
-    family = check_compatible(([base] if base else []) + sources)
-    return base, sources, family
 
 
 def build_worker(config: ExperimentConfig | dict, config_dir: str | Path | None, manager=None):
@@ -71,9 +44,9 @@ class Worker(_Runs):
     def __init__(self, config: ExperimentConfig, config_dir: Path | None, manager=None) -> None:
         from evomerge.device import resolve_device
         from evomerge.evaluate.evaluator import Evaluator
-        from evomerge.evaluate.run import load_tokenizer
-        from evomerge.merge.engine import MergeEngine, load_target
+        from evomerge.merge.engine import MergeEngine
         from evomerge.models.checkpoint import parse_dtype
+        from evomerge.models.loading import load_target, load_tokenizer, open_models
 
         device, dtype = resolve_device(config.runtime.device), parse_dtype(config.runtime.dtype)
         self.base, self.sources, _ = open_models(config, config_dir)
@@ -124,9 +97,8 @@ class DfsWorker(_Runs):
     def __init__(self, config: ExperimentConfig, config_dir: Path | None, manager=None) -> None:
         from evomerge.device import resolve_device
         from evomerge.evaluate.evaluator import Evaluator
-        from evomerge.evaluate.run import load_tokenizer
-        from evomerge.merge.engine import load_target
         from evomerge.models.checkpoint import parse_dtype
+        from evomerge.models.loading import load_target, load_tokenizer, open_models
 
         started = time.perf_counter()
         device, dtype = resolve_device(config.runtime.device), parse_dtype(config.runtime.dtype)

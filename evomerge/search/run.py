@@ -28,8 +28,8 @@ from evomerge.errors import UserError
 from evomerge.files import EXPERIMENT, LOCK, STAGED, DirectoryLock, check_deletable, marked_as, open_append
 from evomerge.merge.methods import Method
 from evomerge.merge.recipe import Recipe
-from evomerge.runtime.executor import Executor, Job, WorkerFactory, make_executor
-from evomerge.runtime.worker import Outcome
+from evomerge.runtime.executor import make_executor
+from evomerge.runtime.jobs import Executor, Job, Outcome, WorkerFactory
 from evomerge.search.dfs_space import DfsSpace
 from evomerge.search.fidelity import Anchors, ItemPlan
 from evomerge.search.optimizers import Optimizer, make_optimizer, round_size
@@ -167,7 +167,7 @@ class Search:
         worker_factory: WorkerFactory | None = None,
     ) -> None:
         from evomerge.evaluate.tasks import task_manager
-        from evomerge.runtime.worker import open_models
+        from evomerge.models.loading import open_models
 
         self.config, self.config_dir, self.store, self.reporter = config, config_dir, store, reporter
         self.budget = config.optimizer.budget
@@ -827,8 +827,8 @@ def _check_new_target(out: Path, staged: bool) -> None:
 
 def _run_stages(config: ExperimentConfig, config_dir: Path, out: Path, run: _Run) -> list[SearchResult]:
     """Each stage is an experiment in `out/<stage>`; `previous` is the prior stage's best, exported once."""
-    from evomerge.files import remove_marked
     from evomerge.export import export_candidate
+    from evomerge.files import remove_marked
 
     stage_dirs = [p for p in out.iterdir() if p.is_dir() and ExperimentStore.exists(p)]
     if run.fresh and stage_dirs:
