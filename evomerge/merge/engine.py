@@ -26,7 +26,6 @@ from evomerge.models.checkpoint import Checkpoint
 from evomerge.models.compat import check_compatible
 
 log = logging.getLogger(__name__)
-F32 = torch.float32
 _AUTO_COMPILE_BYTES = 64 * 1024**2
 
 
@@ -106,7 +105,6 @@ class MergeEngine:
             compile = self.device.type == "cuda" or self.resident_bytes >= _AUTO_COMPILE_BYTES
         self.kernels = _Kernels(bool(compile))
         self.state: dict[str, Any] = {}
-        self.slerp_dots: dict[str, float] = {}
         if not exact:
             self._precompute()
         self.load_seconds = time.perf_counter() - started
@@ -136,7 +134,7 @@ class MergeEngine:
         for name in self.names:
             models = [src[name] for src in self.inputs]
             self.state[name] = prepare(
-                name, self.base[name] if self.base else None, models, not self.kernels.compile
+                name, self.base[name] if self.base else None, models, self.kernels.eager
             )
 
     @torch.no_grad()

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from evomerge.errors import UserError
 from evomerge.merge.methods import Method, TensorParams
 from evomerge.models.architecture import Family
 
@@ -72,18 +73,15 @@ class Recipe:
         return {k: v for k, v in given.items() if v is not None and spec.param(k) is not None}
 
     def tensor_params(self, names: Iterable[str], family: Family) -> dict[str, TensorParams]:
-        spec, shared, count = self.method.spec, self.shared(), None
+        spec, shared = self.method.spec, self.shared()
         out, by_group = {}, {}
         for name in names:
             group = family.group(name, self.split)
             if group not in self.groups:
-                from evomerge.errors import UserError
-
                 raise UserError(f"recipe has no parameters for group {group} (tensor {name})")
             if group not in by_group:
                 values = {**self.groups[group].values, **shared}
-                count = len(values.get("weight", ())) or _count(values)
-                by_group[group] = spec.tensor_params(values, count, f"group {group}", self.seed)
+                by_group[group] = spec.tensor_params(values, _count(values), f"group {group}", self.seed)
             out[name] = by_group[group]
         return out
 

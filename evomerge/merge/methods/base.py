@@ -97,10 +97,6 @@ class MergeMethod:
     check: Callable[[TensorParams, str], None] | None = None  # constraints between parameters
     repair: Callable[[dict[str, Any]], dict[str, Any]] | None = None  # a searched group made valid
 
-    @property
-    def value(self) -> str:
-        return self.name
-
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
 
@@ -138,11 +134,6 @@ class MergeMethod:
         if self.check is not None:
             self.check(params, where)
         return params
-
-    def merge(
-        self, name: str, base: torch.Tensor | None, models: Sequence[torch.Tensor], params: TensorParams
-    ) -> torch.Tensor:
-        return self.exact(name, base, models, params)
 
 
 def dare_keys(seed: int, tensor: str, count: int) -> list[int]:
