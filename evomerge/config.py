@@ -110,8 +110,9 @@ class _SpaceBase(_Strict):
     t: UnitBounds = UnitBounds()
 
     def range(self, param) -> tuple[float, float]:
-        """The gene range of a method parameter: the config's `space.<name>`, else the method's default."""
-        given = getattr(self, param.name, None)
+        """The gene range of a method parameter: the config's `space.<name>` when given, else the method's
+        default (SpaceSpec's own defaults for weight, density and t stand for the methods that had them)."""
+        given = getattr(self, param.name) if param.name in self.model_fields_set else None
         return param.gene if given is None else (given.min, given.max)
 
 
@@ -274,7 +275,7 @@ class ExperimentConfig(_Strict):
         for key in ("merge", "space", "dfs", "optimizer"):
             value = getattr(stage, key)
             if value is not None:
-                data[key] = value.model_dump(mode="json")
+                data[key] = value.model_dump(mode="json", exclude_unset=True)
         data["name"] = f"{self.name or 'experiment'}/{stage.name}"
         data["output"] = {"dir": str(Path(self.output.dir) / stage.name)}
         try:

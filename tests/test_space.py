@@ -53,3 +53,14 @@ def test_codec_layout_and_defaults():
     assert out.groups["head"].weights == (2.0, 2.0)
     no_embed = Space(SpaceSpec(embeddings=False), Method.dare_ties, 2, num_layers=4)
     assert no_embed.decode(no_embed.start()).groups["embed"] == default_params(Method.dare_ties, 2)
+
+
+def test_gene_ranges_are_the_methods_unless_the_config_sets_them():
+    """nearswap's t is a distance (default range [0, 0.001]), not slerp's [0, 1] fraction; weight and
+    density keep SpaceSpec's ranges, which equal the methods' own."""
+    t_range = lambda spec: next(g for g in Space(spec, Method.nearswap, 1, num_layers=2).genes if g.kind == "t")  # noqa: E731
+    assert (t_range(SpaceSpec()).low, t_range(SpaceSpec()).high) == (0.0, 0.001)
+    chosen = t_range(SpaceSpec(t={"min": 0.0, "max": 0.5}))
+    assert (chosen.low, chosen.high) == (0.0, 0.5)
+    ties = Space(SpaceSpec(), Method.ties, 2, num_layers=2)
+    assert {(g.kind, g.low, g.high) for g in ties.genes} == {("weight", 0.0, 1.0), ("density", 0.1, 1.0)}
