@@ -86,12 +86,6 @@ class SlicePlan:
                 seen.setdefault(s.model, None)
         return list(seen)
 
-    @property
-    def num_layers(self) -> int:
-        return sum(
-            p.sources[0].layer_range[1] - p.sources[0].layer_range[0] for p in self.config.slices or []
-        )
-
     def layer_sources(self) -> list[tuple[str, int]]:
         """For each output layer, the (model, layer) of its slice's first source (config lists follow it)."""
         out = []
