@@ -116,9 +116,9 @@ def search(
     workers: int | None = typer.Option(None, help="Override runtime.ray.workers (with the ray executor)."),
 ) -> None:
     """Evolve merge recipes; resumes the experiment when its directory exists."""
+    from evomerge.experiment import run_search
     from evomerge.progress import SearchReporter
     from evomerge.report.view import ExperimentView
-    from evomerge.search.run import run_search
 
     if budget is not None and budget < 1:
         raise UserError("--budget must be at least 1")

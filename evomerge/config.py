@@ -223,12 +223,21 @@ class RuntimeSpec(_Strict):
     device: str = Field(
         "auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$", description="auto, cpu, cuda or cuda:N"
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="how models are held: auto = as the checkpoints store them (float32 when they differ, "
+        "and for float16 on a CPU); merge math is float32 whatever this is",
+    )
     executor: Literal["local", "ray"] = Field(
         "local", description="local: one worker in this process; ray: actors on this machine or a cluster"
     )
     ray: RaySpec = RaySpec()
     compile: Literal["auto", "on", "off"] = "auto"
+    overlap_merge: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="merge the next candidate into a second copy of the target while the current one is "
+        "scored; auto: when the target is at most 1 GiB (there a merge is a visible share of a candidate)",
+    )
     stop_after_failures: int = Field(
         5, ge=1, description="stop when the first this-many candidates all fail (a broken setup)"
     )

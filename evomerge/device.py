@@ -15,3 +15,11 @@ def resolve_device(name: str = "auto") -> str:
     if not (name == "cpu" or name.startswith("cuda")):
         raise UserError(f"device must be auto, cpu or cuda[:N], got {name!r}")
     return name
+
+
+def dtype_device(name: str = "auto") -> str:
+    """The device kind `runtime.dtype: auto` chooses for, without failing where CUDA is missing (validate
+    may run on another machine than the search): the named one, else cuda when present."""
+    if name != "auto":
+        return name
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -19,7 +19,7 @@ from evomerge.config import ExperimentConfig
 from evomerge.errors import UserError
 from evomerge.files import atomic_write, one_line
 from evomerge.merge.methods import TensorParams, merge_tensor
-from evomerge.merge.recipe import Recipe
+from evomerge.merge.recipe import PathRecipe, Recipe, parse_recipe
 from evomerge.models.architecture import EMBED, HEAD, Family, merged_names
 from evomerge.models.loading import open_models
 from evomerge.report.render import search_fitness
@@ -117,9 +117,9 @@ def export_candidate(
     if not 1 <= rank <= len(ranked):
         raise UserError(f"--rank {rank}: {exp_dir} has {len(ranked)} successful candidates")
     candidate = ranked[rank - 1]
-    if candidate.recipe.get("kind") == "dfs":
-        return _export_path(view, candidate, rank, out_dir, force, keep)
-    recipe = Recipe.from_dict(candidate.recipe)
+    recipe = parse_recipe(candidate.recipe)
+    if isinstance(recipe, PathRecipe):
+        return _export_path(view, candidate, recipe, rank, out_dir, force, keep)
     base, sources, family = open_models(ExperimentConfig.model_validate(view.config), view.config_dir)
     first = base or sources[0]
     names = merged_names(list(first.tensors), family, tied := first.ties_embeddings(family))
@@ -159,7 +159,13 @@ HOP_SCALES = "evomerge_hop_scales"
 
 
 def _export_path(
-    view: ExperimentView, candidate, rank: int, out_dir: Path, force: bool, keep: tuple[Path, ...]
+    view: ExperimentView,
+    candidate,
+    recipe: PathRecipe,
+    rank: int,
+    out_dir: Path,
+    force: bool,
+    keep: tuple[Path, ...],
 ) -> ExportSummary:
     """A DFS winner as a standard model of A's architecture with one layer per hop (copied from its source).
     A hop's input scale cannot be folded exactly into standard weights (the residual stream carries it
@@ -171,7 +177,7 @@ def _export_path(
     _, sources, family = open_models(ExperimentConfig.model_validate(view.config), view.config_dir)
     a = sources[0]
     dtype = parse_dtype(view.config.get("runtime", {}).get("dtype", "float32"))
-    path, scales = [tuple(slot) for slot in candidate.recipe["path"]], candidate.recipe["scales"]
+    path, scales = recipe.path, recipe.scales
     config = dict(a.config)
     config["num_hidden_layers"] = len(path)
     if config.get("layer_types"):
@@ -195,11 +201,11 @@ def _export_path(
         writer.finish()
         write_config(stage, config, dtype)
         copy_tokenizer(a.path, stage)
-        atomic_write(stage / "README.md", _path_card(view, candidate, rank))
+        atomic_write(stage / "README.md", _path_card(view, candidate, recipe, rank))
     return ExportSummary(out_dir, candidate.id, rank, count)
 
 
-def _path_card(view: ExperimentView, candidate, rank: int) -> str:
+def _path_card(view: ExperimentView, candidate, recipe: PathRecipe, rank: int) -> str:
     names = view.sources
     lines = [
         f"# {one_line(view.name)}: evolved data-flow merge (candidate {candidate.id}, rank {rank})",
@@ -216,9 +222,7 @@ def _path_card(view: ExperimentView, candidate, rank: int) -> str:
         "| hop | source | layer | scale |",
         "|---:|---|---:|---:|",
     ]
-    for hop, ((s, layer), scale) in enumerate(
-        zip(candidate.recipe["path"], candidate.recipe["scales"], strict=True)
-    ):
+    for hop, ((s, layer), scale) in enumerate(zip(recipe.path, recipe.scales, strict=True)):
         lines.append(f"| {hop} | {names[s]} | {layer} | {scale:.4f} |")
     return "\n".join(lines) + "\n"
 

@@ -22,6 +22,7 @@ class Validation:
     config: ExperimentConfig
     lines: list[str] = field(default_factory=list)
     unchecked: list[str] = field(default_factory=list)
+    dtype: str | None = None  # runtime.dtype, `auto` resolved when every model was opened
 
 
 def validate_config(path: str | Path) -> Validation:
@@ -71,6 +72,7 @@ def check_config(config: ExperimentConfig, config_dir: Path, *, resolve: bool) -
             report.lines.append(
                 "compatibility between local and hub models is checked when the search starts"
             )
+    report.lines.append(_dtype_line(config, local, len(local) == len(refs), report))
     if resolve and config.runtime.executor == "local":  # validate may run on another machine than the search
         from evomerge.device import resolve_device
 
@@ -101,6 +103,20 @@ def check_config(config: ExperimentConfig, config_dir: Path, *, resolve: bool) -
     if not config.stages:
         report.lines.append("search: " + _search_line(config, num_layers))
     return report
+
+
+def _dtype_line(config: ExperimentConfig, local: list, all_local: bool, report: Validation) -> str:
+    from evomerge.device import dtype_device
+    from evomerge.models.checkpoint import auto_dtype
+
+    report.dtype = config.runtime.dtype
+    if report.dtype != "auto":
+        return f"dtype: {report.dtype} (runtime.dtype; merge math in float32)"
+    if not all_local:
+        return "dtype: auto (chosen from the checkpoints' headers when the search starts)"
+    report.dtype = auto_dtype(local, dtype_device(config.runtime.device))
+    stored = ", ".join(sorted({str(c.stored_dtype) for c in local}))
+    return f"dtype: {report.dtype} (auto; the checkpoints store {stored}; merge math in float32)"
 
 
 def _check_fidelity(config: ExperimentConfig, task_dict: dict, splits: dict) -> None:

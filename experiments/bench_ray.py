@@ -29,8 +29,9 @@ from pathlib import Path
 import numpy as np
 
 from evomerge.config import load_config
+from evomerge.experiment import open_experiment
 from evomerge.runtime.jobs import Outcome
-from evomerge.search.run import Search, open_experiment
+from evomerge.search.run import Search
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -41,7 +42,7 @@ class SimulatedWorker:
     def __init__(self, mean: float, sigma: float) -> None:
         self.mean, self.sigma = mean, sigma
 
-    def run(self, job) -> Outcome:
+    def run(self, job, upcoming=None) -> Outcome:
         digest = hashlib.blake2b(repr(job.key).encode(), digest_size=8).digest()
         rng = np.random.default_rng(int.from_bytes(digest, "little"))
         seconds = self.mean * math.exp(self.sigma * rng.standard_normal() - self.sigma**2 / 2)

@@ -155,7 +155,7 @@ def test_dfs_genome_layout_and_start():
         space.slots[:7] == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2)]
         and space.slots[7:] == space.slots[:7]
     )
-    start = space.decode(space.start())
+    start = space.decode(space.start()).to_dict()
     assert start == {"kind": "dfs", "path": [[0, 0], [0, 1], [0, 2], [0, 3]], "scales": [1.0, 1.0, 1.0, 1.0]}
 
 
@@ -165,12 +165,16 @@ def test_dfs_genome_indicators_scales_ends_and_lengths():
     for k, value in ((5, 0.9), (8, 0.6), (12, 0.7)):  # B.1, then A.1 and B.1 of the second repeat
         x[k] = value
     x[space.t + 5], x[space.t + 8], x[space.t + 12] = 0.25, 1.0, 0.5
-    assert space.decode(x) == {"kind": "dfs", "path": [[1, 1], [0, 1], [1, 1]], "scales": [0.5, 2.0, 1.0]}
-    ends = _space(repeats=2, keep_ends=True).decode(x)["path"]
+    assert space.decode(x).to_dict() == {
+        "kind": "dfs",
+        "path": [[1, 1], [0, 1], [1, 1]],
+        "scales": [0.5, 2.0, 1.0],
+    }
+    ends = _space(repeats=2, keep_ends=True).decode(x).to_dict()["path"]
     assert ends[0] == [0, 0] and ends[-1] == [0, 3] and ends[1:-1] == [[1, 1], [0, 1], [1, 1]]
-    short = _space(repeats=2, keep_ends=False, max_layers=2).decode(x)["path"]
+    short = _space(repeats=2, keep_ends=False, max_layers=2).decode(x).to_dict()["path"]
     assert short == [[1, 1], [1, 1]]  # the two strongest indicators, in path order
-    padded = _space(repeats=2, keep_ends=False, min_layers=4).decode(x)["path"]
+    padded = _space(repeats=2, keep_ends=False, min_layers=4).decode(x).to_dict()["path"]
     assert len(padded) == 4
 
 
@@ -180,7 +184,7 @@ def test_dfs_matrix_scales_are_indexed_by_previous_and_current_layer():
     x = [0.0] * space.size
     x[0] = x[5] = 0.9  # A.0 then B.1 (global layer indices 0 and 5)
     x[7 + 0 * 7 + 5] = 0.75  # W[0, 5]
-    assert space.decode(x)["scales"] == [1.0, 1.5]
+    assert space.decode(x).to_dict()["scales"] == [1.0, 1.5]
 
 
 # -- a real DFS search ------------------------------------------------------------------------------
@@ -246,9 +250,7 @@ def test_stage_config_errors():
         parse_config({**base, "stages": [{"name": "a"}, {"name": "a"}]})
     with pytest.raises(UserError, match=r"stages\[1\]\.dfs\.repeats: Input should be greater"):
         parse_config({**base, "stages": [{"name": "a"}, {"name": "b", "dfs": {"repeats": 0}}]})
-    with pytest.raises(
-        UserError, match=r"stages\[1\] \(b\): .*slerp merges models.base with exactly one"
-    ):
+    with pytest.raises(UserError, match=r"stages\[1\] \(b\): .*slerp merges models.base with exactly one"):
         parse_config({**base, "stages": [{"name": "a"}, {"name": "b", "merge": {"method": "slerp"}}]})
 
 

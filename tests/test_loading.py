@@ -1,9 +1,11 @@
 """Model loading: sharded safetensors, pickle refusal/opt-in, compatibility errors."""
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO
 
 from evomerge.errors import UserError
 from evomerge.models.checkpoint import Checkpoint
@@ -83,3 +85,51 @@ def test_vocab_mismatch_explains_fix(tmp_path, zoo):
     model.save_pretrained(tmp_path / "bigvocab")
     with pytest.raises(UserError, match=r"vocabulary sizes differ.*resize_token_embeddings\(80\)"):
         check_compatible([Checkpoint.open(zoo["llama"][0]), Checkpoint.open(tmp_path / "bigvocab")])
+
+
+def _stored_as(src: Path, dst: Path, dtype: torch.dtype) -> Path:
+    """A copy of a zoo model with its weights stored in `dtype` (as a hub bf16 checkpoint would be)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    save_file(
+        {k: v.to(dtype) for k, v in load_file(src / "model.safetensors").items()}, dst / "model.safetensors"
+    )
+    config = json.loads((src / "config.json").read_text())
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+def test_auto_dtype_rules():
+    from evomerge.models.checkpoint import auto_dtype
+
+    zoo = [Checkpoint.open(REPO / "zoo" / n) for n in ("base", "math-en", "lang-x")]
+    assert {c.stored_dtype for c in zoo} == {"float16"}
+    assert auto_dtype(zoo, "cuda") == "float16" and auto_dtype(zoo, "cuda:1") == "float16"
+    assert auto_dtype(zoo, "cpu") == "float32"  # no fast float16 arithmetic on a CPU
+
+
+def test_auto_dtype_chosen_from_headers_printed_and_journaled(tmp_path):
+    """bfloat16 checkpoints: validate says so, the search holds the models in bfloat16 and journals the
+    choice; one float32 model among them makes it float32."""
+    import json
+    import sqlite3
+
+    from helpers import cli, smoke
+
+    zoo = REPO / "zoo"
+    models = [str(_stored_as(zoo / n, tmp_path / n, torch.bfloat16)) for n in ("base", "math-en", "lang-x")]
+    cfg = smoke(tmp_path, **{"models.base": models[0], "models.sources": models[1:], "optimizer.budget": 6})
+    checked = cli("validate", cfg)
+    assert (
+        checked.returncode == 0 and "dtype: bfloat16 (auto; the checkpoints store bfloat16" in checked.stdout
+    )
+    assert cli("search", cfg).returncode == 0
+    db = sqlite3.connect(tmp_path / "exp" / "experiment.sqlite")
+    config = json.loads(db.execute("SELECT value FROM meta WHERE key='config'").fetchone()[0])
+    assert config["runtime"]["dtype"] == "bfloat16"
+    mixed = smoke(tmp_path, **{"models.base": str(zoo / "base"), "models.sources": models[1:]})
+    assert "dtype: float32 (auto; the checkpoints store bfloat16, float16" in cli("validate", mixed).stdout

@@ -59,7 +59,7 @@ def _search(cfg: Path, *args) -> subprocess.Popen:
 
 
 def test_ray_two_workers_journal_equals_local(tmp_path, cluster, local_run):
-    from evomerge.search.run import run_search
+    from evomerge.experiment import run_search
 
     cfg = smoke(tmp_path, **{"runtime.executor": "ray", "runtime.ray.workers": 2})
     (result,) = run_search(cfg)
@@ -85,7 +85,7 @@ def _scores(exp: Path):
 def test_ray_equals_local_in_every_fidelity_mode(tmp_path, cluster, fidelity_runs, mode):
     """What a job scores is a function of the journal, never of which worker finished first: the same
     candidates, estimates, re-scores, anchor evidence and racing rungs on two Ray workers as locally."""
-    from evomerge.search.run import run_search
+    from evomerge.experiment import run_search
 
     _, local, _ = fidelity_runs(mode)
     cfg = smoke(

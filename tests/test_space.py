@@ -58,9 +58,27 @@ def test_codec_layout_and_defaults():
 def test_gene_ranges_are_the_methods_unless_the_config_sets_them():
     """nearswap's t is a distance (default range [0, 0.001]), not slerp's [0, 1] fraction; weight and
     density keep SpaceSpec's ranges, which equal the methods' own."""
-    t_range = lambda spec: next(g for g in Space(spec, Method.nearswap, 1, num_layers=2).genes if g.kind == "t")  # noqa: E731
+    t_range = lambda spec: next(
+        g for g in Space(spec, Method.nearswap, 1, num_layers=2).genes if g.kind == "t"
+    )  # noqa: E731
     assert (t_range(SpaceSpec()).low, t_range(SpaceSpec()).high) == (0.0, 0.001)
     chosen = t_range(SpaceSpec(t={"min": 0.0, "max": 0.5}))
     assert (chosen.low, chosen.high) == (0.0, 0.5)
     ties = Space(SpaceSpec(), Method.ties, 2, num_layers=2)
     assert {(g.kind, g.low, g.high) for g in ties.genes} == {("weight", 0.0, 1.0), ("density", 0.1, 1.0)}
+
+
+def test_stored_recipes_parse_to_what_they_are():
+    """A journaled recipe (JSON) comes back as its type: parameter-space or data-flow."""
+    import json
+
+    from evomerge.merge.recipe import PathRecipe, Recipe, parse_recipe
+
+    ps = Recipe.uniform(
+        Method.ties, ["embed", "layers.0-1"], weights=(0.5, 0.7), densities=(0.3, 0.9), seed=7
+    )
+    assert parse_recipe(json.loads(json.dumps(ps.to_dict()))) == ps
+    path = PathRecipe(((0, 0), (1, 2), (0, 3)), (1.0, 0.5, 1.25))
+    assert parse_recipe(json.loads(json.dumps(path.to_dict()))) == path
+    with pytest.raises(UserError, match="2 layers but 1 scales"):
+        parse_recipe({"kind": "dfs", "path": [[0, 0], [0, 1]], "scales": [1.0]})

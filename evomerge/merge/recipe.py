@@ -118,6 +118,33 @@ class Recipe:
                    data.get("rescale"), data.get("seed", 0))  # fmt: skip
 
 
+@dataclass(frozen=True)
+class PathRecipe:
+    """A data-flow candidate: the layers a token passes through, as (model, layer) slots in order, and the
+    scale applied to the hidden state at each hop. Journaled with `"kind": "dfs"`, which is how a stored
+    recipe says it is one (parameter-space recipes have no kind)."""
+
+    path: tuple[tuple[int, int], ...]
+    scales: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.path) != len(self.scales):
+            raise UserError(f"data-flow recipe: {len(self.path)} layers but {len(self.scales)} scales")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "dfs", "path": [list(slot) for slot in self.path], "scales": list(self.scales)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PathRecipe:
+        path = tuple((int(model), int(layer)) for model, layer in data["path"])
+        return cls(path, tuple(float(s) for s in data["scales"]))
+
+
+def parse_recipe(data: dict[str, Any]) -> Recipe | PathRecipe:
+    """A journaled recipe as what it is: the one place that reads a stored recipe's kind."""
+    return PathRecipe.from_dict(data) if data.get("kind") == "dfs" else Recipe.from_dict(data)
+
+
 def _count(values: Mapping[str, Any]) -> int:
     """How many merged models a group's values speak for (slerp's t alone: one)."""
     return next((len(v) for v in values.values() if isinstance(v, tuple)), 1)

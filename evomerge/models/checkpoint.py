@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,12 +28,27 @@ _PT_INDEX = "pytorch_model.bin.index.json"
 _PT_SINGLE = "pytorch_model.bin"
 
 
+_STORED = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", **{n: n for n in DTYPES}}
+
+
 def parse_dtype(name: str | None) -> torch.dtype | None:
-    if name is None:
+    """The torch dtype of a config's dtype name; None (keep what is stored) for None and `auto`."""
+    if name is None or name == "auto":
         return None
     if name not in DTYPES:
         raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
     return DTYPES[name]
+
+
+def auto_dtype(checkpoints: list[Checkpoint], device: str) -> str:
+    """`runtime.dtype: auto`: the models' stored dtype (bfloat16 for most hub models), float32 when they
+    differ (no model loses precision) or store none, and float32 for float16 weights on a CPU (CPUs have no
+    fast float16 arithmetic). The merge kernels compute in float32 whatever this is."""
+    stored = {c.stored_dtype for c in checkpoints}
+    if len(stored) != 1 or None in stored:
+        return "float32"
+    (name,) = stored
+    return "float32" if name == "float16" and not device.startswith("cuda") else name
 
 
 @dataclass
@@ -80,6 +96,16 @@ class Checkpoint:
         if not tensors:
             raise UserError(f"model {ref}: checkpoint holds no tensors")
         return ckpt
+
+    @property
+    def stored_dtype(self) -> str | None:
+        """The floating dtype holding most of the weights (float32, bfloat16 or float16), from the headers."""
+        counts: dict[str, int] = {}
+        for info in self.tensors.values():
+            name = _STORED.get(info.dtype)
+            if name is not None:
+                counts[name] = counts.get(name, 0) + math.prod(info.shape)
+        return max(counts, key=counts.get) if counts else None
 
     @property
     def model_type(self) -> str | None:

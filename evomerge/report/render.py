@@ -46,12 +46,13 @@ def recipe_plot(view: ExperimentView) -> bytes | None:
     best = view.best
     if best is None:
         return None
-    plt = _pyplot()
-    if best.recipe.get("kind") == "dfs":
-        return _path_plot(plt, view, best)
-    from evomerge.merge.recipe import Recipe
+    from evomerge.merge.recipe import PathRecipe, parse_recipe
 
-    groups = Recipe.from_dict(best.recipe).groups  # old journals' spellings read as today's
+    plt = _pyplot()
+    recipe = parse_recipe(best.recipe)  # old journals' spellings read as today's
+    if isinstance(recipe, PathRecipe):
+        return _path_plot(plt, view, best.id, recipe)
+    groups = recipe.groups
     names = list(groups)
     sample = groups[names[0]].values
     columns = []  # (label, parameter, source index or None)
@@ -78,9 +79,9 @@ def recipe_plot(view: ExperimentView) -> bytes | None:
     return _png(fig)
 
 
-def _path_plot(plt, view: ExperimentView, best) -> bytes:
+def _path_plot(plt, view: ExperimentView, candidate_id: int, recipe) -> bytes:
     """A DFS path as a strip: one cell per hop, coloured by source, labelled with layer and scale."""
-    path, scales = best.recipe["path"], best.recipe["scales"]
+    path, scales = recipe.path, recipe.scales
     fig, ax = plt.subplots(figsize=(min(2 + 0.55 * len(path), 16), 1.9), dpi=110)
     for hop, ((source, layer), scale) in enumerate(zip(path, scales, strict=True)):
         ax.add_patch(
@@ -95,7 +96,7 @@ def _path_plot(plt, view: ExperimentView, best) -> bytes:
     names = view.sources
     handles = [plt.Rectangle((0, 0), 1, 1, color=f"C{i}") for i in range(len(names))]
     ax.legend(handles, names, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)
-    ax.set_title(f"best path (candidate {best.id}): source, layer, scale", fontsize=9)
+    ax.set_title(f"best path (candidate {candidate_id}): source, layer, scale", fontsize=9)
     return _png(fig)
 
 
@@ -137,7 +138,9 @@ def summary_rows(view: ExperimentView) -> list[tuple[str, str]]:
     ]  # fmt: skip
     if view.item_evals:
         cost = view.full_cost
-        saved = f" ({cost * len(view.candidates) / view.item_evals:.1f}x fewer than full fitness)" if cost else ""
+        saved = (
+            f" ({cost * len(view.candidates) / view.item_evals:.1f}x fewer than full fitness)" if cost else ""
+        )
         rows.append(("item-evaluations", f"{view.item_evals:,}{saved}"))
     rows += [
         ("wall time", f"{view.wall_seconds / 60:.1f} min"),
@@ -177,7 +180,15 @@ def paired_rows(view: ExperimentView) -> tuple[list[str], list[list[str]]]:
     per task, the items only one of the two gets right (metrics valued 0/1; otherwise the items where one
     scores higher), the mean gain, and a paired bootstrap 95% interval of it (items resampled together,
     seeded); a last row per comparison does the same for the weighted fitness."""
-    header = ["comparison", "task", "items", "only winner better", "only other better", "gain", "95% interval"]
+    header = [
+        "comparison",
+        "task",
+        "items",
+        "only winner better",
+        "only other better",
+        "gain",
+        "95% interval",
+    ]
     evolved = next((f for f in view.finals if f.kind == "evolved" and f.status == "ok"), None)
     rows: list[list[str]] = []
     if evolved is None:
@@ -198,13 +209,25 @@ def paired_rows(view: ExperimentView) -> tuple[list[str], list[list[str]]]:
             better = f"{int((diff > 0).sum())}" + (" right" if binary else "")
             worse = f"{int((diff < 0).sum())}" + (" right" if binary else "")
             low, high = _bootstrap([diff], [1.0])
-            rows.append([label, task, str(len(diff)), better, worse, f"{diff.mean():+.4f}", f"[{low:+.4f}, {high:+.4f}]"])
+            rows.append(
+                [
+                    label,
+                    task,
+                    str(len(diff)),
+                    better,
+                    worse,
+                    f"{diff.mean():+.4f}",
+                    f"[{low:+.4f}, {high:+.4f}]",
+                ]
+            )
             diffs.append(diff)
             weights.append(view.weights.get(task, 1.0))
         if len(diffs) > 1:
             low, high = _bootstrap(diffs, weights)
             gain = sum(w * d.mean() for w, d in zip(weights, diffs, strict=True))
-            rows.append([label, "fitness (weighted)", "", "", "", f"{gain:+.4f}", f"[{low:+.4f}, {high:+.4f}]"])
+            rows.append(
+                [label, "fitness (weighted)", "", "", "", f"{gain:+.4f}", f"[{low:+.4f}, {high:+.4f}]"]
+            )
     return header, rows
 
 
@@ -283,7 +306,9 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 
 def _html_table(header: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(one_line(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(one_line(c))}</td>" for c in row) + "</tr>" for row in rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(one_line(c))}</td>" for c in row) + "</tr>" for row in rows
+    )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -301,7 +326,9 @@ def write_report(view: ExperimentView, out: Path, cross: list[ExperimentView] | 
         sections.append(("Held-out split: finalists, parents and default merges", *heldout_rows(view)))
         header, rows = paired_rows(view)
         if rows:
-            sections.append(("Held-out split, item by item: the winner against the best parent and default", header, rows))
+            sections.append(
+                ("Held-out split, item by item: the winner against the best parent and default", header, rows)
+            )
     sections.append((f"Top {TOP} candidates (search split)", *top_rows(view)))
     if view.failures:
         sections.append(

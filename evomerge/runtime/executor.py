@@ -20,9 +20,10 @@ from evomerge.runtime.jobs import Executor, Job, JobRunner, Outcome, Usage, Work
 
 class LocalExecutor:
     """One worker in this process, built on first use (a finished experiment reopened to print its
-    results loads no model); jobs run one at a time in submission order."""
+    results loads no model); jobs run one at a time in submission order. It takes one job more than it
+    runs, so that the worker can prepare the next one (merge it) while the current one is scored."""
 
-    capacity = 1
+    capacity = 2
 
     def __init__(self, factory: WorkerFactory, on_load: Callable[[], None] | None = None) -> None:
         self.factory, self.on_load = factory, on_load
@@ -43,7 +44,7 @@ class LocalExecutor:
             self.usage.first_submit = time.perf_counter()  # loading is not idleness
         job = self.queue.popleft()
         started = time.perf_counter()
-        outcome = self.worker.run(job)
+        outcome = self.worker.run(job, self.queue[0] if self.queue else None)
         self.usage.last_result = time.perf_counter()
         self.usage.busy_seconds += self.usage.last_result - started
         self.usage.jobs += 1

@@ -14,6 +14,7 @@ import numpy as np
 
 from evomerge.config import DfsSpec
 from evomerge.errors import UserError
+from evomerge.merge.recipe import PathRecipe
 
 INCLUDE = 0.5
 A_PATH_START = 0.75  # indicator start for model A's own layers (others start at 0.25): with sigma0 1/6,
@@ -51,7 +52,7 @@ class DfsSpace:
             x[self.t :] = (1.0 - lo) / (hi - lo)  # scales start at 1
         return x
 
-    def decode(self, genome, **_: Any) -> dict[str, Any]:
+    def decode(self, genome, **_: Any) -> PathRecipe:
         x = np.clip(np.asarray(genome, dtype=float), 0.0, 1.0)
         if x.shape != (self.size,):
             raise ValueError(f"genome has {x.shape} genes, space has {self.size}")
@@ -82,4 +83,4 @@ class DfsSpace:
                 hops.insert(0, (first, 1.0))
             if hops[-1][0] != last:
                 hops.append((last, 1.0))
-        return {"kind": "dfs", "path": [list(slot) for slot, _ in hops], "scales": [s for _, s in hops]}
+        return PathRecipe(tuple(slot for slot, _ in hops), tuple(s for _, s in hops))

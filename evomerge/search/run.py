@@ -12,7 +12,6 @@ data.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import time
@@ -21,11 +20,9 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-import yaml
 
-from evomerge.config import ExperimentConfig, describe_changes, load_config, source_labels
+from evomerge.config import ExperimentConfig, source_labels
 from evomerge.errors import UserError
-from evomerge.files import EXPERIMENT, LOCK, STAGED, DirectoryLock, check_deletable, marked_as, open_append
 from evomerge.merge.methods import Method
 from evomerge.merge.recipe import Recipe
 from evomerge.runtime.executor import make_executor
@@ -41,7 +38,6 @@ from evomerge.store import (
     ItemResults,
     Score,
     item_evaluations,
-    mark_staged,
     rescore_owner,
 )
 
@@ -59,51 +55,10 @@ class Reporter(Protocol):
     def stage(self, text: str) -> None: ...
 
 
-@dataclass
-class SearchResult:
-    dir: Path
-    evaluations: int
-    budget: int
-    best: Candidate | None
-    finals: list[Final] = field(default_factory=list)
-    resumed: bool = False
-
-
 def candidate_seed(seed: int, generation: int, idx: int) -> int:
     """The seed of a candidate's random choices (DARE masks): a function of its place in the run only."""
     digest = hashlib.blake2b(f"{seed}:{generation}:{idx}".encode(), digest_size=4).digest()
     return int.from_bytes(digest, "little") & 0x7FFFFFFF
-
-
-def open_experiment(
-    config: ExperimentConfig, config_text: str, out: Path, *, config_dir: Path | None = None
-) -> tuple[ExperimentStore, bool]:
-    """The experiment store at `out` (created and locked by the caller): opened to resume after checking
-    that the config still defines the same search, or created."""
-    identity = config.identity()
-    snapshot = json.dumps(config.model_dump(mode="json"), sort_keys=True)
-    if ExperimentStore.exists(out):
-        store = ExperimentStore.open(out)
-        old, new = _comparable(json.loads(store.meta("identity") or "{}")), _comparable(identity)
-        if old != new:
-            changed = ", ".join(describe_changes(old, new)) or "the config"
-            store.close()
-            raise UserError(
-                f"{out} holds an experiment with a different config (changed: {changed}); "
-                "resume with the original config, or start over with --fresh --force or another --out"
-            )
-        if store.meta("config") != snapshot:
-            store.set_meta("config", snapshot)
-        if config_dir is not None and store.meta("config_dir") != str(config_dir):
-            store.set_meta("config_dir", str(config_dir))
-        return store, True
-    meta = {
-        "identity": json.dumps(identity, sort_keys=True),
-        "identity_hash": config.identity_hash(),
-        "config": snapshot,
-        "config_dir": str(config_dir or Path.cwd()),  # where relative model paths may resolve (export)
-    }
-    return ExperimentStore.create(out, meta, config_text=config_text), False
 
 
 @dataclass
@@ -223,7 +178,7 @@ class Search:
     def recipe(self, genome: np.ndarray, generation: int, idx: int) -> dict:
         """The candidate's recipe as plain data (what the journal stores and the worker takes)."""
         if isinstance(self.space, DfsSpace):
-            return self.space.decode(genome)
+            return self.space.decode(genome).to_dict()
         seed = candidate_seed(self.config.optimizer.seed, generation, idx)
         recipe = self.space.decode(
             genome, seed=seed, normalize=self.config.merge.normalize, rescale=self.config.merge.rescale
@@ -295,7 +250,9 @@ class Search:
         if mode == "full":
             return Job(("cand", generation, idx), "search", recipe=recipe)
         if mode == "subsample":
-            return Job(("cand", generation, idx), "search", recipe=recipe, items=self.plan.subsample(generation))
+            return Job(
+                ("cand", generation, idx), "search", recipe=recipe, items=self.plan.subsample(generation)
+            )
         if mode == "anchors":
             anchors = self._anchors(generation)
             if anchors is None:
@@ -451,7 +408,9 @@ class Search:
 
     def _rungs_done(self, generation: int, idx: int) -> int | None:
         """The last rung the candidate has journaled, or None before its first."""
-        done = [k for k in range(len(self.plan.rung_sizes())) if _rung_owner(generation, idx, k) in self._scores]
+        done = [
+            k for k in range(len(self.plan.rung_sizes())) if _rung_owner(generation, idx, k) in self._scores
+        ]
         return max(done) if done else None
 
     def _stopped_at(self, generation: int, idx: int, rung: int) -> bool:
@@ -562,19 +521,26 @@ class Search:
         evidence = [_stored_values(self.store.items(o)) for o in owners if self._scores[o].ok]
         anchors = self.plan.choose_anchors(evidence, version)
         self._anchor_sets[version] = anchors
-        log.info("anchors v%d: %s from %d models", version, {t: len(i) for t, i in anchors.items.items()}, len(evidence))
+        log.info(
+            "anchors v%d: %s from %d models",
+            version,
+            {t: len(i) for t, i in anchors.items.items()},
+            len(evidence),
+        )
         return anchors
 
     def _rescore_targets(self) -> list[Candidate]:
         """The best `rescore_top` candidates by estimate that have no fitness on every search item yet."""
         if self.fidelity.mode == "full":
             return []
-        ranked = sorted((c for c in self._journal.values() if c.ok), key=lambda c: (-c.fitness, c.generation, c.idx))
+        ranked = sorted(
+            (c for c in self._journal.values() if c.ok), key=lambda c: (-c.fitness, c.generation, c.idx)
+        )
         top = ranked[: self.fidelity.rescore_top]
         return [c for c in top if c.estimate and rescore_owner(c) not in self._scores]
 
     def _warn_round_size(self, batch: int) -> None:
-        workers = self.executor.capacity
+        workers = self.executor.usage.workers
         if workers > 1 and 3 * workers > batch:
             log.warning(
                 "%d workers share rounds of %d candidates: at least 3 per worker keep them busy through a "
@@ -724,194 +690,12 @@ def _finite(outcome: Outcome) -> Outcome:
     """A result whose fitness is not a finite number is a failed candidate, whatever produced it."""
     if outcome.ok and not (isinstance(outcome.fitness, (int, float)) and math.isfinite(outcome.fitness)):
         return Outcome(
-            False, -math.inf, outcome.metrics, f"non-finite fitness ({outcome.fitness})",
-            outcome.merge_seconds, outcome.eval_seconds, item_evals=outcome.item_evals,
+            False,
+            -math.inf,
+            outcome.metrics,
+            f"non-finite fitness ({outcome.fitness})",
+            outcome.merge_seconds,
+            outcome.eval_seconds,
+            item_evals=outcome.item_evals,
         )  # fmt: skip (no items: a failed evaluation has none worth pairing)
     return outcome
-
-
-def _comparable(identity: dict) -> dict:
-    """An identity as resume compares it: None entries dropped (an optional key added to the schema later
-    must not make older experiments look changed) and settings that change no result left out (older
-    experiments recorded evaluation.batch_size)."""
-    data = _pruned(identity)
-    if isinstance(data.get("evaluation"), dict):
-        data["evaluation"] = {k: v for k, v in data["evaluation"].items() if k != "batch_size"}
-    return data
-
-
-def _pruned(value):
-    if isinstance(value, dict):
-        return {k: _pruned(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_pruned(v) for v in value]
-    return value
-
-
-def run_search(
-    config_path: str | Path,
-    *,
-    out: str | Path | None = None,
-    fresh: bool = False,
-    force: bool = False,
-    budget: int | None = None,
-    executor: str | None = None,
-    workers: int | None = None,
-    reporter: Reporter | None = None,
-) -> list[SearchResult]:
-    """One result per stage (one for a plain experiment). `executor` and `workers` override the runtime
-    section (they change where candidates run, never which candidates run).
-
-    Order of work: an existing experiment is locked first (a second writer stops at once); then the whole
-    config is checked (models, tasks, optimizer...) before anything is created or deleted; then the
-    directory is created (or, with --fresh --force, the marked experiment in it deleted) and locked."""
-    from evomerge.validate import check_config
-
-    config, config_dir = load_config(config_path)
-    config = _override_runtime(config, executor, workers)
-    out = Path(out if out is not None else config.output.dir)  # relative to the working directory
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} exists and is not a directory; choose another --out")
-    staged = bool(config.stages)
-    what = "staged experiment" if staged else "experiment"
-    lock = DirectoryLock(out, what) if _existing(out, config) else None
-    try:
-        check_config(config, config_dir, resolve=True)
-        if lock is None:
-            _check_new_target(out, staged)
-            out.mkdir(parents=True, exist_ok=True)
-            lock = DirectoryLock(out, what)
-        run = _Run(fresh, force, budget, reporter)
-        if not staged:
-            return [_run_one(config, config_dir, out, run)]
-        return _run_stages(config, config_dir, out, run)
-    finally:
-        if lock is not None:
-            lock.close()
-
-
-@dataclass(frozen=True)
-class _Run:
-    """How `evomerge search` was asked to run, as every experiment (or stage) of it sees it."""
-
-    fresh: bool
-    force: bool
-    budget: int | None
-    reporter: Reporter | None
-
-
-def _existing(out: Path, config: ExperimentConfig) -> bool:
-    """Whether `out` already holds this kind of experiment (so its lock can be taken before any check)."""
-    if not out.is_dir():
-        return False
-    if config.stages:
-        return marked_as(out, STAGED) or _old_staged(out, config)
-    return ExperimentStore.exists(out) or marked_as(out, EXPERIMENT)
-
-
-def _old_staged(out: Path, config: ExperimentConfig) -> bool:
-    """A staged experiment made before markers existed: nothing in it but this config's stage dirs, each
-    holding an experiment."""
-    names = {s.name for s in config.stages or []}
-    entries = [p for p in out.iterdir() if p.name != LOCK]
-    return bool(entries) and all(p.name in names and ExperimentStore.exists(p) for p in entries)
-
-
-def _check_new_target(out: Path, staged: bool) -> None:
-    if staged:
-        if out.exists() and any(out.iterdir()):
-            raise UserError(f"{out} exists, is not empty and is not a staged experiment; choose another --out")
-    elif not ExperimentStore.is_fresh_dir(out):
-        raise UserError(f"{out} exists, is not empty and is not an experiment; choose another --out")
-
-
-def _run_stages(config: ExperimentConfig, config_dir: Path, out: Path, run: _Run) -> list[SearchResult]:
-    """Each stage is an experiment in `out/<stage>`; `previous` is the prior stage's best, exported once."""
-    from evomerge.export import export_candidate
-    from evomerge.files import remove_marked
-
-    stage_dirs = [p for p in out.iterdir() if p.is_dir() and ExperimentStore.exists(p)]
-    if run.fresh and stage_dirs:
-        if not run.force:
-            raise UserError(
-                f"{out} holds a staged experiment; --fresh would delete it: add --force to confirm"
-            )
-        for child in stage_dirs:
-            check_deletable(child, EXPERIMENT)  # all checked before the first is deleted
-        for child in stage_dirs:
-            remove_marked(child, EXPERIMENT)
-    mark_staged(out, [s.name for s in config.stages])
-    results, previous = [], None
-    for index, stage in enumerate(config.stages):
-        stage_config = config.stage_config(index, previous)
-        stage_dir = out / stage.name
-        stage_dir.mkdir(exist_ok=True)
-        with DirectoryLock(stage_dir, "experiment"):  # --fresh was handled above, for all stages at once
-            result = _run_one(stage_config, config_dir, stage_dir, replace(run, fresh=False, force=False))
-        results.append(result)
-        if not result.finals:
-            break
-        previous = (stage_dir / f"{stage.name}-best").resolve()
-        if not previous.exists():  # written once, atomically; a resumed run reuses it
-            if run.reporter:
-                run.reporter.stage(f"exporting the best of stage {stage.name}")
-            export_candidate(stage_dir, previous)
-    return results
-
-
-def _override_runtime(
-    config: ExperimentConfig, executor: str | None, workers: int | None
-) -> ExperimentConfig:
-    if executor is None and workers is None:
-        return config
-    data = config.model_dump(mode="json")
-    if executor is not None:
-        data["runtime"]["executor"] = executor
-    if workers is not None:
-        if data["runtime"]["executor"] != "ray":
-            raise UserError("--workers applies to the ray executor: add --executor ray")
-        data["runtime"]["ray"]["workers"] = workers
-    return ExperimentConfig.model_validate(data)
-
-
-def _run_one(config: ExperimentConfig, config_dir: Path, out: Path, run: _Run) -> SearchResult:
-    """One experiment in `out`, which exists and whose `DirectoryLock` the caller holds."""
-    from evomerge.files import remove_marked
-
-    if run.budget is not None:
-        config = config.model_copy(
-            update={"optimizer": config.optimizer.model_copy(update={"budget": run.budget})}
-        )
-    if run.fresh and ExperimentStore.exists(out):
-        if not run.force:
-            raise UserError(f"{out} holds an experiment; --fresh would delete it: add --force to confirm")
-        remove_marked(out, EXPERIMENT, spare=(LOCK,))  # refuses an unmarked dir, `.`, the cwd...
-    if not ExperimentStore.exists(out) and not ExperimentStore.is_fresh_dir(out):
-        raise UserError(f"{out} exists, is not empty and is not an experiment; choose another --out")
-    store, resumed = open_experiment(
-        config,
-        yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False),
-        out,
-        config_dir=config_dir,
-    )
-    handler = logging.StreamHandler(open_append(out / "search.log"))
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("evomerge")
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    try:
-        log.info(
-            "%s experiment %s (config %s)", "resuming" if resumed else "starting", out, config.identity_hash()
-        )
-        search = Search(config, config_dir, store, run.reporter)
-        try:
-            search.run()
-            done = store.count()
-            finals = search.finish() if done >= config.optimizer.budget else []
-        finally:
-            search.close()
-        return SearchResult(out, done, config.optimizer.budget, store.best(), finals, resumed)
-    finally:
-        root.removeHandler(handler)
-        handler.stream.close()
-        store.close()

@@ -32,7 +32,9 @@ def arcee_fusion(base: torch.Tensor, model: torch.Tensor, *, key: str = "") -> t
         u = uniform_table(derive_key("arcee_fusion", key), QUANTILE_SAMPLE, flat.device)
         flat = flat[(u * flat.numel()).long().clamp(max=flat.numel() - 1)]
     ordered = torch.sort(flat).values
-    q1, median, q3 = ordered[(torch.tensor([0.25, 0.5, 0.75]) * (ordered.numel() - 1)).long().to(ordered.device)]
+    q1, median, q3 = ordered[
+        (torch.tensor([0.25, 0.5, 0.75]) * (ordered.numel() - 1)).long().to(ordered.device)
+    ]
     mask = (importance >= median + 1.5 * (q3 - q1)).to(F32)
     return b + (m - b) * mask
 

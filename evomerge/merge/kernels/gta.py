@@ -8,7 +8,8 @@ functional kernels call the same function eagerly, so the fast path and the exac
 
 keep modes: "all" (no trim), "mask" (given bool masks), "threshold" (precomputed top-k threshold t_j with
 tie fraction q_j: |d| > t_j, or |d| == t_j and hash < q_j; see trim.ThresholdTable; without tie fractions
-and keys, a plain |d| > t_j: see trim.strict_thresholds), "random" (DARE: counter-hash uniform < p_j,
+and keys, a plain |d| > t_j: see trim.strict_thresholds), "band" (kept by a threshold and not by a second,
+`upper` one: breadcrumbs' magnitudes between two ranks), "random" (DARE: counter-hash uniform < p_j,
 optionally rescaled by 1/p_j). Both hashed modes take one key per model.
 """
 
@@ -29,6 +30,14 @@ def _positive(x: torch.Tensor) -> torch.Tensor:
     return torch.relu(torch.sign(x))
 
 
+def _above(magnitude: torch.Tensor, value, tie_prob, u) -> torch.Tensor:
+    """trim.keep_above as a 0/1 float: |d| > value, or |d| == value and u < tie_prob (no tie_prob: no ties)."""
+    if tie_prob is None:
+        return _positive(magnitude - value)
+    side = torch.sign(magnitude - value)
+    return torch.relu(side) + (1.0 - side.abs()) * _positive(tie_prob - u)
+
+
 def gta_into(
     out: torch.Tensor,
     base: torch.Tensor,
@@ -46,6 +55,8 @@ def gta_into(
     tie_probs: torch.Tensor | None = None,
     uniforms: Sequence[torch.Tensor] | None = None,
     scales: torch.Tensor | None = None,
+    upper: torch.Tensor | None = None,
+    upper_tie_probs: torch.Tensor | None = None,
 ) -> None:
     # Every keep decision is a 0/1 float factor. sign(a - b) is the sign of the exact difference for finite
     # floats (a difference of distinct floats never rounds to zero), so each factor equals the compare it
@@ -62,12 +73,15 @@ def gta_into(
         if mode == "all":
             contributions.append(delta * coef)
             continue
-        if mode == "threshold" and tie_probs is None:  # no tie to break: |d| > t_j
-            keep = _positive(delta.abs() - thresholds[j])
-        elif mode == "threshold":  # |d| > t_j, or |d| == t_j and u < q_j (see trim.ThresholdTable)
-            u = uniforms[j] if uniforms is not None else uniform_from_index(index, keys[j])
-            side = torch.sign(delta.abs() - thresholds[j])
-            keep = torch.relu(side) + (1.0 - side.abs()) * _positive(tie_probs[j] - u)
+        if mode in ("threshold", "band"):  # |d| > t_j, or |d| == t_j and u < q_j (see trim.ThresholdTable)
+            u = None
+            if tie_probs is not None:
+                u = uniforms[j] if uniforms is not None else uniform_from_index(index, keys[j])
+            magnitude = delta.abs()
+            keep = _above(magnitude, thresholds[j], None if tie_probs is None else tie_probs[j], u)
+            if mode == "band":  # minus the largest ones (breadcrumbs' outliers), by the same rule
+                q = None if upper_tie_probs is None else upper_tie_probs[j]
+                keep = keep - _above(magnitude, upper[j], q, u)
         elif mode == "random":
             keep = _positive(probs[j] - uniform_from_index(index, keys[j]))
         elif mode == "mask":
@@ -115,6 +129,8 @@ def gta_apply(
     tie_probs: Sequence[float] | None = None,
     uniforms: Sequence[torch.Tensor] | None = None,
     scales: Sequence[float] | None = None,
+    upper: Sequence[float] | None = None,
+    upper_tie_probs: Sequence[float] | None = None,
     kernel=gta_into,
 ) -> torch.Tensor:
     """Run `kernel` (gta_into, or a compiled copy of it) on flat views; hashed modes go in chunks of
@@ -134,6 +150,8 @@ def gta_apply(
         masks=None if masks is None else [m.reshape(-1) for m in masks],
         rescale=rescale,
         scales=None if scales is None else vec(scales),
+        upper=None if upper is None else vec(upper),
+        upper_tie_probs=None if upper_tie_probs is None else vec(upper_tie_probs),
     )
     flat_out, flat_base = out.view(-1), base.reshape(-1)
     flat_models = [m.reshape(-1) for m in models]

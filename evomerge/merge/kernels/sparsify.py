@@ -31,16 +31,28 @@ def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Ten
     return mask.reshape(delta.shape)
 
 
+def row_ranks(delta: torch.Tensor) -> torch.Tensor:
+    """Each entry's magnitude rank within its row (0-based, mergekit's dim 1), in the narrowest integer
+    type that holds the row length: it does not depend on the candidate, so the search keeps it."""
+    rows = delta.unsqueeze(0) if delta.dim() < 2 else delta
+    ranks = torch.argsort(torch.argsort(rows.abs().to(F32), dim=1), dim=1)
+    return ranks.to(torch.int16 if rows.shape[1] <= torch.iinfo(torch.int16).max else torch.int32)
+
+
 def magprune_mask(delta: torch.Tensor, density: float, epsilon: float, key: int) -> torch.Tensor:
     if density >= 1:
         return torch.ones(delta.shape, dtype=F32, device=delta.device)
-    rows = delta.unsqueeze(0) if delta.dim() < 2 else delta  # mergekit ranks along dim 1
-    ranks = torch.argsort(torch.argsort(rows.abs().to(F32), dim=1), dim=1).to(F32) + 1
+    return magprune_from_ranks(row_ranks(delta), density, epsilon, key).reshape(delta.shape)
+
+
+def magprune_from_ranks(ranks: torch.Tensor, density: float, epsilon: float, key: int) -> torch.Tensor:
+    """DELLA's mask from `row_ranks` (shaped as rows): the same bits as ranking afresh."""
+    ranks = ranks.to(F32) + 1
     low, high = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
     rank_norm = ((ranks - low) / (high - low)).clamp(0, 1)
     probs = (density - epsilon) + rank_norm * 2 * epsilon
-    uniform = uniform_table(key, delta.numel(), delta.device).view(rows.shape)
-    return (uniform < probs).to(F32).reshape(delta.shape)
+    uniform = uniform_table(key, ranks.numel(), ranks.device).view(ranks.shape)
+    return (uniform < probs).to(F32)
 
 
 def l1_rescale(delta: torch.Tensor, mask: torch.Tensor, eps: float = 1e-7) -> float:

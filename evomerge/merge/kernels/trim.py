@@ -76,7 +76,14 @@ class ThresholdTable:
         """(value, tie_fraction) that keeps about keep_count(density) entries via `keep_above`."""
         if density >= 1:
             return float("-inf"), 1.0
-        k = keep_count(density, self.numel)
+        return self.for_count(keep_count(density, self.numel))
+
+    def for_count(self, k: int) -> tuple[float, float]:
+        """(value, tie_fraction) that keeps about the `k` largest magnitudes (0: none; numel: all)."""
+        if k <= 0:
+            return float("inf"), 0.0
+        if k >= self.numel:
+            return float("-inf"), 1.0
         i = int(np.searchsorted(self.count_ge, k, side="left"))  # first sample whose block reaches k
         gt, ge = int(self.count_gt[i]), int(self.count_ge[i])
         if gt < k:  # k falls inside the block of entries equal to values[i]

@@ -1,0 +1,272 @@
+"""`evomerge search` around the loop: the experiment directory (created, locked, resumed or started over),
+its store and log, the stages of a staged experiment, and the command's runtime overrides. The loop itself
+(search/run.py) sees an open store and a config, nothing of directories.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import yaml
+
+from evomerge.config import ExperimentConfig, describe_changes, load_config
+from evomerge.errors import UserError
+from evomerge.files import EXPERIMENT, LOCK, STAGED, DirectoryLock, check_deletable, marked_as, open_append
+from evomerge.search.run import Reporter, Search
+from evomerge.store import Candidate, ExperimentStore, Final, mark_staged
+
+log = logging.getLogger("evomerge.search")
+
+
+@dataclass
+class SearchResult:
+    dir: Path
+    evaluations: int
+    budget: int
+    best: Candidate | None
+    finals: list[Final] = field(default_factory=list)
+    resumed: bool = False
+
+
+def open_experiment(
+    config: ExperimentConfig, config_text: str, out: Path, *, config_dir: Path | None = None
+) -> tuple[ExperimentStore, bool]:
+    """The experiment store at `out` (created and locked by the caller): opened to resume after checking
+    that the config still defines the same search, or created."""
+    identity = config.identity()
+    snapshot = json.dumps(config.model_dump(mode="json"), sort_keys=True)
+    if ExperimentStore.exists(out):
+        store = ExperimentStore.open(out)
+        old, new = _comparable(json.loads(store.meta("identity") or "{}")), _comparable(identity)
+        if old != new:
+            changed = ", ".join(describe_changes(old, new)) or "the config"
+            store.close()
+            raise UserError(
+                f"{out} holds an experiment with a different config (changed: {changed}); "
+                "resume with the original config, or start over with --fresh --force or another --out"
+            )
+        if store.meta("config") != snapshot:
+            store.set_meta("config", snapshot)
+        if config_dir is not None and store.meta("config_dir") != str(config_dir):
+            store.set_meta("config_dir", str(config_dir))
+        return store, True
+    meta = {
+        "identity": json.dumps(identity, sort_keys=True),
+        "identity_hash": config.identity_hash(),
+        "config": snapshot,
+        "config_dir": str(config_dir or Path.cwd()),  # where relative model paths may resolve (export)
+    }
+    return ExperimentStore.create(out, meta, config_text=config_text), False
+
+
+def _comparable(identity: dict) -> dict:
+    """An identity as resume compares it: None entries dropped (an optional key added to the schema later
+    must not make older experiments look changed) and settings that change no result left out (older
+    experiments recorded evaluation.batch_size)."""
+    data = _pruned(identity)
+    if isinstance(data.get("evaluation"), dict):
+        data["evaluation"] = {k: v for k, v in data["evaluation"].items() if k != "batch_size"}
+    return data
+
+
+def _pruned(value):
+    if isinstance(value, dict):
+        return {k: _pruned(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_pruned(v) for v in value]
+    return value
+
+
+def run_search(
+    config_path: str | Path,
+    *,
+    out: str | Path | None = None,
+    fresh: bool = False,
+    force: bool = False,
+    budget: int | None = None,
+    executor: str | None = None,
+    workers: int | None = None,
+    reporter: Reporter | None = None,
+) -> list[SearchResult]:
+    """One result per stage (one for a plain experiment). `executor` and `workers` override the runtime
+    section (they change where candidates run, never which candidates run).
+
+    Order of work: an existing experiment is locked first (a second writer stops at once); then the whole
+    config is checked (models, tasks, optimizer...) before anything is created or deleted; then the
+    directory is created (or, with --fresh --force, the marked experiment in it deleted) and locked."""
+    from evomerge.validate import check_config
+
+    config, config_dir = load_config(config_path)
+    config = _override_runtime(config, executor, workers)
+    out = Path(out if out is not None else config.output.dir)  # relative to the working directory
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a directory; choose another --out")
+    staged = bool(config.stages)
+    what = "staged experiment" if staged else "experiment"
+    lock = DirectoryLock(out, what) if _existing(out, config) else None
+    try:
+        checked = check_config(config, config_dir, resolve=True)
+        auto_dtype = config.runtime.dtype == "auto"
+        if auto_dtype:  # journaled as chosen
+            config = _with_dtype(config, checked.dtype)
+        if lock is None:
+            _check_new_target(out, staged)
+            out.mkdir(parents=True, exist_ok=True)
+            lock = DirectoryLock(out, what)
+        run = _Run(fresh, force, budget, reporter, auto_dtype)
+        if not staged:
+            return [_run_one(config, config_dir, out, run)]
+        return _run_stages(config, config_dir, out, run)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+@dataclass(frozen=True)
+class _Run:
+    """How `evomerge search` was asked to run, as every experiment (or stage) of it sees it."""
+
+    fresh: bool
+    force: bool
+    budget: int | None
+    reporter: Reporter | None
+    auto_dtype: bool = False  # runtime.dtype was auto: an experiment resumes with the dtype it journaled
+
+
+def _with_dtype(config: ExperimentConfig, dtype: str) -> ExperimentConfig:
+    return config.model_copy(update={"runtime": config.runtime.model_copy(update={"dtype": dtype})})
+
+
+def _journaled_dtype(out: Path) -> str | None:
+    store = ExperimentStore.open(out, readonly=True)
+    try:
+        return json.loads(store.meta("config") or "{}").get("runtime", {}).get("dtype")
+    finally:
+        store.close()
+
+
+def _existing(out: Path, config: ExperimentConfig) -> bool:
+    """Whether `out` already holds this kind of experiment (so its lock can be taken before any check)."""
+    if not out.is_dir():
+        return False
+    if config.stages:
+        return marked_as(out, STAGED) or _old_staged(out, config)
+    return ExperimentStore.exists(out) or marked_as(out, EXPERIMENT)
+
+
+def _old_staged(out: Path, config: ExperimentConfig) -> bool:
+    """A staged experiment made before markers existed: nothing in it but this config's stage dirs, each
+    holding an experiment."""
+    names = {s.name for s in config.stages or []}
+    entries = [p for p in out.iterdir() if p.name != LOCK]
+    return bool(entries) and all(p.name in names and ExperimentStore.exists(p) for p in entries)
+
+
+def _check_new_target(out: Path, staged: bool) -> None:
+    if staged:
+        if out.exists() and any(out.iterdir()):
+            raise UserError(
+                f"{out} exists, is not empty and is not a staged experiment; choose another --out"
+            )
+    elif not ExperimentStore.is_fresh_dir(out):
+        raise UserError(f"{out} exists, is not empty and is not an experiment; choose another --out")
+
+
+def _run_stages(config: ExperimentConfig, config_dir: Path, out: Path, run: _Run) -> list[SearchResult]:
+    """Each stage is an experiment in `out/<stage>`; `previous` is the prior stage's best, exported once."""
+    from evomerge.export import export_candidate
+    from evomerge.files import remove_marked
+
+    stage_dirs = [p for p in out.iterdir() if p.is_dir() and ExperimentStore.exists(p)]
+    if run.fresh and stage_dirs:
+        if not run.force:
+            raise UserError(
+                f"{out} holds a staged experiment; --fresh would delete it: add --force to confirm"
+            )
+        for child in stage_dirs:
+            check_deletable(child, EXPERIMENT)  # all checked before the first is deleted
+        for child in stage_dirs:
+            remove_marked(child, EXPERIMENT)
+    mark_staged(out, [s.name for s in config.stages])
+    results, previous = [], None
+    for index, stage in enumerate(config.stages):
+        stage_config = config.stage_config(index, previous)
+        stage_dir = out / stage.name
+        stage_dir.mkdir(exist_ok=True)
+        with DirectoryLock(stage_dir, "experiment"):  # --fresh was handled above, for all stages at once
+            result = _run_one(stage_config, config_dir, stage_dir, replace(run, fresh=False, force=False))
+        results.append(result)
+        if not result.finals:
+            break
+        previous = (stage_dir / f"{stage.name}-best").resolve()
+        if not previous.exists():  # written once, atomically; a resumed run reuses it
+            if run.reporter:
+                run.reporter.stage(f"exporting the best of stage {stage.name}")
+            export_candidate(stage_dir, previous)
+    return results
+
+
+def _override_runtime(
+    config: ExperimentConfig, executor: str | None, workers: int | None
+) -> ExperimentConfig:
+    if executor is None and workers is None:
+        return config
+    data = config.model_dump(mode="json")
+    if executor is not None:
+        data["runtime"]["executor"] = executor
+    if workers is not None:
+        if data["runtime"]["executor"] != "ray":
+            raise UserError("--workers applies to the ray executor: add --executor ray")
+        data["runtime"]["ray"]["workers"] = workers
+    return ExperimentConfig.model_validate(data)
+
+
+def _run_one(config: ExperimentConfig, config_dir: Path, out: Path, run: _Run) -> SearchResult:
+    """One experiment in `out`, which exists and whose `DirectoryLock` the caller holds."""
+    from evomerge.files import remove_marked
+
+    if run.budget is not None:
+        config = config.model_copy(
+            update={"optimizer": config.optimizer.model_copy(update={"budget": run.budget})}
+        )
+    if run.fresh and ExperimentStore.exists(out):
+        if not run.force:
+            raise UserError(f"{out} holds an experiment; --fresh would delete it: add --force to confirm")
+        remove_marked(out, EXPERIMENT, spare=(LOCK,))  # refuses an unmarked dir, `.`, the cwd...
+    if not ExperimentStore.exists(out) and not ExperimentStore.is_fresh_dir(out):
+        raise UserError(f"{out} exists, is not empty and is not an experiment; choose another --out")
+    if run.auto_dtype and ExperimentStore.exists(out):  # auto chose once (this machine may choose otherwise)
+        journaled = _journaled_dtype(out)
+        if journaled not in (None, "auto", config.runtime.dtype):
+            log.info("runtime.dtype auto: resuming with the journaled %s", journaled)
+            config = _with_dtype(config, journaled)
+    store, resumed = open_experiment(
+        config,
+        yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False),
+        out,
+        config_dir=config_dir,
+    )
+    handler = logging.StreamHandler(open_append(out / "search.log"))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("evomerge")
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        log.info(
+            "%s experiment %s (config %s)", "resuming" if resumed else "starting", out, config.identity_hash()
+        )
+        search = Search(config, config_dir, store, run.reporter)
+        try:
+            search.run()
+            done = store.count()
+            finals = search.finish() if done >= config.optimizer.budget else []
+        finally:
+            search.close()
+        return SearchResult(out, done, config.optimizer.budget, store.best(), finals, resumed)
+    finally:
+        root.removeHandler(handler)
+        handler.stream.close()
+        store.close()
