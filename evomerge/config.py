@@ -233,11 +233,6 @@ class RuntimeSpec(_Strict):
     )
     ray: RaySpec = RaySpec()
     compile: Literal["auto", "on", "off"] = "auto"
-    overlap_merge: Literal["auto", "on", "off"] = Field(
-        "auto",
-        description="merge the next candidate into a second copy of the target while the current one is "
-        "scored; auto: when the target is at most 1 GiB (there a merge is a visible share of a candidate)",
-    )
     stop_after_failures: int = Field(
         5, ge=1, description="stop when the first this-many candidates all fail (a broken setup)"
     )

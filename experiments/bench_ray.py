@@ -42,7 +42,7 @@ class SimulatedWorker:
     def __init__(self, mean: float, sigma: float) -> None:
         self.mean, self.sigma = mean, sigma
 
-    def run(self, job, upcoming=None) -> Outcome:
+    def run(self, job) -> Outcome:
         digest = hashlib.blake2b(repr(job.key).encode(), digest_size=8).digest()
         rng = np.random.default_rng(int.from_bytes(digest, "little"))
         seconds = self.mean * math.exp(self.sigma * rng.standard_normal() - self.sigma**2 / 2)

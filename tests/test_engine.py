@@ -7,18 +7,13 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from helpers import smoke
 
-from evomerge.config import load_config
 from evomerge.merge.engine import MergeEngine
 from evomerge.merge.kernels.trim import keep_count
 from evomerge.merge.methods import Method, merge_tensor
 from evomerge.merge.recipe import GroupParams, Recipe
 from evomerge.models.checkpoint import Checkpoint
 from evomerge.models.loading import load_target
-from evomerge.runtime.executor import LocalExecutor
-from evomerge.runtime.jobs import Job
-from evomerge.runtime.worker import build_worker
 
 
 def _engine(paths, method, exact=False, compile=False):
@@ -62,7 +57,6 @@ def _functional(engine, recipe):
 @pytest.mark.parametrize("method", list(Method))
 @pytest.mark.parametrize("split", [False, True])
 def test_in_place_equals_functional(zoo, method, split):
-    import numpy as np
 
     engine, target = _engine(zoo["llama"], method)
     recipe = _varied_recipe(engine, method, np.random.default_rng(0), seed=42, split=split)
@@ -124,7 +118,6 @@ def _rss() -> int:
 
 @pytest.mark.parametrize("method", [Method.ties, Method.dare_ties, Method.slerp])
 def test_memory_flat_over_50_candidates(zoo, method):
-    import numpy as np
 
     engine, target = _engine(zoo["qwen2"], method)
     rng = np.random.default_rng(1)
@@ -139,7 +132,6 @@ def test_memory_flat_over_50_candidates(zoo, method):
 
 def test_compiled_kernels_match_eager(zoo):
     """torch.compile path (what large models and GPUs use) gives the same tensors as the eager path."""
-    import numpy as np
 
     for method in (Method.dare_ties, Method.ties):
         eager, eager_target = _engine(zoo["llama"], method, compile=False)
@@ -171,54 +163,6 @@ def test_dare_mask_depends_on_candidate_seed_only(zoo):
     assert not torch.equal(target.state_dict()[name], first)
 
 
-def test_worker_overlapping_merges_scores_like_one_at_a_time(tmp_path):
-    """Jobs through the local executor with the next merge overlapped (a second target, a merge thread):
-    same outcomes as one target taking each job in turn, through a failed merge, a parent and a method
-    switch, and the prepared merge really ran ahead (two targets)."""
-
-    def worker(overlap):
-        config, config_dir = load_config(smoke(tmp_path, **{"runtime.overlap_merge": overlap}))
-        return build_worker(config, config_dir)
-
-    overlapped, plain = worker("on"), worker("off")
-    rng = np.random.default_rng(0)
-    recipes = [_varied_recipe(plain.engine, Method.dare_ties, rng, seed=i).to_dict() for i in range(4)]
-    broken = dict(recipes[0], groups={})  # no parameters for any tensor: the merge fails
-    ties = _varied_recipe(plain.engine, Method.ties, rng).to_dict()
-    items = {"zoo_math_x": [0, 1, 2, 3]}
-    jobs = [Job(("c", i), "search", recipe=r, items=items) for i, r in enumerate(recipes[:2])]
-    jobs += [
-        Job("broken", "search", recipe=broken, items=items),
-        Job(("c", 2), "search", recipe=recipes[2], items=items),
-    ]
-    jobs += [
-        Job("parent", "search", source=1, items=items),
-        Job(("c", 3), "search", recipe=recipes[3], items=items),
-    ]
-    jobs += [
-        Job("ties", "search", recipe=ties, items=items),
-        Job(("c", 0, "again"), "search", recipe=recipes[0], items=items),
-    ]
-    executor = LocalExecutor(lambda: overlapped)
-    got = {}
-    for job in jobs:
-        executor.submit(job)
-        if len(executor.queue) == executor.capacity:
-            got.update((j.key, o) for j, o in executor.wait())
-    while executor.queue:
-        got.update((j.key, o) for j, o in executor.wait())
-    want = {job.key: plain.run(job) for job in jobs}
-    assert len(overlapped.models) == 2 and len(plain.models) == 1
-    for key, outcome in want.items():
-        assert (got[key].ok, got[key].fitness, got[key].metrics) == (
-            outcome.ok,
-            outcome.fitness,
-            outcome.metrics,
-        ), key
-    assert not got["broken"].ok and got["broken"].reason.startswith("merge:")
-    assert got[("c", 0)].fitness == got[("c", 0, "again")].fitness
-
-
 @pytest.mark.parametrize("with_base", [True, False])
 def test_fast_multislerp_equals_exact_up_to_rounding(zoo, with_base):
     """The search's one-pass multislerp (norms and Gram matrix precomputed) against the exact kernel, on
@@ -234,10 +178,14 @@ def test_fast_multislerp_equals_exact_up_to_rounding(zoo, with_base):
     engine.apply(recipe)
     exact.apply(recipe)
     for name in engine.names:
-        torch.testing.assert_close(target.state_dict()[name], exact_target.state_dict()[name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            target.state_dict()[name], exact_target.state_dict()[name], rtol=1e-5, atol=1e-6
+        )
 
 
-@pytest.mark.parametrize("method", [Method.breadcrumbs, Method.breadcrumbs_ties, Method.della, Method.della_linear])
+@pytest.mark.parametrize(
+    "method", [Method.breadcrumbs, Method.breadcrumbs_ties, Method.della, Method.della_linear]
+)
 def test_fast_trims_on_large_tensors(tmp_path, method):
     """The search's paths on tensors too large for every magnitude to be kept: DELLA (precomputed row
     ranks) gives the exact kernel's bits; breadcrumbs (two threshold cuts) differs from the exact sort

@@ -61,14 +61,6 @@ def test_search_end_to_end(straight):
     assert _cli("search", cfg).returncode == 0
 
 
-def test_overlapped_merge_changes_nothing(straight, tmp_path):
-    """The zoo's target is small, so the straight run merged each next candidate into a second target
-    while scoring the current one; merging in turn into one target journals the same search."""
-    cfg = _smoke(tmp_path, **{"runtime.overlap_merge": "off"})
-    assert _cli("search", cfg).returncode == 0
-    assert _journal(tmp_path / "exp") == _journal(straight[1])
-
-
 def test_resume_refuses_changed_config_and_fresh_needs_force(straight, tmp_path):
     cfg, exp, _ = straight
     data = yaml.safe_load(cfg.read_text())

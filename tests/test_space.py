@@ -58,9 +58,10 @@ def test_codec_layout_and_defaults():
 def test_gene_ranges_are_the_methods_unless_the_config_sets_them():
     """nearswap's t is a distance (default range [0, 0.001]), not slerp's [0, 1] fraction; weight and
     density keep SpaceSpec's ranges, which equal the methods' own."""
-    t_range = lambda spec: next(
-        g for g in Space(spec, Method.nearswap, 1, num_layers=2).genes if g.kind == "t"
-    )  # noqa: E731
+
+    def t_range(spec):
+        return next(g for g in Space(spec, Method.nearswap, 1, num_layers=2).genes if g.kind == "t")
+
     assert (t_range(SpaceSpec()).low, t_range(SpaceSpec()).high) == (0.0, 0.001)
     chosen = t_range(SpaceSpec(t={"min": 0.0, "max": 0.5}))
     assert (chosen.low, chosen.high) == (0.0, 0.5)

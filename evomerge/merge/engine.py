@@ -95,7 +95,7 @@ class MergeEngine:
 
         self.base = {name: load(base, name) for name in self.names} if base is not None else None
         self.inputs = [{name: load(ckpt, name) for name in self.names} for ckpt in inputs]
-        self.targets = self.bind(target)
+        self.targets = self._bind_target(target)
         self.resident_bytes = sum(
             t.numel() * t.element_size()
             for src in ([self.base] if self.base else []) + self.inputs
@@ -109,9 +109,7 @@ class MergeEngine:
             self._precompute()
         self.load_seconds = time.perf_counter() - started
 
-    def bind(self, target: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """The tensors of `target` that a merge writes (checked against the sources): another model of the
-        same shape can be merged into while the first one is being evaluated."""
+    def _bind_target(self, target: torch.nn.Module) -> dict[str, torch.Tensor]:
         state = target.state_dict(keep_vars=True)
         bound = {}
         for name in self.names:
@@ -140,23 +138,20 @@ class MergeEngine:
             )
 
     @torch.no_grad()
-    def apply(
-        self, recipe: Recipe | Mapping[str, TensorParams], into: Mapping[str, torch.Tensor] | None = None
-    ) -> None:
-        """Write the merge for `recipe` into the target model's tensors (or into those `bind` returned)."""
+    def apply(self, recipe: Recipe | Mapping[str, TensorParams]) -> None:
+        """Write the merge for `recipe` into the target model's tensors."""
         params = recipe.tensor_params(self.names, self.family) if isinstance(recipe, Recipe) else recipe
-        targets = self.targets if into is None else into
         for name in self.names:
-            self._apply_tensor(targets[name], name, params[name])
+            self._apply_tensor(name, params[name])
 
     @torch.no_grad()
-    def load_input(self, index: int, into: Mapping[str, torch.Tensor] | None = None) -> None:
+    def load_input(self, index: int) -> None:
         """Write input model `index` itself into the target (a parent, scored as a baseline)."""
-        targets = self.targets if into is None else into
         for name in self.names:
-            targets[name].copy_(self.inputs[index][name])
+            self.targets[name].copy_(self.inputs[index][name])
 
-    def _apply_tensor(self, out: torch.Tensor, name: str, p: TensorParams) -> None:
+    def _apply_tensor(self, name: str, p: TensorParams) -> None:
+        out = self.targets[name]
         base = self.base[name] if self.base is not None else None
         models = [src[name] for src in self.inputs]
         spec = self.method.spec

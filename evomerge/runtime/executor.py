@@ -20,10 +20,9 @@ from evomerge.runtime.jobs import Executor, Job, JobRunner, Outcome, Usage, Work
 
 class LocalExecutor:
     """One worker in this process, built on first use (a finished experiment reopened to print its
-    results loads no model); jobs run one at a time in submission order. It takes one job more than it
-    runs, so that the worker can prepare the next one (merge it) while the current one is scored."""
+    results loads no model); jobs run one at a time in submission order."""
 
-    capacity = 2
+    capacity = 1
 
     def __init__(self, factory: WorkerFactory, on_load: Callable[[], None] | None = None) -> None:
         self.factory, self.on_load = factory, on_load
@@ -44,7 +43,7 @@ class LocalExecutor:
             self.usage.first_submit = time.perf_counter()  # loading is not idleness
         job = self.queue.popleft()
         started = time.perf_counter()
-        outcome = self.worker.run(job, self.queue[0] if self.queue else None)
+        outcome = self.worker.run(job)
         self.usage.last_result = time.perf_counter()
         self.usage.busy_seconds += self.usage.last_result - started
         self.usage.jobs += 1

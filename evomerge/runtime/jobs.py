@@ -41,9 +41,7 @@ class Job:
 class JobRunner(Protocol):
     """What a worker offers an executor."""
 
-    def run(self, job: Job, upcoming: Job | None = None) -> Outcome:
-        """Run `job`; `upcoming`, when given, is the job that comes next (the worker may prepare it)."""
-        ...
+    def run(self, job: Job) -> Outcome: ...
 
 
 WorkerFactory = Callable[[], JobRunner]

@@ -7,11 +7,9 @@ evaluate comes back as a failed outcome with its reason.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,7 @@ from evomerge.config import ExperimentConfig
 from evomerge.errors import UserError, first_line
 from evomerge.merge.methods import Method
 from evomerge.merge.recipe import PathRecipe, Recipe
-from evomerge.runtime.jobs import Job, Outcome
+from evomerge.runtime.jobs import Outcome
 
 log = logging.getLogger(__name__)
 
@@ -35,23 +33,14 @@ def build_worker(config: ExperimentConfig | dict, config_dir: str | Path | None,
 
 
 class _Runs:
-    def run(self, job: Job, upcoming: Job | None = None) -> Outcome:
-        """An executor's job: a recipe to merge and score, or a source scored as it is. `upcoming` is the
-        job the executor will hand over next (a worker may prepare it meanwhile)."""
+    def run(self, job) -> Outcome:
+        """An executor's job: a recipe to merge and score, or a source scored as it is."""
         if job.recipe is not None:
             return self.evaluate(job.recipe, job.split, job.items)
         return self.evaluate_source(job.source, job.split, job.items)
 
 
-_OVERLAP_MAX_BYTES = 1024**3
-
-
 class Worker(_Runs):
-    """Merges into one target model, or into two taking turns (`runtime.overlap_merge`): while the
-    evaluator scores one, a thread merges the next candidate into the other. Worth it where a merge is a
-    visible share of a candidate (small models, short evaluations) and a second copy of the target is
-    cheap; the merged weights and the scores are the same either way."""
-
     def __init__(self, config: ExperimentConfig, config_dir: Path | None, manager=None) -> None:
         from evomerge.device import resolve_device
         from evomerge.evaluate.evaluator import Evaluator
@@ -70,71 +59,27 @@ class Worker(_Runs):
             self.base, self.sources, config.merge.method, self.target, **self._engine_args
         )
         self.evaluator = Evaluator(self.target, load_tokenizer(first), config.evaluation, manager)
-        self.models = [self.target]
-        self._bound = [self.engine.targets]
-        self._held = 0  # the model the evaluator holds
-        target_bytes = sum(t.numel() * t.element_size() for t in self.engine.targets.values())
-        setting = config.runtime.overlap_merge
-        self.overlap = setting == "on" or (setting == "auto" and target_bytes <= _OVERLAP_MAX_BYTES)
-        self._pool: ThreadPoolExecutor | None = None
-        self._pending: tuple[Any, int, Future] | None = None  # (job key, model, merge in progress)
         self.load_seconds = time.perf_counter() - started
-
-    def run(self, job: Job, upcoming: Job | None = None) -> Outcome:
-        slot, reason, seconds = self._built(job)
-        self._prepare(upcoming, busy=slot)
-        if reason is not None:
-            return Outcome(False, -math.inf, reason=reason, merge_seconds=seconds)
-        if slot != self._held:
-            self.evaluator.set_model(self.models[slot])
-            self._held = slot
-        return _score(self.evaluator, job.split, job.items, seconds)
 
     def evaluate(self, recipe: dict[str, Any], split: str = "search", items: dict | None = None) -> Outcome:
         """Merge `recipe` into the target and score it (on `items` only, when given)."""
-        return self.run(Job("evaluate", split, recipe=recipe, items=items))
+        started = time.perf_counter()
+        try:
+            parsed = Recipe.from_dict(recipe)
+            if parsed.method is not self.engine.method:
+                self._switch(parsed.method)
+            self.engine.apply(parsed)
+        except Exception as exc:  # a recipe that cannot be merged (bad value, OOM) is a failed candidate
+            return Outcome(
+                False, -math.inf, reason=f"merge: {_reason(exc)}", merge_seconds=time.perf_counter() - started
+            )
+        return _score(self.evaluator, split, items, time.perf_counter() - started)
 
     def evaluate_source(self, index: int, split: str = "heldout", items: dict | None = None) -> Outcome:
         """Source model `index` unchanged (a parent baseline)."""
-        return self.run(Job("evaluate", split, source=index, items=items))
-
-    def _built(self, job: Job) -> tuple[int, str | None, float]:
-        """(model, failure reason, seconds): `job` written into a model, by the thread if it prepared it."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            key, slot, future = pending
-            reason, seconds = future.result()
-            if key == job.key:
-                return slot, reason, seconds
-        return self._held, *self._build(job, self._held)
-
-    def _prepare(self, job: Job | None, busy: int) -> None:
-        """Start merging `job` into the model not in use, when it is a recipe of the current method."""
-        if not self.overlap or job is None or job.recipe is None:
-            return
-        if Recipe.from_dict(job.recipe).method is not self.engine.method:
-            return  # switching the engine waits until nothing else uses it
-        if len(self.models) == 1:
-            self.models.append(copy.deepcopy(self.target))
-            self._bound.append(self.engine.bind(self.models[1]))
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evomerge-merge")
-        slot = 1 - busy
-        self._pending = (job.key, slot, self._pool.submit(self._build, job, slot))
-
-    def _build(self, job: Job, slot: int) -> tuple[str | None, float]:
-        """Write `job`'s model into model `slot`: (failure reason or None, seconds)."""
         started = time.perf_counter()
-        if job.recipe is None:
-            self.engine.load_input(job.source, into=self._bound[slot])
-            return None, time.perf_counter() - started
-        try:
-            parsed = Recipe.from_dict(job.recipe)
-            if parsed.method is not self.engine.method:
-                self._switch(parsed.method)
-            self.engine.apply(parsed, into=self._bound[slot])
-        except Exception as exc:  # a recipe that cannot be merged (bad value, OOM) is a failed candidate
-            return f"merge: {_reason(exc)}", time.perf_counter() - started
-        return None, time.perf_counter() - started
+        self.engine.load_input(index)
+        return _score(self.evaluator, split, items, time.perf_counter() - started)
 
     def _switch(self, method: Method) -> None:
         """Rebuild the engine for another method (the finals' default merges); the old one is freed first
@@ -144,7 +89,6 @@ class Worker(_Runs):
         log.info("switching the merge engine to %s", method.value)
         self.engine = None
         self.engine = MergeEngine(self.base, self.sources, method, self.target, **self._engine_args)
-        self._bound = [self.engine.targets] + [self.engine.bind(m) for m in self.models[1:]]
 
 
 class DfsWorker(_Runs):

@@ -540,7 +540,7 @@ class Search:
         return [c for c in top if c.estimate and rescore_owner(c) not in self._scores]
 
     def _warn_round_size(self, batch: int) -> None:
-        workers = self.executor.usage.workers
+        workers = self.executor.capacity
         if workers > 1 and 3 * workers > batch:
             log.warning(
                 "%d workers share rounds of %d candidates: at least 3 per worker keep them busy through a "
