@@ -233,6 +233,14 @@ class RuntimeSpec(_Strict):
     )
     ray: RaySpec = RaySpec()
     compile: Literal["auto", "on", "off"] = "auto"
+    sources: Literal["auto", "device", "host"] = Field(
+        "auto",
+        description="where base and sources live: device, host (streamed to the device per tensor; pinned "
+        "on CUDA), auto (device when the memory plan fits the device's free memory, else host)",
+    )
+    eval_tokens: int = Field(
+        1024, gt=0, description="prompt + generated tokens per sequence that the memory plan allows for"
+    )
     stop_after_failures: int = Field(
         5, ge=1, description="stop when the first this-many candidates all fail (a broken setup)"
     )

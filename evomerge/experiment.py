@@ -36,18 +36,31 @@ def open_experiment(
 ) -> tuple[ExperimentStore, bool]:
     """The experiment store at `out` (created and locked by the caller): opened to resume after checking
     that the config still defines the same search, or created."""
+    from evomerge.models.identity import check_same_models, describe_models
+    from evomerge.models.loading import open_models
+
     identity = config.identity()
     snapshot = json.dumps(config.model_dump(mode="json"), sort_keys=True)
+    base, sources, _ = open_models(config, config_dir)
+    models = describe_models(base, sources)
     if ExperimentStore.exists(out):
         store = ExperimentStore.open(out)
         old, new = _comparable(json.loads(store.meta("identity") or "{}")), _comparable(identity)
-        if old != new:
-            changed = ", ".join(describe_changes(old, new)) or "the config"
+        recorded = json.loads(store.meta("models") or "null")
+        try:
+            if old != new:
+                changed = ", ".join(describe_changes(old, new)) or "the config"
+                raise UserError(
+                    f"{out} holds an experiment with a different config (changed: {changed}); "
+                    "resume with the original config, or start over with --fresh --force or another --out"
+                )
+            if recorded is not None:
+                check_same_models(recorded, models, out)
+        except UserError:
             store.close()
-            raise UserError(
-                f"{out} holds an experiment with a different config (changed: {changed}); "
-                "resume with the original config, or start over with --fresh --force or another --out"
-            )
+            raise
+        if recorded is None:  # made before models were recorded: from now on they are
+            store.set_meta("models", json.dumps(models, sort_keys=True))
         if store.meta("config") != snapshot:
             store.set_meta("config", snapshot)
         if config_dir is not None and store.meta("config_dir") != str(config_dir):
@@ -58,6 +71,7 @@ def open_experiment(
         "identity_hash": config.identity_hash(),
         "config": snapshot,
         "config_dir": str(config_dir or Path.cwd()),  # where relative model paths may resolve (export)
+        "models": json.dumps(models, sort_keys=True),
     }
     return ExperimentStore.create(out, meta, config_text=config_text), False
 
@@ -112,11 +126,19 @@ def run_search(
         auto_dtype = config.runtime.dtype == "auto"
         if auto_dtype:  # journaled as chosen
             config = _with_dtype(config, checked.dtype)
+        if checked.placement is not None and config.runtime.sources == "auto":  # as the memory plan chose
+            config = config.model_copy(
+                update={"runtime": config.runtime.model_copy(update={"sources": checked.placement})}
+            )
+        plan = tuple(line.strip() for line in checked.lines if line.startswith(("memory per worker", "  ")))
+        for line in plan:
+            if reporter:
+                reporter.stage(line)
         if lock is None:
             _check_new_target(out, staged)
             out.mkdir(parents=True, exist_ok=True)
             lock = DirectoryLock(out, what)
-        run = _Run(fresh, force, budget, reporter, auto_dtype)
+        run = _Run(fresh, force, budget, reporter, auto_dtype, plan)
         if not staged:
             return [_run_one(config, config_dir, out, run)]
         return _run_stages(config, config_dir, out, run)
@@ -134,6 +156,7 @@ class _Run:
     budget: int | None
     reporter: Reporter | None
     auto_dtype: bool = False  # runtime.dtype was auto: an experiment resumes with the dtype it journaled
+    notes: tuple[str, ...] = ()  # for search.log (the memory plan)
 
 
 def _with_dtype(config: ExperimentConfig, dtype: str) -> ExperimentConfig:
@@ -258,6 +281,8 @@ def _run_one(config: ExperimentConfig, config_dir: Path, out: Path, run: _Run) -
         log.info(
             "%s experiment %s (config %s)", "resuming" if resumed else "starting", out, config.identity_hash()
         )
+        for note in run.notes:
+            log.info("%s", note)
         search = Search(config, config_dir, store, run.reporter)
         try:
             search.run()

@@ -23,6 +23,7 @@ class Validation:
     lines: list[str] = field(default_factory=list)
     unchecked: list[str] = field(default_factory=list)
     dtype: str | None = None  # runtime.dtype, `auto` resolved when every model was opened
+    placement: str | None = None  # runtime.sources, `auto` resolved by the memory plan
 
 
 def validate_config(path: str | Path) -> Validation:
@@ -41,6 +42,7 @@ def check_config(config: ExperimentConfig, config_dir: Path, *, resolve: bool) -
     from evomerge.evaluate.tasks import task_manager
     from evomerge.models.checkpoint import Checkpoint
     from evomerge.models.compat import check_compatible
+    from evomerge.models.reference import cached_snapshot
 
     report = Validation(config)
     sources = [s for s in config.models.sources]
@@ -49,7 +51,7 @@ def check_config(config: ExperimentConfig, config_dir: Path, *, resolve: bool) -
     refs = ([config.models.base] if config.models.base else []) + sources
     local, num_layers, where = [], None, {}
     for ref in refs:
-        if resolve or _is_local(ref, config_dir) or not looks_like_hub_id(ref):
+        if resolve or _is_local(ref, config_dir) or not looks_like_hub_id(ref) or cached_snapshot(ref):
             ckpt = Checkpoint.open(ref, base_dir=config_dir)
             local.append(ckpt)
             where[ref] = ckpt.path.resolve()
@@ -90,6 +92,8 @@ def check_config(config: ExperimentConfig, config_dir: Path, *, resolve: bool) -
             for name, split in splits.items()
         )
         report.lines.append(f"tasks: {sizes}")
+        if local and len(local) == len(refs):
+            report.lines += _memory_lines(config, config_dir, task_dict, report)
     except TaskDataUnreachable as exc:
         if resolve:
             raise
@@ -103,6 +107,29 @@ def check_config(config: ExperimentConfig, config_dir: Path, *, resolve: bool) -
     if not config.stages:
         report.lines.append("search: " + _search_line(config, num_layers))
     return report
+
+
+def _memory_lines(
+    config: ExperimentConfig, config_dir: Path, task_dict: dict, report: Validation
+) -> list[str]:
+    """The memory plan of one worker (the first stage's, for a staged experiment); UserError when it
+    fits neither the device's free memory nor host RAM."""
+    from evomerge.device import dtype_device
+    from evomerge.models.loading import open_models
+    from evomerge.runtime.memory import plan_for_config
+
+    planned = config.stage_config(0, None) if config.stages else config
+    base, sources, family = open_models(planned, config_dir)
+    scores_logprobs = any(
+        getattr(task, "OUTPUT_TYPE", None) in ("loglikelihood", "loglikelihood_rolling", "multiple_choice")
+        for task in task_dict.values()
+    )
+    plan = plan_for_config(
+        planned, base, sources, family, dtype=report.dtype or "float32", loglikelihood=scores_logprobs,
+        device=dtype_device(config.runtime.device),
+    )  # fmt: skip
+    report.placement = plan.placement
+    return plan.lines()
 
 
 def _dtype_line(config: ExperimentConfig, local: list, all_local: bool, report: Validation) -> str:

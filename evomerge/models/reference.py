@@ -35,15 +35,24 @@ def resolve_model_dir(
     return _from_hub(text, revision)
 
 
-def _from_hub(repo_id: str, revision: str | None) -> Path:
+def cached_snapshot(repo_id: str, revision: str | None = None) -> Path | None:
+    """The hub id's snapshot in the local Hugging Face cache, without any network access; None if absent."""
     from huggingface_hub import snapshot_download
 
     try:
         return Path(
             snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_PATTERNS, local_files_only=True)
         )
-    except Exception:  # not in the local cache: try the hub itself unless told to stay offline
-        pass
+    except Exception:
+        return None
+
+
+def _from_hub(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    cached = cached_snapshot(repo_id, revision)
+    if cached is not None:  # else try the hub itself unless told to stay offline
+        return cached
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         raise UserError(
             f"model {repo_id}: not a local directory, not in the Hugging Face cache, and HF_HUB_OFFLINE is set"

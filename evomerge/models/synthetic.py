@@ -96,7 +96,65 @@ def make_family(
             head = state["model.embed_tokens.weight"].clone()
             if tie == "different":
                 head += 0.01 * torch.randn(head.shape, generator=gen).to(dtype)
-            save_file({**state, "lm_head.weight": head.contiguous()}, out / "model.safetensors", {"format": "pt"})
+            save_file(
+                {**state, "lm_head.weight": head.contiguous()}, out / "model.safetensors", {"format": "pt"}
+            )
         save_tokenizer(out)
         paths.append(out)
     return paths
+
+
+def write_virtual(directory: Path, config: dict, dtype: str = "BF16", shard_bytes: int = 4 * 1024**3) -> Path:
+    """A checkpoint of a Llama-layout `config` (7B, 14B...) whose safetensors file has a real header and
+    no written weights (a sparse file: it takes no disk): for planning arithmetic on real shapes."""
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    heads, kv = (
+        config["num_attention_heads"],
+        config.get("num_key_value_heads", config["num_attention_heads"]),
+    )
+    head_dim = config.get("head_dim") or hidden // heads
+    shapes = {"model.embed_tokens.weight": [config["vocab_size"], hidden], "model.norm.weight": [hidden]}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "self_attn.q_proj.weight": [heads * head_dim, hidden],
+            p + "self_attn.k_proj.weight": [kv * head_dim, hidden],
+            p + "self_attn.v_proj.weight": [kv * head_dim, hidden],
+            p + "self_attn.o_proj.weight": [hidden, heads * head_dim],
+            p + "mlp.gate_proj.weight": [inter, hidden],
+            p + "mlp.up_proj.weight": [inter, hidden],
+            p + "mlp.down_proj.weight": [hidden, inter],
+            p + "input_layernorm.weight": [hidden],
+            p + "post_attention_layernorm.weight": [hidden],
+        }
+    if not config.get("tie_word_embeddings", False):
+        shapes["lm_head.weight"] = [config["vocab_size"], hidden]
+    width = {"BF16": 2, "F16": 2, "F32": 4}[dtype]
+    shards: list[dict] = [{}]
+    sizes = [0]
+    for name, shape in shapes.items():
+        size = width
+        for d in shape:
+            size *= d
+        if sizes[-1] and sizes[-1] + size > shard_bytes:  # sharded as hub checkpoints are
+            shards.append({})
+            sizes.append(0)
+        shards[-1][name] = {"dtype": dtype, "shape": shape, "data_offsets": [sizes[-1], sizes[-1] + size]}
+        sizes[-1] += size
+    directory.mkdir(parents=True, exist_ok=True)
+    weight_map = {}
+    for i, (header, total) in enumerate(zip(shards, sizes, strict=True)):
+        file = (
+            f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" if len(shards) > 1 else "model.safetensors"
+        )
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        with (directory / file).open("wb") as f:
+            f.write(len(raw).to_bytes(8, "little") + raw)
+            f.truncate(8 + len(raw) + total)
+        weight_map |= dict.fromkeys(header, file)
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory

@@ -68,6 +68,13 @@ class ThresholdTable:
         self.count_gt = (n - np.searchsorted(values, picked, side="right")).astype(np.int64)
         self.count_ge = (n - np.searchsorted(values, picked, side="left")).astype(np.int64)
 
+    @staticmethod
+    def estimate_nbytes(numel: int, step: float = 5e-4, min_density: float = 1e-4) -> int:
+        """About what a table of a tensor of `numel` entries holds, without building it (memory plan)."""
+        first = max(1, int(min_density * numel))
+        count = int(math.log(numel / first) / math.log1p(step)) + 2 if numel > first else 1
+        return 20 * min(numel, first + count)  # a float32 value and two int64 counts per sampled rank
+
     @property
     def nbytes(self) -> int:
         return int(self.values.nbytes + self.count_gt.nbytes + self.count_ge.nbytes)

@@ -92,6 +92,10 @@ def precompute_thresholds(name: str, base, models, eager: bool):
     return tables, uniforms
 
 
+def threshold_bytes(numel: int, row: int, inputs: int) -> int:
+    return inputs * ThresholdTable.estimate_nbytes(numel)
+
+
 def fast_threshold(kernels, out, base, models, p, name, state) -> None:
     """TIES by threshold: top-k as one compare against the precomputed cut (ties broken by hash)."""
     tables, uniforms = state
@@ -208,6 +212,7 @@ def breadcrumbs_method(name: str, *, consensus: bool) -> MergeMethod:
         exact=exact,
         fast=fast,
         precompute=precompute_thresholds,
+        state_bytes=threshold_bytes,
         baseline=default_baseline,
     )
 
@@ -242,6 +247,7 @@ def della_method(name: str, *, consensus: bool) -> MergeMethod:
         exact=sparsified_exact(mask, consensus),
         fast=fast,
         precompute=precompute,
+        state_bytes=lambda numel, row, inputs: inputs * numel * (2 if row <= 32767 else 4),
         baseline=default_baseline,
         random=True,
         check=check_epsilon,

@@ -96,6 +96,8 @@ class MergeMethod:
     random: bool = False  # draws masks from params.seed (results differ from mergekit's own draws)
     check: Callable[[TensorParams, str], None] | None = None  # constraints between parameters
     repair: Callable[[dict[str, Any]], dict[str, Any]] | None = None  # a searched group made valid
+    # bytes `precompute` keeps for one tensor of (numel, row length) and n merged models: the memory plan
+    state_bytes: Callable[[int, int, int], int] | None = None
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)

@@ -2,7 +2,13 @@
 average the entries that agree. The search's path trims by a precomputed threshold table."""
 
 from evomerge.merge import kernels
-from evomerge.merge.methods._gta import default_baseline, fast_threshold, gta_params, precompute_thresholds
+from evomerge.merge.methods._gta import (
+    default_baseline,
+    fast_threshold,
+    gta_params,
+    precompute_thresholds,
+    threshold_bytes,
+)
 from evomerge.merge.methods.base import MergeMethod
 
 METHOD = MergeMethod(
@@ -14,6 +20,7 @@ METHOD = MergeMethod(
     ),
     fast=fast_threshold,
     precompute=precompute_thresholds,
+    state_bytes=threshold_bytes,
     baseline=default_baseline,
     finals=2,
 )
