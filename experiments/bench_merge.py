@@ -1,6 +1,7 @@
 """Per-candidate merge speed of the in-memory engine, as ratios (not a test).
 
     python experiments/bench_merge.py [--hidden 1024 --layers 4 --vocab 32000 --device auto]
+                                      [--methods ties,della] [--sources device|host|both]
 
 Builds a base + 3 fine-tunes (float32, a few hundred MB each), then for every searchable method (or
 `--methods a,b`), with its genes mid-range, prints:
@@ -9,6 +10,9 @@ Builds a base + 3 fine-tunes (float32, a few hundred MB each), then for every se
   the same bytes on the same device (a copy touches 2 bytes per byte copied);
 - the ratio to mergekit 0.1.5 merging the same recipe in-process (run_merge; mergekit reads the sources
   and writes the result each time, which is what a mergekit-evolve candidate costs).
+With `--sources host` (or `both`) the sources stay in host memory and stream through the engine's
+staging buffers: the row gives the bytes moved host->device per candidate and the time next to `device`
+placement (on a CPU the "device" is host memory too, so this measures the staging copies only).
 Targets (issue 2): ties/dare_ties >= 0.3x copy bandwidth, >= 5x faster than mergekit.
 """
 
@@ -132,6 +136,45 @@ def mergekit_seconds(paths: list[Path], method: Method, reps: int) -> float | No
     return min(times)
 
 
+def bench_one(args, method, ckpts, paths, device, sync, copy_bw, model_bytes, placement, device_ms):
+    """One row: the method's per-candidate merge with its sources in `placement`; returns ms/candidate."""
+    base, inputs = models_for(method, ckpts)
+    target = load_target(ckpts[0], device=device)
+    engine = MergeEngine(base, inputs, method, target, device=device, compile=True, sources=placement)
+    groups = engine.family.group_names(engine.num_layers)
+    n = len(inputs)
+    recipes = []
+    for i in range(args.reps + 1):
+        per, shared = searched_values(method, n, i)
+        values = {k: (v,) * n for k, v in per.items()} | shared
+        if method.spec.repair:
+            values = method.spec.repair({"epsilon": (0.15,) * n} | values)
+        recipes.append(Recipe.uniform(method, groups, values=values, seed=i))
+    start = time.perf_counter()
+    engine.apply(recipes[0])  # compile (cached on disk by inductor after the first run) + warm-up
+    sync()
+    first = time.perf_counter() - start
+    it = iter(recipes * 2)
+    per = timed(lambda: engine.apply(next(it)), args.reps, sync)
+    touched = (n + (0 if base is None else 1) + 1) * model_bytes
+    label = method.value if placement == "device" else f"{method.value} (host)"
+    if placement == "host":
+        moved = engine._stager.bytes_per_candidate
+        versus = f"{per * 1e3 / device_ms:.2f}x device" if device_ms else ""
+        print(
+            f"{label:<22} {engine.load_seconds:10.1f} {first:8.1f} {per * 1e3:9.1f}   moved host->device "
+            f"{moved / 1e6:.0f} MB per candidate ({moved / per / 1e9:.1f} GB/s) {versus}"
+        )
+        return per * 1e3
+    mk = mergekit_seconds(paths, method, args.mergekit_reps)
+    mk_text = f"{mk:10.2f} {mk / per:9.1f}" if mk else f"{'n/a':>10} {'n/a':>9}"
+    print(
+        f"{label:<22} {engine.load_seconds:10.1f} {first:8.1f} {per * 1e3:9.1f} {touched / per / 1e9:7.1f} "
+        f"{(touched / per) / copy_bw:7.2f} {mk_text}"
+    )
+    return per * 1e3
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -143,6 +186,10 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--mergekit-reps", type=int, default=2)
     parser.add_argument("--methods", default="all", help="comma-separated, or all (every searchable one)")
+    parser.add_argument(
+        "--sources", default="device", choices=["device", "host", "both"],
+        help="where base and sources live (host: streamed per tensor through staging buffers)",
+    )  # fmt: skip
     args = parser.parse_args()
     device = resolve_device(args.device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -159,37 +206,19 @@ def main() -> None:
             f"plain copy of {model_bytes / 1e6:.0f} MB: {copy_s * 1e3:.1f} ms ({copy_bw / 1e9:.1f} GB/s touched)"
         )
         print(
-            f"{'method':<16} {'load+pre s':>10} {'first s':>8} {'ms/cand':>9} {'GB/s':>7} {'x copy':>7} {'mergekit s':>10} {'x faster':>9}"
+            f"{'method':<22} {'load+pre s':>10} {'first s':>8} {'ms/cand':>9} {'GB/s':>7} {'x copy':>7} {'mergekit s':>10} {'x faster':>9}"
         )
-        names = [m.value for m in Method if m.spec.genes] if args.methods == "all" else args.methods.split(",")
+        names = (
+            [m.value for m in Method if m.spec.genes] if args.methods == "all" else args.methods.split(",")
+        )
+        placements = ["device", "host"] if args.sources == "both" else [args.sources]
         for name in names:
             method = Method(name)
-            base, inputs = models_for(method, ckpts)
-            target = load_target(ckpts[0], device=device)
-            engine = MergeEngine(base, inputs, method, target, device=device, compile=True)
-            groups = engine.family.group_names(engine.num_layers)
-            n = len(inputs)
-            recipes = []
-            for i in range(args.reps + 1):
-                per, shared = searched_values(method, n, i)
-                values = {k: (v,) * n for k, v in per.items()} | shared
-                if method.spec.repair:
-                    values = method.spec.repair({"epsilon": (0.15,) * n} | values)
-                recipes.append(Recipe.uniform(method, groups, values=values, seed=i))
-            start = time.perf_counter()
-            engine.apply(recipes[0])  # compile (cached on disk by inductor after the first run) + warm-up
-            sync()
-            first = time.perf_counter() - start
-            it = iter(recipes * 2)
-            per = timed(lambda engine=engine, it=it: engine.apply(next(it)), args.reps, sync)
-            touched = (n + (0 if base is None else 1) + 1) * model_bytes
-            mk = mergekit_seconds(paths, method, args.mergekit_reps)
-            mk_text = f"{mk:10.2f} {mk / per:9.1f}" if mk else f"{'n/a':>10} {'n/a':>9}"
-            print(
-                f"{name:<16} {engine.load_seconds:10.1f} {first:8.1f} {per * 1e3:9.1f} {touched / per / 1e9:7.1f} "
-                f"{(touched / per) / copy_bw:7.2f} {mk_text}"
-            )
-            del engine, target
+            device_ms = None
+            for placement in placements:
+                device_ms = bench_one(
+                    args, method, ckpts, paths, device, sync, copy_bw, model_bytes, placement, device_ms
+                )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -16,7 +16,7 @@ from evomerge.models.checkpoint import Checkpoint
 from evomerge.models.loading import load_target
 
 
-def _engine(paths, method, exact=False, compile=False):
+def _engine(paths, method, exact=False, compile=False, sources="device"):
     spec = method.spec
     base, *fts = [Checkpoint.open(p) for p in paths]
     inputs = fts
@@ -25,7 +25,7 @@ def _engine(paths, method, exact=False, compile=False):
     if spec.inputs is not None:
         inputs = inputs[: spec.inputs]
     target = load_target(inputs[0] if base is None else base)
-    return MergeEngine(base, inputs, method, target, exact=exact, compile=compile), target
+    return MergeEngine(base, inputs, method, target, exact=exact, compile=compile, sources=sources), target
 
 
 def _varied_recipe(engine, method, rng, seed=0, split=False):
@@ -70,6 +70,24 @@ def test_in_place_equals_functional(zoo, method, split):
             torch.testing.assert_close(state[name], value.to(state[name].dtype), rtol=1e-5, atol=1e-6)
         else:
             assert torch.equal(state[name], value.to(state[name].dtype)), name
+
+
+@pytest.mark.parametrize("method", list(Method))
+def test_host_sources_merge_bit_identically(zoo, method):
+    """`runtime.sources: host`: every tensor's inputs (and precomputed state) go through the reusable
+    staging buffers; the merged target is the same bits as with the sources resident on the device."""
+    host, host_target = _engine(zoo["qwen2"], method, sources="host")
+    device, device_target = _engine(zoo["qwen2"], method)
+    assert host._stager is not None and device._stager is None
+    rng = np.random.default_rng(3)
+    for seed in range(2):
+        recipe = _varied_recipe(device, method, rng, seed=seed, split=seed == 1)
+        host.apply(recipe)
+        device.apply(recipe)
+        for name, value in device_target.state_dict().items():
+            assert torch.equal(host_target.state_dict()[name], value), name
+    host.load_input(0)
+    assert torch.equal(host_target.state_dict()[host.names[0]], host.inputs[0][host.names[0]])
 
 
 def test_split_groups_give_attention_and_mlp_their_own_parameters(zoo):

@@ -70,8 +70,11 @@ class MergeEngine:
         dtype: torch.dtype | None = None,
         exact: bool = False,
         compile: bool | str = "auto",
+        sources: str = "device",
     ) -> None:
         spec = method.spec
+        if sources not in ("device", "host"):
+            raise ValueError(f"sources must be device or host, not {sources!r}")
         if spec.needs_base and base is None:
             raise UserError(f"{method.value} needs a base model")
         if spec.inputs is not None and len(inputs) != spec.inputs:
@@ -88,14 +91,20 @@ class MergeEngine:
         self.num_layers = first.num_layers
         started = time.perf_counter()
 
+        self.placement = sources
+        home = self.device if sources == "device" else torch.device("cpu")
+        pin = sources == "host" and self.device.type == "cuda"  # page-locked: copies run asynchronously
+
         def load(ckpt: Checkpoint, name: str) -> torch.Tensor:
             raw = ckpt.get(name)  # mmap-backed: copy once into owned memory, so that page-cache eviction
             # can never turn a candidate into a disk read (one copy whatever the device and dtype)
-            return raw.to(device=self.device, dtype=dtype or raw.dtype, copy=True)
+            owned = raw.to(device=home, dtype=dtype or raw.dtype, copy=True)
+            return owned.pin_memory() if pin else owned
 
         self.base = {name: load(base, name) for name in self.names} if base is not None else None
         self.inputs = [{name: load(ckpt, name) for name in self.names} for ckpt in inputs]
         self.targets = self._bind_target(target)
+        self._stager = _Stager(self) if sources == "host" else None
         self.resident_bytes = sum(
             t.numel() * t.element_size()
             for src in ([self.base] if self.base else []) + self.inputs
@@ -141,8 +150,14 @@ class MergeEngine:
     def apply(self, recipe: Recipe | Mapping[str, TensorParams]) -> None:
         """Write the merge for `recipe` into the target model's tensors."""
         params = recipe.tensor_params(self.names, self.family) if isinstance(recipe, Recipe) else recipe
+        if self._stager is not None:
+            for name, base, models, state in self._stager.stream(self.names):
+                self._merge(name, base, models, params[name], state)
+                self._stager.done()
+            return
         for name in self.names:
-            self._apply_tensor(name, params[name])
+            base = self.base[name] if self.base is not None else None
+            self._merge(name, base, [src[name] for src in self.inputs], params[name], self.state.get(name))
 
     @torch.no_grad()
     def load_input(self, index: int) -> None:
@@ -150,15 +165,92 @@ class MergeEngine:
         for name in self.names:
             self.targets[name].copy_(self.inputs[index][name])
 
-    def _apply_tensor(self, name: str, p: TensorParams) -> None:
+    def _merge(self, name: str, base, models, p: TensorParams, state) -> None:
         out = self.targets[name]
-        base = self.base[name] if self.base is not None else None
-        models = [src[name] for src in self.inputs]
         spec = self.method.spec
         if self.exact or spec.fast is None:
             out.copy_(spec.exact(name, base, models, p))
             return
-        spec.fast(self.kernels, out, base, models, p, name, self.state.get(name))
+        spec.fast(self.kernels, out, base, models, p, name, state)
+
+
+class _Stager:
+    """`sources: host`: each tensor's inputs (base, models, and what was precomputed for it) are copied
+    into one of two reusable device buffers while the previous tensor is merged from the other. On CUDA the
+    copies run on a side stream from pinned memory, ordered by events (a buffer is refilled only after
+    the merge that read it has run); on a CPU the same path copies synchronously. The kernels see the same
+    values either way, so the merge is bit-identical to `device` placement."""
+
+    def __init__(self, engine: MergeEngine) -> None:
+        self.engine = engine
+        sources = ([engine.base] if engine.base is not None else []) + engine.inputs
+        largest = max(t.numel() for src in sources for t in src.values())
+        dtypes = [next(iter(src.values())).dtype for src in sources]
+        self.buffers = [
+            [torch.empty(largest, dtype=dt, device=engine.device) for dt in dtypes] for _ in range(2)
+        ]  # two sets: one being filled, one being read
+        self.cuda = engine.device.type == "cuda"
+        if self.cuda:
+            self.copy_stream = torch.cuda.Stream(engine.device)
+            self.copied = [torch.cuda.Event() for _ in range(2)]
+            self.freed = [torch.cuda.Event() for _ in range(2)]
+        self.bytes_per_candidate = sum(t.numel() * t.element_size() for src in sources for t in src.values())
+        self._slot = 0
+
+    def _fill(self, name: str, slot: int):
+        engine = self.engine
+        sources = ([engine.base] if engine.base is not None else []) + engine.inputs
+        staged = []
+        for buffer, src in zip(self.buffers[slot], sources, strict=True):
+            host = src[name]
+            view = buffer[: host.numel()].view(host.shape)
+            view.copy_(host, non_blocking=self.cuda)
+            staged.append(view)
+        return (staged[0], staged[1:]) if engine.base is not None else (None, staged)
+
+    def _state(self, name: str):
+        """What was precomputed for `name`, on the device (copied on the compute stream, so the caching
+        allocator never hands its memory to the copy stream while a kernel reads it)."""
+        return _to_device(self.engine.state.get(name), self.engine.device)
+
+    def stream(self, names: list[str]):
+        """(name, base, models, state) on the device for each tensor in turn; call `done()` after each."""
+        if not self.cuda:
+            for name in names:
+                yield name, *self._fill(name, 0), self._state(name)
+            return
+        compute = torch.cuda.current_stream(self.engine.device)
+        filled = [None, None]
+
+        def issue(i: int) -> None:
+            slot = i % 2
+            with torch.cuda.stream(self.copy_stream):
+                self.copy_stream.wait_event(self.freed[slot])  # the merge that read this set has run
+                filled[slot] = self._fill(names[i], slot)
+                self.copied[slot].record(self.copy_stream)
+
+        for slot in range(2):
+            self.freed[slot].record(compute)
+        issue(0)
+        for i, name in enumerate(names):
+            if i + 1 < len(names):
+                issue(i + 1)
+            self._slot = i % 2
+            compute.wait_event(self.copied[self._slot])
+            yield name, *filled[self._slot], self._state(name)
+
+    def done(self) -> None:
+        if self.cuda:
+            self.freed[self._slot].record(torch.cuda.current_stream(self.engine.device))
+
+
+def _to_device(state, device: torch.device):
+    """A tensor's precomputed state with every tensor in it on `device` (lists and tuples walked)."""
+    if isinstance(state, torch.Tensor):
+        return state.to(device)
+    if isinstance(state, list | tuple):
+        return type(state)(_to_device(s, device) for s in state)
+    return state
 
 
 def _shares_embeddings(target: torch.nn.Module, family) -> bool:

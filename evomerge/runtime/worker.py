@@ -54,7 +54,8 @@ class Worker(_Runs):
         started = time.perf_counter()
         self.target = load_target(first, device=device, dtype=dtype)
         compile_ = {"auto": "auto", "on": True, "off": False}[config.runtime.compile]
-        self._engine_args = dict(device=device, dtype=dtype, compile=compile_)
+        placement = config.runtime.sources if config.runtime.sources != "auto" else "device"  # auto: planned
+        self._engine_args = dict(device=device, dtype=dtype, compile=compile_, sources=placement)
         self.engine = MergeEngine(
             self.base, self.sources, config.merge.method, self.target, **self._engine_args
         )
