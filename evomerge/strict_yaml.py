@@ -29,7 +29,10 @@ def _mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict:
         if duplicate:
             line = key_node.start_mark.line + 1
             raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (line {line}; first at line {seen[key]})", key_node.start_mark
+                None,
+                None,
+                f"duplicate key {key!r} (line {line}; first at line {seen[key]})",
+                key_node.start_mark,
             )
         seen[key] = key_node.start_mark.line + 1
     return loader.construct_mapping(node, deep=True)

@@ -27,7 +27,7 @@ from evomerge.errors import UserError
         ({"merge": {"method": "slerp"}}, "slerp merges models.base with exactly one source"),
         ({"models": {"sources": ["a"]}}, "needs models.base"),
         ({"evaluation": {"tasks": []}}, "evaluation.tasks: List should have at least 1 item"),
-        ({"runtime": {"dtype": "int8"}}, "runtime.dtype: Input should be 'float32', 'bfloat16' or 'float16'"),
+        ({"runtime": {"dtype": "int8"}}, "runtime.dtype: Input should be 'auto', 'float32', 'bfloat16' or 'float16'"),
     ],
 )
 def test_schema_names_the_key(changes, message):
@@ -73,3 +73,12 @@ def test_validate_hub_models_unchecked_offline(tmp_path):
     done = _cli("validate", REPO / "configs" / "evollm-jp.yaml")
     assert done.returncode == 0, done.stderr
     assert "unchecked" in done.stdout
+
+
+def test_config_loads_without_torch():
+    """The config schema reads the method registry; neither imports torch (kernels load on first use)."""
+    import subprocess
+    import sys
+
+    code = "import sys, evomerge.config; from evomerge.merge.methods import REGISTRY; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"

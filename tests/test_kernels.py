@@ -73,7 +73,7 @@ def test_dare_density_one_is_task_arithmetic():
     base, delta = _dare_inputs(10_000)
     models = [base + delta, base + 2 * delta]
     dare = kernels.dare_linear(base, models, [0.3, 0.7], [1.0, 1.0], [1, 2])
-    ta = kernels.task_arithmetic(base, models, [0.3, 0.7])
+    ta = kernels.task_arithmetic.task_arithmetic(base, models, [0.3, 0.7])
     assert torch.equal(dare, ta)
 
 
@@ -81,7 +81,7 @@ def test_ties_sign_election_and_disjoint_mean():
     base = torch.zeros(4)
     a = torch.tensor([1.0, -2.0, 3.0, 0.0])
     b = torch.tensor([3.0, 1.0, -1.0, 0.0])
-    out = kernels.ties(base, [a, b], [1.0, 1.0], [1.0, 1.0])
+    out = kernels.ties.ties(base, [a, b], [1.0, 1.0], [1.0, 1.0])
     # entry 0: both positive -> mean 2; entry 1: -2 vs +1, sum -1 -> negative wins -> -2
     # entry 2: 3 vs -1 -> positive -> 3; entry 3: nothing agrees -> 0
     assert out.tolist() == [2.0, -2.0, 3.0, 0.0]
@@ -146,7 +146,9 @@ def test_merge_pass_keeps_exactly_what_keep_above_keeps():
             keep_above((m - base).abs(), v, q, uniform_from_index(torch.arange(50_000, dtype=torch.int32), k))
             for m, (v, q), k in zip(models, cuts, keys, strict=True)
         ]
-        selected = base + sum(torch.where(k, (m - base) * w, 0.0) for k, m, w in zip(kept, models, weights, strict=True))
+        selected = base + sum(
+            torch.where(k, (m - base) * w, 0.0) for k, m, w in zip(kept, models, weights, strict=True)
+        )
         assert torch.equal(hashed, selected) and torch.equal(tabled, selected)
     # no fractional tie: one plain compare with moved thresholds keeps the same entries
     cuts = [(float(deltas[0].abs().median()), 1.0), (float(deltas[1].abs().median()), 0.0)]
@@ -162,22 +164,22 @@ def test_merge_pass_keeps_exactly_what_keep_above_keeps():
 def test_slerp_endpoints_and_colinear_fallback():
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(1000, generator=g), torch.randn(1000, generator=g)
-    assert torch.allclose(kernels.slerp(0.0, a, b), a, atol=1e-6)
-    assert torch.allclose(kernels.slerp(1.0, a, b), b, atol=1e-6)
-    mid = kernels.slerp(0.5, a, b)
+    assert torch.allclose(kernels.slerp.slerp(0.0, a, b), a, atol=1e-6)
+    assert torch.allclose(kernels.slerp.slerp(1.0, a, b), b, atol=1e-6)
+    mid = kernels.slerp.slerp(0.5, a, b)
     # on the sphere: the midpoint of two (nearly) orthogonal same-norm vectors keeps their norm, lerp does not
     assert mid.norm() > ((a + b) / 2).norm() * 1.2
-    colinear = kernels.slerp(0.25, a, 2 * a)
+    colinear = kernels.slerp.slerp(0.25, a, 2 * a)
     assert torch.allclose(colinear, 0.75 * a + 0.25 * 2 * a, atol=1e-6)
-    zero = kernels.slerp(0.5, torch.zeros(10), torch.ones(10))
+    zero = kernels.slerp.slerp(0.5, torch.zeros(10), torch.ones(10))
     assert torch.isfinite(zero).all()
 
 
 def test_linear_normalize():
     a, b = torch.ones(3), torch.full((3,), 3.0)
-    assert kernels.linear([a, b], [1.0, 3.0]).tolist() == [2.5] * 3
-    assert kernels.linear([a, b], [1.0, 3.0], normalize=False).tolist() == [10.0] * 3
-    assert not math.isnan(kernels.linear([a, b], [0.5, 0.5])[0].item())
+    assert kernels.linear.linear([a, b], [1.0, 3.0]).tolist() == [2.5] * 3
+    assert kernels.linear.linear([a, b], [1.0, 3.0], normalize=False).tolist() == [10.0] * 3
+    assert not math.isnan(kernels.linear.linear([a, b], [0.5, 0.5])[0].item())
 
 
 def test_della_magprune_keeps_by_rank_in_expectation():
@@ -193,7 +195,9 @@ def test_della_magprune_keeps_by_rank_in_expectation():
     low = mask.gather(1, order[:, :400]).mean().item()
     high = mask.gather(1, order[:, -400:]).mean().item()
     assert abs(low - 0.25) < 0.03 and abs(high - 0.55) < 0.03
-    assert torch.equal(mask, magprune_mask(delta, 0.4, 0.15, key=derive_key("della", 0)))  # keyed, not global RNG
+    assert torch.equal(
+        mask, magprune_mask(delta, 0.4, 0.15, key=derive_key("della", 0))
+    )  # keyed, not global RNG
     assert not torch.equal(mask, magprune_mask(delta, 0.4, 0.15, key=derive_key("della", 1)))
     factor = l1_rescale(delta, mask)
     assert (delta * mask * factor).abs().sum().item() == pytest.approx(delta.abs().sum().item(), rel=1e-5)

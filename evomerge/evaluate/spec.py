@@ -59,7 +59,9 @@ class FidelitySpec(BaseModel):
     items: int | None = Field(
         None, ge=1, description="items per task: each round's subset, the anchors, or racing's first rung"
     )
-    rescore_top: int = Field(5, ge=1, description="best candidates by estimate re-scored on every search item")
+    rescore_top: int = Field(
+        5, ge=1, description="best candidates by estimate re-scored on every search item"
+    )
     refresh: int = Field(4, ge=1, description="anchors: re-chosen every this many rounds")
     eta: int = Field(2, ge=2, description="racing: 1/eta of a rung's candidates go on, with eta x the items")
 
@@ -93,7 +95,9 @@ class FidelitySpec(BaseModel):
     @model_validator(mode="after")
     def _sized(self) -> FidelitySpec:
         if self.mode in ("subsample", "anchors") and self.items is None:
-            raise ValueError(f"{self.mode} needs items: the number of items per task a candidate is scored on")
+            raise ValueError(
+                f"{self.mode} needs items: the number of items per task a candidate is scored on"
+            )
         if self.mode == "full" and self.items is not None:
             raise ValueError("full scores every search item: items does not apply")
         return self

@@ -45,6 +45,7 @@ class _Kernels:
             if self.compile:
                 try:
                     if fn.__name__ not in self._compiled:
+                        _allow_recompiles()
                         self._compiled[fn.__name__] = torch.compile(fn, dynamic=True)
                     return self._compiled[fn.__name__](*args, **kwargs)
                 except Exception as exc:  # no C++ compiler, unsupported backend...: same math, eagerly
@@ -56,6 +57,16 @@ class _Kernels:
             return fn(*args, **kwargs)
 
         return run
+
+
+def _allow_recompiles(limit: int = 64) -> None:
+    """One kernel (gta_into) is compiled once per keep mode and argument layout: a search's method plus the
+    finals' default merges, several engines in one process. Past dynamo's default limit of 8 it would
+    silently run eagerly, tens of times slower."""
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, name) and getattr(config, name) < limit:
+            setattr(config, name, limit)
 
 
 class MergeEngine:

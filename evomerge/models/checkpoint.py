@@ -122,7 +122,11 @@ class Checkpoint:
         if not self.config.get("tie_word_embeddings", False):
             return False
         for name, shared in family.tied:
-            if name in self.tensors and shared in self.tensors and not torch.equal(self.get(name), self.get(shared)):
+            if (
+                name in self.tensors
+                and shared in self.tensors
+                and not torch.equal(self.get(name), self.get(shared))
+            ):
                 return False
         return True
 

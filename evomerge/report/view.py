@@ -21,7 +21,9 @@ class ExperimentView:
     candidates: list[Candidate]
     finals: list[Final]
     config_dir: Path | None = None
-    final_items: dict[str, dict[str, ItemResults]] = field(default_factory=dict)  # final name -> task -> items
+    final_items: dict[str, dict[str, ItemResults]] = field(
+        default_factory=dict
+    )  # final name -> task -> items
     scores: list[Score] = field(default_factory=list)  # re-scores, anchor evidence, racing rungs
 
     @classmethod
@@ -130,7 +132,9 @@ class ExperimentView:
 
     @property
     def weights(self) -> dict[str, float]:
-        return {t["name"]: float(t.get("weight", 1.0)) for t in self.config.get("evaluation", {}).get("tasks", [])}
+        return {
+            t["name"]: float(t.get("weight", 1.0)) for t in self.config.get("evaluation", {}).get("tasks", [])
+        }
 
     def metric(self, metrics: dict[str, Any], task: str) -> float | None:
         values = metrics.get(task, {})

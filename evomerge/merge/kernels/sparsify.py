@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from evomerge.merge.kernels.rng import uniform_table
+from evomerge.merge.kernels.rng import uniform_from_index, uniform_table
 
 F32 = torch.float32
 
@@ -45,6 +45,29 @@ def magprune_mask(delta: torch.Tensor, density: float, epsilon: float, key: int)
     return magprune_from_ranks(row_ranks(delta), density, epsilon, key).reshape(delta.shape)
 
 
+def magprune_trim(
+    model: torch.Tensor,
+    base: torch.Tensor,
+    ranks: torch.Tensor,
+    low: torch.Tensor,
+    epsilon: torch.Tensor,
+    key: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DELLA's trim of one task vector in one function (what the engine compiles into one pass): its
+    keep mask from `row_ranks` (probability `low` = density - epsilon plus 2 epsilon times the rank's
+    place in its row; `low`, `epsilon` float32 and `key` int32 0-dim tensors, the vector under 2^30
+    entries), and the L1 norms of the whole and of the kept entries. Eagerly, the same bits as
+    magprune_mask and l1_rescale's sums."""
+    delta = model.to(F32) - base.to(F32)
+    # a row's ranks are a permutation of 0..L-1, so magprune's (r + 1 - min) / (max - min) is r / (L - 1),
+    # the same float32 values, without the two reductions
+    rank_norm = (ranks.to(F32) / (ranks.shape[1] - 1)).clamp(0, 1)
+    probs = low + rank_norm * 2 * epsilon
+    index = torch.arange(ranks.numel(), dtype=torch.int32, device=ranks.device).view(ranks.shape)
+    keep = (uniform_from_index(index, key) < probs).to(F32).view(delta.shape)
+    return keep, delta.abs().sum(), (delta * keep).abs().sum()
+
+
 def magprune_from_ranks(ranks: torch.Tensor, density: float, epsilon: float, key: int) -> torch.Tensor:
     """DELLA's mask from `row_ranks` (shaped as rows): the same bits as ranking afresh."""
     ranks = ranks.to(F32) + 1
@@ -57,8 +80,10 @@ def magprune_from_ranks(ranks: torch.Tensor, density: float, epsilon: float, key
 
 def l1_rescale(delta: torch.Tensor, mask: torch.Tensor, eps: float = 1e-7) -> float:
     """The factor that gives the kept entries the L1 norm of the whole vector (1 when either is ~0)."""
-    before = delta.abs().sum()
-    after = (delta * mask).abs().sum()
+    return l1_factor(delta.abs().sum(), (delta * mask).abs().sum(), eps)
+
+
+def l1_factor(before: torch.Tensor, after: torch.Tensor, eps: float = 1e-7) -> float:
     if before < eps or after < eps:
         return 1.0
     return float(before / after)

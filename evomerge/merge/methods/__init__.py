@@ -10,11 +10,13 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from enum import Enum
-
-import torch
+from typing import TYPE_CHECKING
 
 from evomerge.errors import UserError
 from evomerge.merge.methods.base import MergeMethod, Param, TensorParams, dare_keys, tie_keys
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["REGISTRY", "MergeMethod", "Method", "Param", "TensorParams", "dare_keys", "merge_tensor",
            "parse_method", "tie_keys"]  # fmt: skip

@@ -4,15 +4,16 @@
 from __future__ import annotations
 
 from dataclasses import replace
-
-import torch
+from typing import TYPE_CHECKING
 
 from evomerge.errors import UserError
-from evomerge.merge.kernels.gta import F32, gta_apply, gta_into
-from evomerge.merge.kernels.rng import uniform_table
-from evomerge.merge.kernels.sparsify import l1_rescale
-from evomerge.merge.kernels.trim import ThresholdTable, strict_thresholds
+from evomerge.merge import kernels as K  # loaded on first use: the registry loads without torch
 from evomerge.merge.methods.base import MergeMethod, Param, TensorParams, dare_keys, tie_keys
+
+if TYPE_CHECKING:
+    import torch
+
+    from evomerge.merge.kernels.trim import ThresholdTable
 
 WEIGHT = Param("weight", per_input=True, gene=(0.0, 1.0))
 DENSITY = Param("density", per_input=True, default=1.0, low=0.0, high=1.0, open_low=True, gene=(0.1, 1.0))
@@ -59,9 +60,9 @@ def default_baseline(n: int) -> dict:
 
 
 def _run(kernels, out, base, models, p: TensorParams, consensus: bool, **keep) -> None:
-    gta_apply(
+    K.gta.gta_apply(
         out, base, models, p["weight"], consensus=consensus, normalize=p["normalize"], lam=p["lambda"],
-        kernel=kernels(gta_into), **keep,
+        kernel=kernels(K.gta.gta_into), **keep,
     )  # fmt: skip
 
 
@@ -86,21 +87,23 @@ def fast_random(consensus: bool):
 def precompute_thresholds(name: str, base, models, eager: bool):
     """TIES: each task vector's sorted magnitudes (a threshold for any density), and, for eager kernels,
     the tie-break uniforms (fixed keys: hashed once here instead of per candidate)."""
-    b = base.to(F32)
-    tables = [ThresholdTable((m.to(F32) - b).abs()) for m in models]
-    uniforms = [uniform_table(k, b.numel(), b.device) for k in tie_keys(name, len(models))] if eager else None
+    b = base.float()
+    tables = [K.trim.ThresholdTable((m.float() - b).abs()) for m in models]
+    uniforms = (
+        [K.rng.uniform_table(k, b.numel(), b.device) for k in tie_keys(name, len(models))] if eager else None
+    )
     return tables, uniforms
 
 
 def threshold_bytes(numel: int, row: int, inputs: int) -> int:
-    return inputs * ThresholdTable.estimate_nbytes(numel)
+    return inputs * K.trim.ThresholdTable.estimate_nbytes(numel)
 
 
 def fast_threshold(kernels, out, base, models, p, name, state) -> None:
     """TIES by threshold: top-k as one compare against the precomputed cut (ties broken by hash)."""
     tables, uniforms = state
     cuts = [table.threshold(d) for table, d in zip(tables, p["density"], strict=True)]
-    strict = strict_thresholds(cuts)
+    strict = K.trim.strict_thresholds(cuts)
     if strict is not None:
         _run(kernels, out, base, models, p, True, mode="threshold", thresholds=strict)
         return
@@ -110,23 +113,20 @@ def fast_threshold(kernels, out, base, models, p, name, state) -> None:
 
 
 def empty_like_f32(base: torch.Tensor) -> torch.Tensor:
-    return torch.empty(base.shape, dtype=F32, device=base.device)
+    import torch
+
+    return torch.empty(base.shape, dtype=torch.float32, device=base.device)
 
 
-def _sparsified(out, base, models, p: TensorParams, mask_of, consensus: bool, kernel=gta_into):
-    """Trim each task vector by `mask_of(j, delta)`, then (with `rescale`) give the kept entries the
-    vector's L1 norm, as mergekit's sparsify does; then the shared task-vector pass."""
-    b = base.to(F32)
-    masks, scales = [], []
-    for j, m in enumerate(models):
-        delta = m.to(F32) - b
-        mask = mask_of(j, delta)
-        masks.append(mask)
-        trimmed = p["density"][j] < 1
-        scales.append(l1_rescale(delta, mask) if p.get("rescale") and trimmed else 1.0)
-    return gta_apply(
-        out, base, models, p["weight"], mode="mask", masks=masks, scales=scales, consensus=consensus,
-        normalize=p["normalize"], lam=p["lambda"], kernel=kernel,
+def _sparsified(out, base, models, p: TensorParams, trim, consensus: bool, kernel=None):
+    """Trim each task vector by `trim(j, model, base_f32) -> (mask, scale)`, then the shared task-vector
+    pass with the kept entries scaled (mergekit's sparsify: with `rescale`, to the vector's L1 norm)."""
+    b = base.float()
+    trimmed = [trim(j, m, b) for j, m in enumerate(models)]
+    return K.gta.gta_apply(
+        out, base, models, p["weight"], mode="mask", masks=[m for m, _ in trimmed],
+        scales=[s for _, s in trimmed], consensus=consensus, normalize=p["normalize"], lam=p["lambda"],
+        kernel=kernel or K.gta.gta_into,
     )  # fmt: skip
 
 
@@ -134,23 +134,25 @@ def sparsified_exact(mask_of, consensus: bool):
     """The exact kernel of a method that trims each task vector by `mask_of(j, delta, params, name)`."""
 
     def exact(name, base, models, p: TensorParams) -> torch.Tensor:
-        return _sparsified(
-            empty_like_f32(base), base, models, p, lambda j, delta: mask_of(j, delta, p, name), consensus
-        )
+        def trim(j, m, b):
+            delta = m.float() - b
+            mask = mask_of(j, delta, p, name)
+            rescale = p.get("rescale") and p["density"][j] < 1
+            return mask, K.sparsify.l1_rescale(delta, mask) if rescale else 1.0
+
+        return _sparsified(empty_like_f32(base), base, models, p, trim, consensus)
 
     return exact
 
 
 def dare_method(name: str, *, consensus: bool, finals: int | None = None) -> MergeMethod:
     """DARE, summed or with sign election: counter-hash drop masks in the engine's one pass."""
-    from evomerge.merge.kernels.dare import dare_linear, dare_ties
-
-    kernel = dare_ties if consensus else dare_linear
+    kernel = "dare_ties" if consensus else "dare_linear"
     return MergeMethod(
         name=name,
         summary="random drop and rescale" + (", sign election" if consensus else "") + ", in one pass",
         params=gta_params(normalize=False, rescale=True),
-        exact=lambda tensor, base, models, p: kernel(
+        exact=lambda tensor, base, models, p: getattr(K.dare, kernel)(
             base,
             models,
             p["weight"],
@@ -182,10 +184,8 @@ def breadcrumbs_method(name: str, *, consensus: bool) -> MergeMethod:
     """Model Breadcrumbs, summed or with sign election. The search trims by two cuts of the precomputed
     threshold tables (TIES's: exact on small tensors, within 0.1% of the kept count on large ones, ties
     by hash); with `rescale` (an L1 sum per candidate) it runs the exact kernel."""
-    from evomerge.merge.kernels.sparsify import outlier_mask
-
     exact = sparsified_exact(
-        lambda j, delta, p, tensor: outlier_mask(delta, p["density"][j], p["gamma"][j]), consensus
+        lambda j, delta, p, tensor: K.sparsify.outlier_mask(delta, p["density"][j], p["gamma"][j]), consensus
     )
 
     def fast(kernels, out, base, models, p, tensor, state) -> None:
@@ -195,7 +195,7 @@ def breadcrumbs_method(name: str, *, consensus: bool) -> MergeMethod:
         tables, uniforms = state
         cuts = [band_cuts(t, d, g) for t, d, g in zip(tables, p["density"], p["gamma"], strict=True)]
         lower, upper = [c[0] for c in cuts], [c[1] for c in cuts]
-        strict_lower, strict_upper = strict_thresholds(lower), strict_thresholds(upper)
+        strict_lower, strict_upper = K.trim.strict_thresholds(lower), K.trim.strict_thresholds(upper)
         if strict_lower is not None and strict_upper is not None:
             _run(kernels, out, base, models, p, consensus, mode="band", thresholds=strict_lower,
                  upper=strict_upper)  # fmt: skip
@@ -220,31 +220,51 @@ def breadcrumbs_method(name: str, *, consensus: bool) -> MergeMethod:
 def della_method(name: str, *, consensus: bool) -> MergeMethod:
     """DELLA, summed or with sign election (normalized by default then, as mergekit). The search keeps
     each task vector's per-row magnitude ranks (2 bytes an entry for rows up to 32k), so a candidate
-    costs its hashed draws and the L1 sums instead of two argsorts: the same bits as the exact kernel."""
-    from evomerge.merge.kernels.rng import derive_key
-    from evomerge.merge.kernels.sparsify import magprune_from_ranks, magprune_mask, row_ranks
+    costs one pass per task vector (draws, mask and L1 sums: `magprune_trim`, compiled with the engine's
+    kernels) and the merge pass, instead of two argsorts: eagerly, the exact kernel's bits."""
 
-    def mask(j, delta, p, tensor):
-        return magprune_mask(delta, p["density"][j], p["epsilon"][j], derive_key(p.seed, tensor, j))
+    def della_trim(kernels, p, tensor, ranks_of):
+        import torch
+
+        def trim(j, m, b):
+            density, epsilon = p["density"][j], p["epsilon"][j]
+            if density >= 1:
+                return m.new_ones(m.shape, dtype=torch.float32), 1.0
+            key = K.rng.derive_key(p.seed, tensor, j)
+            ranks = ranks_of(j, m, b)
+            if ranks.numel() >= K.rng.CHUNK:  # chunked draws: the general path
+                delta = m.float() - b
+                mask = K.sparsify.magprune_from_ranks(ranks, density, epsilon, key).reshape(delta.shape)
+                return mask, K.sparsify.l1_rescale(delta, mask) if p["rescale"] else 1.0
+            f32 = dict(dtype=torch.float32, device=m.device)
+            keep, before, after = kernels(K.sparsify.magprune_trim)(
+                m, b, ranks, torch.tensor(density - epsilon, **f32), torch.tensor(epsilon, **f32),
+                torch.tensor(key, dtype=torch.int32, device=m.device),
+            )  # fmt: skip
+            return keep, K.sparsify.l1_factor(before, after) if p["rescale"] else 1.0
+
+        return trim
+
+    def exact(tensor, base, models, p):
+        def ranks_of(j, m, b):
+            return K.sparsify.row_ranks(m.float() - b)
+
+        trim = della_trim(lambda fn: fn, p, tensor, ranks_of)
+        return _sparsified(empty_like_f32(base), base, models, p, trim, consensus)
 
     def precompute(tensor, base, models, eager):
-        b = base.to(F32)
-        return [row_ranks(m.to(F32) - b) for m in models]
+        b = base.float()
+        return [K.sparsify.row_ranks(m.float() - b) for m in models]
 
     def fast(kernels, out, base, models, p, tensor, ranks) -> None:
-        def mask_of(j, delta):
-            if p["density"][j] >= 1:
-                return torch.ones(delta.shape, dtype=F32, device=delta.device)
-            key = derive_key(p.seed, tensor, j)
-            return magprune_from_ranks(ranks[j], p["density"][j], p["epsilon"][j], key).reshape(delta.shape)
-
-        _sparsified(out, base, models, p, mask_of, consensus, kernel=kernels(gta_into))
+        trim = della_trim(kernels, p, tensor, lambda j, m, b: ranks[j])
+        _sparsified(out, base, models, p, trim, consensus, kernel=kernels(K.gta.gta_into))
 
     return MergeMethod(
         name=name,
         summary="magnitude-ranked random drop, L1 rescale" + (", sign election" if consensus else ""),
         params=gta_params(normalize=consensus, rescale=True, extra=(EPSILON,)),
-        exact=sparsified_exact(mask, consensus),
+        exact=exact,
         fast=fast,
         precompute=precompute,
         state_bytes=lambda numel, row, inputs: inputs * numel * (2 if row <= 32767 else 4),

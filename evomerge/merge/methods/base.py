@@ -11,12 +11,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import UserError
-from evomerge.merge.kernels.rng import derive_key
+
+if TYPE_CHECKING:
+    import torch
 
 Value = float | bool
 
@@ -70,7 +70,7 @@ class TensorParams:
 # The fast path: (kernels, out, base, models, params, tensor name, precomputed state) -> None, writing the
 # merge into `out` in place. `kernels` wraps a pure kernel function (torch.compile'd or eager).
 Fast = Callable[..., None]
-Exact = Callable[[str, "torch.Tensor | None", Sequence[torch.Tensor], TensorParams], torch.Tensor]
+Exact = Callable[[str, "torch.Tensor | None", Sequence["torch.Tensor"], TensorParams], "torch.Tensor"]
 
 
 @dataclass(frozen=True)
@@ -140,9 +140,13 @@ class MergeMethod:
 
 def dare_keys(seed: int, tensor: str, count: int) -> list[int]:
     """One mask key per task vector, from the candidate's seed and the tensor's name (never global RNG)."""
+    from evomerge.merge.kernels.rng import derive_key
+
     return [derive_key(seed, tensor, j) for j in range(count)]
 
 
 def tie_keys(tensor: str, count: int) -> list[int]:
     """Keys for the fast TIES path's tie-breaking among equal magnitudes; fixed per tensor."""
+    from evomerge.merge.kernels.rng import derive_key
+
     return [derive_key("ties-tie-break", tensor, j) for j in range(count)]

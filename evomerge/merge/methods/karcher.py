@@ -1,12 +1,14 @@
 """Karcher mean: the models' equal-weight Riemannian mean direction on the sphere, scaled by their mean
 norm (iterated to `tol` or `max_iter` steps per tensor). No per-model parameter: a baseline."""
 
-from evomerge.merge.kernels.spherical import karcher
+from evomerge.merge import kernels
 from evomerge.merge.methods.base import MergeMethod, Param
 
 
 def _exact(name, base, models, p):
-    return karcher(models, [1.0 / len(models)] * len(models), max_iter=int(p["max_iter"]), tol=p["tol"])
+    return kernels.spherical.karcher(
+        models, [1.0 / len(models)] * len(models), max_iter=int(p["max_iter"]), tol=p["tol"]
+    )
 
 
 METHOD = MergeMethod(

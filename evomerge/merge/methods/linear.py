@@ -1,7 +1,6 @@
 """Linear: the weighted average of the models themselves (no base, no task vectors)."""
 
 from evomerge.merge import kernels
-from evomerge.merge.kernels.linear import linear_into
 from evomerge.merge.methods.base import MergeMethod, Param
 
 
@@ -9,7 +8,7 @@ def _fast(kernels_, out, base, models, p, name, state) -> None:
     import torch
 
     weights = torch.tensor(p["weight"], dtype=torch.float32, device=out.device)
-    kernels_(linear_into)(out, models, weights, p["normalize"])
+    kernels_(kernels.linear_into)(out, models, weights, p["normalize"])
 
 
 def _check(p, where: str) -> None:
@@ -23,7 +22,7 @@ METHOD = MergeMethod(
     name="linear",
     summary="weighted average of the models",
     params=(Param("weight", per_input=True, gene=(0.0, 1.0)), Param("normalize", kind=bool, default=True)),
-    exact=lambda name, base, models, p: kernels.linear(models, p["weight"], normalize=p["normalize"]),
+    exact=lambda name, base, models, p: kernels.linear.linear(models, p["weight"], normalize=p["normalize"]),
     needs_base=False,
     fast=_fast,
     baseline=lambda n: {"weight": 1.0 / n},

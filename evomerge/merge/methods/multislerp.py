@@ -13,22 +13,18 @@ from __future__ import annotations
 
 import math
 
-import torch
-
-from evomerge.merge.kernels.gta import gta_apply, gta_into
-from evomerge.merge.kernels.linear import linear_into
-from evomerge.merge.kernels.spherical import multislerp
+from evomerge.merge import kernels as K  # loaded on first use: the registry loads without torch
 from evomerge.merge.methods.base import MergeMethod, Param
-
-F32 = torch.float32
 
 
 def _precompute(name: str, base, models, eager: bool):
     """Each vector's norm and the Gram matrix of dot products (float64 numbers), for any weights."""
     if len(models) < 2:
         return None
-    b = base.to(F32).reshape(-1) if base is not None else None
-    flat = [m.to(F32).reshape(-1) - b if b is not None else m.to(F32).reshape(-1) for m in models]
+    import torch
+
+    b = base.float().reshape(-1) if base is not None else None
+    flat = [m.float().reshape(-1) - b if b is not None else m.float().reshape(-1) for m in models]
     norms = [float(v.norm()) for v in flat]
     gram = [[float(torch.dot(u, v)) for v in flat] for u in flat]
     return norms, gram
@@ -55,10 +51,20 @@ def _fast(kernels, out, base, models, p, name, state) -> None:
     scale = sum(w * n for w, n in zip(weights, norms, strict=True)) * math.cos(eps) / mean_norm
     factors = [c * scale for c in coef]
     if base is None:
-        kernels(linear_into)(out, models, torch.tensor(factors, dtype=F32, device=out.device), False)
+        import torch
+
+        weights = torch.tensor(factors, dtype=torch.float32, device=out.device)
+        kernels(K.linear_into)(out, models, weights, False)
         return
-    gta_apply(
-        out, base, models, factors, mode="all", consensus=False, normalize=False, kernel=kernels(gta_into)
+    K.gta.gta_apply(
+        out,
+        base,
+        models,
+        factors,
+        mode="all",
+        consensus=False,
+        normalize=False,
+        kernel=kernels(K.gta.gta_into),
     )
 
 
@@ -70,7 +76,7 @@ METHOD = MergeMethod(
         Param("normalize_weights", kind=bool, default=True),
         Param("eps", default=1e-8, low=0.0),
     ),
-    exact=lambda name, base, models, p: multislerp(
+    exact=lambda name, base, models, p: K.spherical.multislerp(
         base, models, p["weight"], normalize_weights=p["normalize_weights"], eps=p["eps"]
     ),
     needs_base=False,

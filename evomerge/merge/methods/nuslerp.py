@@ -1,7 +1,7 @@
 """NuSLERP: SLERP of two models (of their task vectors when a base is given) with t = w1 / (w0 + w1),
 row-wise, column-wise or over the flattened tensor. Per-row norms: the search runs the exact kernel."""
 
-from evomerge.merge.kernels.spherical import nuslerp
+from evomerge.merge import kernels
 from evomerge.merge.methods.base import MergeMethod, Param
 
 
@@ -11,9 +11,11 @@ def _exact(name, base, models, p):
     dim = 0 if p["nuslerp_row_wise"] else -1
     flatten = p["nuslerp_flatten"]
     if base is None:
-        return nuslerp(t, models[0], models[1], dim=dim, flatten=flatten)
+        return kernels.spherical.nuslerp(t, models[0], models[1], dim=dim, flatten=flatten)
     b = base.float()
-    return b + nuslerp(t, models[0].float() - b, models[1].float() - b, dim=dim, flatten=flatten)
+    return b + kernels.spherical.nuslerp(
+        t, models[0].float() - b, models[1].float() - b, dim=dim, flatten=flatten
+    )
 
 
 METHOD = MergeMethod(

@@ -8,7 +8,7 @@ METHOD = MergeMethod(
     name="task_arithmetic",
     summary="adds the weighted task vectors to the base",
     params=gta_params(normalize=False, trims=False),
-    exact=lambda name, base, models, p: kernels.task_arithmetic(
+    exact=lambda name, base, models, p: kernels.task_arithmetic.task_arithmetic(
         base, models, p["weight"], normalize=p["normalize"], lam=p["lambda"]
     ),
     fast=fast_all(consensus=False),

@@ -15,7 +15,7 @@ METHOD = MergeMethod(
     name="ties",
     summary="top-k trim, sign election, mean of the agreeing entries",
     params=gta_params(normalize=True),
-    exact=lambda name, base, models, p: kernels.ties(
+    exact=lambda name, base, models, p: kernels.ties.ties(
         base, models, p["weight"], p["density"], normalize=p["normalize"], lam=p["lambda"]
     ),
     fast=fast_threshold,
