@@ -127,7 +127,7 @@ def search(
     if workers is not None and workers < 1:
         raise UserError("--workers must be at least 1")
     try:
-        with SearchReporter(err_console) as reporter:
+        with SearchReporter(err_console, console) as reporter:
             results = run_search(
                 config,
                 out=out,

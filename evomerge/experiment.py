@@ -130,10 +130,7 @@ def run_search(
             config = config.model_copy(
                 update={"runtime": config.runtime.model_copy(update={"sources": checked.placement})}
             )
-        plan = tuple(line.strip() for line in checked.lines if line.startswith(("memory per worker", "  ")))
-        for line in plan:
-            if reporter:
-                reporter.stage(line)
+        plan = tuple(line for line in checked.lines if line.startswith(("memory per worker", "  ")))
         if lock is None:
             _check_new_target(out, staged)
             out.mkdir(parents=True, exist_ok=True)
@@ -220,7 +217,12 @@ def _run_stages(config: ExperimentConfig, config_dir: Path, out: Path, run: _Run
         stage_dir = out / stage.name
         stage_dir.mkdir(exist_ok=True)
         with DirectoryLock(stage_dir, "experiment"):  # --fresh was handled above, for all stages at once
-            result = _run_one(stage_config, config_dir, stage_dir, replace(run, fresh=False, force=False))
+            result = _run_one(
+                stage_config,
+                config_dir,
+                stage_dir,
+                replace(run, fresh=False, force=False, notes=() if index else run.notes),
+            )
         results.append(result)
         if not result.finals:
             break
@@ -281,8 +283,10 @@ def _run_one(config: ExperimentConfig, config_dir: Path, out: Path, run: _Run) -
         log.info(
             "%s experiment %s (config %s)", "resuming" if resumed else "starting", out, config.identity_hash()
         )
-        for note in run.notes:
-            log.info("%s", note)
+        for note in run.notes:  # once the experiment is open (its checks passed)
+            log.info("%s", note.strip())
+            if run.reporter:
+                run.reporter.note(note)
         search = Search(config, config_dir, store, run.reporter)
         try:
             search.run()

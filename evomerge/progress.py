@@ -13,8 +13,9 @@ from evomerge.store import Candidate
 
 
 class SearchReporter:
-    def __init__(self, console: Console) -> None:
+    def __init__(self, console: Console, out: Console | None = None) -> None:
         self.console = console
+        self.out = out or console  # notes (the memory plan) go with the results, not the progress
         self.tty = console.is_terminal
         self.progress: Progress | None = None
         self.task = None
@@ -35,6 +36,9 @@ class SearchReporter:
             self.progress.update(self.task, description=text)
         else:
             self.console.print(text, markup=False, highlight=False)
+
+    def note(self, text: str) -> None:
+        self.out.print(text, markup=False, highlight=False, soft_wrap=True)
 
     def start(self, done: int, budget: int, best: float | None) -> None:
         self.started, self.start_done, self.budget = time.monotonic(), done, budget

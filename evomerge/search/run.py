@@ -54,6 +54,8 @@ class Reporter(Protocol):
 
     def stage(self, text: str) -> None: ...
 
+    def note(self, text: str) -> None: ...
+
 
 def candidate_seed(seed: int, generation: int, idx: int) -> int:
     """The seed of a candidate's random choices (DARE masks): a function of its place in the run only."""
