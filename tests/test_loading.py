@@ -131,5 +131,17 @@ def test_auto_dtype_chosen_from_headers_printed_and_journaled(tmp_path):
     db = sqlite3.connect(tmp_path / "exp" / "experiment.sqlite")
     config = json.loads(db.execute("SELECT value FROM meta WHERE key='config'").fetchone()[0])
     assert config["runtime"]["dtype"] == "bfloat16"
+    # an experiment made with float32 (the old default) resumes under auto with its journaled float32
+    explicit = smoke(tmp_path, **{"models.base": models[0], "models.sources": models[1:], "optimizer.budget": 6,
+                                  "runtime.dtype": "float32"})  # fmt: skip
+    assert cli("search", explicit, "--out", tmp_path / "old").returncode == 0
+    resumed = cli("search", cfg, "--out", tmp_path / "old", "--budget", 12)
+    assert resumed.returncode == 0, resumed.stderr
+    db = sqlite3.connect(tmp_path / "old" / "experiment.sqlite")
+    config = json.loads(db.execute("SELECT value FROM meta WHERE key='config'").fetchone()[0])
+    assert (
+        config["runtime"]["dtype"] == "float32"
+        and db.execute("SELECT COUNT(*) FROM candidates").fetchone()[0] == 12
+    )
     mixed = smoke(tmp_path, **{"models.base": str(zoo / "base"), "models.sources": models[1:]})
     assert "dtype: float32 (auto; the checkpoints store bfloat16, float16" in cli("validate", mixed).stdout
