@@ -125,17 +125,14 @@ def run_search(
         checked = check_config(config, config_dir, resolve=True)
         auto_dtype = config.runtime.dtype == "auto"
         if auto_dtype:  # journaled as chosen
-            config = _with_dtype(config, checked.dtype)
+            config = _with_runtime(config, dtype=checked.dtype)
         if checked.placement is not None and config.runtime.sources == "auto":  # as the memory plan chose
-            config = config.model_copy(
-                update={"runtime": config.runtime.model_copy(update={"sources": checked.placement})}
-            )
-        plan = tuple(line for line in checked.lines if line.startswith(("memory per worker", "  ")))
+            config = _with_runtime(config, sources=checked.placement)
         if lock is None:
             _check_new_target(out, staged)
             out.mkdir(parents=True, exist_ok=True)
             lock = DirectoryLock(out, what)
-        run = _Run(fresh, force, budget, reporter, auto_dtype, plan)
+        run = _Run(fresh, force, budget, reporter, auto_dtype, tuple(checked.memory))
         if not staged:
             return [_run_one(config, config_dir, out, run)]
         return _run_stages(config, config_dir, out, run)
@@ -156,8 +153,8 @@ class _Run:
     notes: tuple[str, ...] = ()  # for search.log (the memory plan)
 
 
-def _with_dtype(config: ExperimentConfig, dtype: str) -> ExperimentConfig:
-    return config.model_copy(update={"runtime": config.runtime.model_copy(update={"dtype": dtype})})
+def _with_runtime(config: ExperimentConfig, **changes) -> ExperimentConfig:
+    return config.model_copy(update={"runtime": config.runtime.model_copy(update=changes)})
 
 
 def _journaled_dtype(out: Path) -> str | None:
@@ -267,7 +264,7 @@ def _run_one(config: ExperimentConfig, config_dir: Path, out: Path, run: _Run) -
         journaled = _journaled_dtype(out)
         if journaled not in (None, "auto", config.runtime.dtype):
             log.info("runtime.dtype auto: resuming with the journaled %s", journaled)
-            config = _with_dtype(config, journaled)
+            config = _with_runtime(config, dtype=journaled)
     store, resumed = open_experiment(
         config,
         yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False),

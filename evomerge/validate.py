@@ -24,6 +24,7 @@ class Validation:
     unchecked: list[str] = field(default_factory=list)
     dtype: str | None = None  # runtime.dtype, `auto` resolved when every model was opened
     placement: str | None = None  # runtime.sources, `auto` resolved by the memory plan
+    memory: list[str] = field(default_factory=list)  # the memory plan's lines (also among `lines`)
 
 
 def validate_config(path: str | Path) -> Validation:
@@ -128,8 +129,8 @@ def _memory_lines(
         planned, base, sources, family, dtype=report.dtype or "float32", loglikelihood=scores_logprobs,
         device=dtype_device(config.runtime.device),
     )  # fmt: skip
-    report.placement = plan.placement
-    return plan.lines()
+    report.placement, report.memory = plan.placement, plan.lines()
+    return report.memory
 
 
 def _dtype_line(config: ExperimentConfig, local: list, all_local: bool, report: Validation) -> str:

@@ -194,7 +194,7 @@ class _Stager:
 
     def __init__(self, engine: MergeEngine) -> None:
         self.engine = engine
-        sources = ([engine.base] if engine.base is not None else []) + engine.inputs
+        self.sources = sources = ([engine.base] if engine.base is not None else []) + engine.inputs
         largest = max(t.numel() for src in sources for t in src.values())
         dtypes = [next(iter(src.values())).dtype for src in sources]
         self.buffers = [
@@ -209,15 +209,13 @@ class _Stager:
         self._slot = 0
 
     def _fill(self, name: str, slot: int):
-        engine = self.engine
-        sources = ([engine.base] if engine.base is not None else []) + engine.inputs
         staged = []
-        for buffer, src in zip(self.buffers[slot], sources, strict=True):
+        for buffer, src in zip(self.buffers[slot], self.sources, strict=True):
             host = src[name]
             view = buffer[: host.numel()].view(host.shape)
             view.copy_(host, non_blocking=self.cuda)
             staged.append(view)
-        return (staged[0], staged[1:]) if engine.base is not None else (None, staged)
+        return (staged[0], staged[1:]) if self.engine.base is not None else (None, staged)
 
     def _state(self, name: str):
         """What was precomputed for `name`, on the device (copied on the compute stream, so the caching
