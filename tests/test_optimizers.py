@@ -86,3 +86,31 @@ def test_store_is_wal_and_atomic(tmp_path):
     assert not list((tmp_path / "e").glob(".*partial"))
     with pytest.raises(UserError, match="already holds an experiment"):
         ExperimentStore.create(tmp_path / "e", {}, config_text="")
+
+
+
+def test_cma_loads_without_plotting_or_scipy_and_keeps_its_trajectory():
+    """cma imports matplotlib.pyplot and scipy.stats for features the search never uses (a second of every
+    search's start-up); the optimizer keeps them out, and CMA-ES proposes exactly what plain cma does."""
+    import subprocess
+    import sys
+
+    check = "assert 'matplotlib' not in sys.modules and 'scipy' not in sys.modules, 'imported'\n"
+    code = (
+        "import sys, numpy as np\n"
+        "from evomerge.config import CmaSpec\n"
+        "from evomerge.search.optimizers import CmaOptimizer\n"
+        "opt = CmaOptimizer(CmaSpec(name='cma', seed=3), np.full(5, 0.5), popsize=6)\n"
+        "CHECK"
+        "x = opt.ask(6)\n"
+        "opt.tell(x, [float(v.sum()) for v in x])\n"
+        "import cma, matplotlib.pyplot, scipy.stats  # both still importable afterwards\n"
+        "print(repr([round(float(v), 12) for v in opt.ask(6)[0]]))\n"
+    )
+
+    def proposals(program: str) -> str:
+        return subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True).stdout
+
+    guarded = proposals(code.replace("CHECK", check))
+    plain = proposals("import matplotlib.pyplot, scipy.stats\n" + code.replace("CHECK", ""))
+    assert guarded == plain and guarded.startswith("[")

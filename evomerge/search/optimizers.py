@@ -11,6 +11,8 @@ global RNG state (lm-eval reseeds numpy's global generator; cma draws from it by
 
 from __future__ import annotations
 
+import importlib.abc
+import sys
 from typing import Protocol
 
 import numpy as np
@@ -27,14 +29,40 @@ class Optimizer(Protocol):
     def tell(self, genomes: list[np.ndarray], losses: list[float]) -> None: ...
 
 
-class CmaOptimizer:
-    def __init__(self, spec: CmaSpec, x0: np.ndarray, popsize: int, overlap: int = 0) -> None:
-        import warnings
+class _Refuse(importlib.abc.MetaPathFinder):
+    """Fails the import of the named top-level packages (only while installed in sys.meta_path)."""
 
-        with warnings.catch_warnings():  # cma warns at import when matplotlib cannot be imported
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names = names
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname.split(".")[0] in self.names:
+            raise ImportError(f"{fullname} is not imported for cma")
+        return None
+
+
+def _import_cma():
+    """cma, without the optional packages it imports at import time for what evomerge does not use:
+    matplotlib.pyplot (cma.plot) and scipy.stats (its surrogate models' Kendall tau, which falls back to
+    its own). They are a second of every search's start-up. Already imported, they are simply used."""
+    import warnings
+
+    if "cma" in sys.modules:
+        return sys.modules["cma"]
+    refuse = _Refuse(tuple(n for n in ("matplotlib", "scipy") if n not in sys.modules))
+    sys.meta_path.insert(0, refuse)
+    try:
+        with warnings.catch_warnings():  # cma warns that cma.plot is unavailable
             warnings.simplefilter("ignore")
             import cma
+    finally:
+        sys.meta_path.remove(refuse)
+    return cma
 
+
+class CmaOptimizer:
+    def __init__(self, spec: CmaSpec, x0: np.ndarray, popsize: int, overlap: int = 0) -> None:
+        cma = _import_cma()
         self.rng = np.random.RandomState(spec.seed)
         self.batch = round_size(spec, popsize)
         options = {
