@@ -103,8 +103,10 @@ def main() -> None:
             if "search_s" not in row and (args.out / f"{row['setting']}-seed{row['seed']}").is_dir():
                 row["search_s"] = search_seconds(args.out / f"{row['setting']}-seed{row['seed']}")
             done[(row["setting"], row["seed"])] = row
-    for setting in args.only:
-        for seed in args.seeds:
+    # seed by seed, every setting in turn: on a shared machine whose speed drifts during the hour, each
+    # setting then runs under the same conditions as full (the wall-time ratios are what is compared)
+    for seed in args.seeds:
+        for setting in args.only:
             if (setting, seed) in done:
                 continue
             row = run(setting, seed, args.out)

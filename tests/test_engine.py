@@ -151,7 +151,7 @@ def test_memory_flat_over_50_candidates(zoo, method):
 def test_compiled_kernels_match_eager(zoo):
     """torch.compile path (what large models and GPUs use) gives the same tensors as the eager path."""
 
-    for method in (Method.dare_ties, Method.ties):
+    for method in (Method.dare_ties, Method.ties, Method.della):  # della: two compiled passes, packed ranks
         eager, eager_target = _engine(zoo["llama"], method, compile=False)
         compiled, compiled_target = _engine(zoo["llama"], method, compile=True)
         recipe = _varied_recipe(eager, method, np.random.default_rng(3), seed=9)

@@ -10,7 +10,8 @@ keep modes: "all" (no trim), "mask" (given bool masks), "threshold" (precomputed
 tie fraction q_j: |d| > t_j, or |d| == t_j and hash < q_j; see trim.ThresholdTable; without tie fractions
 and keys, a plain |d| > t_j: see trim.strict_thresholds), "band" (kept by a threshold and not by a second,
 `upper` one: breadcrumbs' magnitudes between two ranks), "random" (DARE: counter-hash uniform < p_j,
-optionally rescaled by 1/p_j). Both hashed modes take one key per model.
+optionally rescaled by 1/p_j), "ranked" (DELLA: counter-hash uniform < a probability from the entry's
+magnitude rank in its row, see sparsify.magprune_keep). The hashed modes take one key per model.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 import torch
 
 from evomerge.merge.kernels.rng import chunk_keys, uniform_from_index
+from evomerge.merge.kernels.sparsify import magprune_keep, unpack_ranks
 
 F32 = torch.float32
 
@@ -57,6 +59,9 @@ def gta_into(
     scales: torch.Tensor | None = None,
     upper: torch.Tensor | None = None,
     upper_tie_probs: torch.Tensor | None = None,
+    ranks: Sequence[torch.Tensor] | None = None,
+    span: torch.Tensor | None = None,
+    epsilons: torch.Tensor | None = None,
 ) -> None:
     # Every keep decision is a 0/1 float factor. sign(a - b) is the sign of the exact difference for finite
     # floats (a difference of distinct floats never rounds to zero), so each factor equals the compare it
@@ -84,6 +89,9 @@ def gta_into(
                 keep = keep - _above(magnitude, upper[j], q, u)
         elif mode == "random":
             keep = _positive(probs[j] - uniform_from_index(index, keys[j]))
+        elif mode == "ranked":  # probs: each model's keep probability at the smallest magnitude of a row
+            rank = unpack_ranks(ranks[j], b.numel())
+            keep = magprune_keep(rank, span, probs[j], epsilons[j], uniform_from_index(index, keys[j]))
         elif mode == "mask":
             keep = masks[j].to(F32)
         else:
@@ -131,6 +139,9 @@ def gta_apply(
     scales: Sequence[float] | None = None,
     upper: Sequence[float] | None = None,
     upper_tie_probs: Sequence[float] | None = None,
+    ranks: Sequence[torch.Tensor] | None = None,
+    span: float | None = None,
+    epsilons: Sequence[float] | None = None,
     kernel=gta_into,
 ) -> torch.Tensor:
     """Run `kernel` (gta_into, or a compiled copy of it) on flat views; hashed modes go in chunks of
@@ -152,11 +163,14 @@ def gta_apply(
         scales=None if scales is None else vec(scales),
         upper=None if upper is None else vec(upper),
         upper_tie_probs=None if upper_tie_probs is None else vec(upper_tie_probs),
+        span=None if span is None else vec(span),
+        epsilons=None if epsilons is None else vec(epsilons),
     )
+    flat_ranks = None if ranks is None else [r.reshape(-1) for r in ranks]
     flat_out, flat_base = out.view(-1), base.reshape(-1)
     flat_models = [m.reshape(-1) for m in models]
     if keys is None or uniforms is not None:  # precomputed uniforms replace the keys' hash
-        kernel(flat_out, flat_base, flat_models, uniforms=uniforms, **args)
+        kernel(flat_out, flat_base, flat_models, uniforms=uniforms, ranks=flat_ranks, **args)
         return out
     numel = flat_base.numel()
     per_model = [chunk_keys(k, numel) for k in keys]
@@ -167,6 +181,7 @@ def gta_apply(
             flat_base[start:stop],
             [m[start:stop] for m in flat_models],
             keys=chunk_key,
+            ranks=None if flat_ranks is None else [r[start:stop] for r in flat_ranks],
             **args,
         )
     return out

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from evomerge.merge.kernels.rng import uniform_from_index, uniform_table
+from evomerge.merge.kernels.rng import CHUNK, uniform_from_index, uniform_table
 
 F32 = torch.float32
 
@@ -45,27 +45,59 @@ def magprune_mask(delta: torch.Tensor, density: float, epsilon: float, key: int)
     return magprune_from_ranks(row_ranks(delta), density, epsilon, key).reshape(delta.shape)
 
 
-def magprune_trim(
-    model: torch.Tensor,
+def pack_ranks(ranks: torch.Tensor) -> torch.Tensor:
+    """`row_ranks` flattened, in int32 words the compiled kernels read at full speed: two ranks a word when
+    they fit 15 bits and the tensor is a single rng chunk (entry i in the low half of word i, entry
+    i + h in the high half, h = ceil(n / 2); 2 bytes an entry), else one rank a word. Inductor's CPU
+    code converts int16 one element at a time, about 10x slower than this unpacking."""
+    flat = ranks.reshape(-1).to(torch.int32)
+    n = flat.numel()
+    if ranks.dtype != torch.int16 or n >= CHUNK or n < 2:
+        return flat
+    half = (n + 1) // 2
+    high = torch.zeros(half, dtype=torch.int32, device=flat.device)
+    high[: n - half] = flat[half:]
+    return flat[:half] | (high << 16)
+
+
+def unpack_ranks(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The n flat int32 ranks of `pack_ranks` (a tensor of n words is already one rank a word)."""
+    if packed.numel() == n:
+        return packed
+    return torch.cat([packed & 0xFFFF, packed >> 16])[:n]
+
+
+def magprune_keep(ranks: torch.Tensor, span, low, epsilon, uniform: torch.Tensor) -> torch.Tensor:
+    """DELLA's keep decision as a 0/1 float from integer `row_ranks` (any shape, e.g. flat): keep with
+    probability `low` (density - epsilon) at the smallest magnitude of a row, rising by 2 epsilon to its
+    largest. `span` is the row length - 1: a row's ranks are a permutation of 0..L-1, so magprune's
+    (r + 1 - min) / (max - min) is r / (L - 1), the same float32 values without the two reductions."""
+    probs = low + (ranks.to(F32) / span).clamp(0, 1) * 2 * epsilon
+    return torch.relu(torch.sign(probs - uniform))  # u < probs, as float arithmetic (see gta._positive)
+
+
+def magprune_kept_l1(
     base: torch.Tensor,
-    ranks: torch.Tensor,
-    low: torch.Tensor,
-    epsilon: torch.Tensor,
-    key: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """DELLA's trim of one task vector in one function (what the engine compiles into one pass): its
-    keep mask from `row_ranks` (probability `low` = density - epsilon plus 2 epsilon times the rank's
-    place in its row; `low`, `epsilon` float32 and `key` int32 0-dim tensors, the vector under 2^30
-    entries), and the L1 norms of the whole and of the kept entries. Eagerly, the same bits as
-    magprune_mask and l1_rescale's sums."""
-    delta = model.to(F32) - base.to(F32)
-    # a row's ranks are a permutation of 0..L-1, so magprune's (r + 1 - min) / (max - min) is r / (L - 1),
-    # the same float32 values, without the two reductions
-    rank_norm = (ranks.to(F32) / (ranks.shape[1] - 1)).clamp(0, 1)
-    probs = low + rank_norm * 2 * epsilon
-    index = torch.arange(ranks.numel(), dtype=torch.int32, device=ranks.device).view(ranks.shape)
-    keep = (uniform_from_index(index, key) < probs).to(F32).view(delta.shape)
-    return keep, delta.abs().sum(), (delta * keep).abs().sum()
+    models: list[torch.Tensor],
+    ranks: list[torch.Tensor],
+    span: torch.Tensor,
+    lows: torch.Tensor,
+    epsilons: torch.Tensor,
+    keys: torch.Tensor,
+) -> torch.Tensor:
+    """The L1 norm of each task vector's kept entries (float32, one per model): the first of DELLA's two
+    passes, a reduction that writes nothing (the merge pass then draws the same keeps again: a hash is
+    cheaper than writing and re-reading a mask). Flat inputs under 2^30 entries, ranks as `pack_ranks`
+    gives them; `keys` int32, one per model; the rest float32 tensors."""
+    b = base.to(F32)
+    index = torch.arange(b.numel(), dtype=torch.int32, device=b.device).view(b.shape)
+    sums = []
+    for j, model in enumerate(models):
+        delta = model.to(F32) - b
+        rank = unpack_ranks(ranks[j], b.numel())
+        keep = magprune_keep(rank, span, lows[j], epsilons[j], uniform_from_index(index, keys[j]))
+        sums.append((delta * keep).abs().sum())
+    return torch.stack(sums)
 
 
 def magprune_from_ranks(ranks: torch.Tensor, density: float, epsilon: float, key: int) -> torch.Tensor:
@@ -87,3 +119,8 @@ def l1_factor(before: torch.Tensor, after: torch.Tensor, eps: float = 1e-7) -> f
     if before < eps or after < eps:
         return 1.0
     return float(before / after)
+
+
+def l1_scales(before: torch.Tensor, after: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """l1_factor for a vector of models, on the device (no synchronisation per tensor)."""
+    return torch.where((before < eps) | (after < eps), torch.ones_like(before), before / after)

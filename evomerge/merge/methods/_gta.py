@@ -218,54 +218,54 @@ def breadcrumbs_method(name: str, *, consensus: bool) -> MergeMethod:
 
 
 def della_method(name: str, *, consensus: bool) -> MergeMethod:
-    """DELLA, summed or with sign election (normalized by default then, as mergekit). The search keeps
-    each task vector's per-row magnitude ranks (2 bytes an entry for rows up to 32k), so a candidate
-    costs one pass per task vector (draws, mask and L1 sums: `magprune_trim`, compiled with the engine's
-    kernels) and the merge pass, instead of two argsorts: eagerly, the exact kernel's bits."""
+    """DELLA, summed or with sign election (normalized by default then, as mergekit). What does not depend
+    on the candidate is kept: each task vector's per-row magnitude ranks (2 bytes an entry for rows up to
+    32k) and its L1 norm. A candidate then costs two passes: the L1 norms of the kept entries (a reduction
+    over all task vectors, `magprune_kept_l1`) and the merge pass, which draws the same keeps again
+    (`ranked` mode). Exact and fast paths run the same functions; eagerly they give the same bits."""
 
-    def della_trim(kernels, p, tensor, ranks_of):
+    def merge(kernels, out, base, models, p: TensorParams, tensor: str, state) -> None:
         import torch
 
-        def trim(j, m, b):
-            density, epsilon = p["density"][j], p["epsilon"][j]
-            if density >= 1:
-                return m.new_ones(m.shape, dtype=torch.float32), 1.0
-            key = K.rng.derive_key(p.seed, tensor, j)
-            ranks = ranks_of(j, m, b)
-            if ranks.numel() >= K.rng.CHUNK:  # chunked draws: the general path
-                delta = m.float() - b
-                mask = K.sparsify.magprune_from_ranks(ranks, density, epsilon, key).reshape(delta.shape)
-                return mask, K.sparsify.l1_rescale(delta, mask) if p["rescale"] else 1.0
-            f32 = dict(dtype=torch.float32, device=m.device)
-            keep, before, after = kernels(K.sparsify.magprune_trim)(
-                m, b, ranks, torch.tensor(density - epsilon, **f32), torch.tensor(epsilon, **f32),
-                torch.tensor(key, dtype=torch.int32, device=m.device),
-            )  # fmt: skip
-            return keep, K.sparsify.l1_factor(before, after) if p["rescale"] else 1.0
-
-        return trim
-
-    def exact(tensor, base, models, p):
-        def ranks_of(j, m, b):
-            return K.sparsify.row_ranks(m.float() - b)
-
-        trim = della_trim(lambda fn: fn, p, tensor, ranks_of)
-        return _sparsified(empty_like_f32(base), base, models, p, trim, consensus)
+        ranks, span, before = state
+        density, epsilon = p["density"], p["epsilon"]
+        trims = [d < 1 for d in density]
+        # a task vector kept whole (density 1) draws with probability 2 > every uniform, and is not rescaled
+        lows = [d - e if t else 2.0 for d, e, t in zip(density, epsilon, trims, strict=True)]
+        epsilons = [e if t else 0.0 for e, t in zip(epsilon, trims, strict=True)]
+        keys = [K.rng.derive_key(p.seed, tensor, j) for j in range(len(models))]
+        scales = None
+        if p["rescale"] and any(trims):
+            after = _kept_l1(kernels, base, models, ranks, span, lows, epsilons, keys)
+            scales = torch.where(
+                torch.tensor(trims, device=before.device), K.sparsify.l1_scales(before, after), 1.0
+            )
+        K.gta.gta_apply(
+            out, base, models, p["weight"], mode="ranked", ranks=ranks, span=span, probs=lows, epsilons=epsilons,
+            keys=keys, scales=scales, consensus=consensus, normalize=p["normalize"], lam=p["lambda"],
+            kernel=kernels(K.gta.gta_into),
+        )  # fmt: skip
 
     def precompute(tensor, base, models, eager):
-        b = base.float()
-        return [K.sparsify.row_ranks(m.float() - b) for m in models]
+        import torch
 
-    def fast(kernels, out, base, models, p, tensor, ranks) -> None:
-        trim = della_trim(kernels, p, tensor, lambda j, m, b: ranks[j])
-        _sparsified(out, base, models, p, trim, consensus, kernel=kernels(K.gta.gta_into))
+        b = base.float()
+        deltas = [m.float() - b for m in models]
+        ranks = [K.sparsify.row_ranks(d) for d in deltas]
+        span = ranks[0].shape[-1] - 1
+        return [K.sparsify.pack_ranks(r) for r in ranks], span, torch.stack([d.abs().sum() for d in deltas])
+
+    def exact(tensor, base, models, p):
+        out = empty_like_f32(base)
+        merge(lambda fn: fn, out, base, models, p, tensor, precompute(tensor, base, models, True))
+        return out
 
     return MergeMethod(
         name=name,
         summary="magnitude-ranked random drop, L1 rescale" + (", sign election" if consensus else ""),
         params=gta_params(normalize=consensus, rescale=True, extra=(EPSILON,)),
         exact=exact,
-        fast=fast,
+        fast=merge,
         precompute=precompute,
         state_bytes=lambda numel, row, inputs: inputs * numel * (2 if row <= 32767 else 4),
         baseline=default_baseline,
@@ -273,3 +273,23 @@ def della_method(name: str, *, consensus: bool) -> MergeMethod:
         check=check_epsilon,
         repair=repair_epsilon,
     )
+
+
+def _kept_l1(kernels, base, models, ranks, span: int, lows, epsilons, keys):
+    """magprune_kept_l1 on flat views, summed over rng chunks (the merge pass draws per chunk too)."""
+    import torch
+
+    device = base.device
+    f32 = dict(dtype=torch.float32, device=device)
+    flat_base, flat_models = base.reshape(-1), [m.reshape(-1) for m in models]
+    flat_ranks = [r.reshape(-1) for r in ranks]  # packed: one chunk, the slice is the whole
+    per_model = [K.rng.chunk_keys(k, flat_base.numel()) for k in keys]
+    args = dict(span=torch.tensor(span, **f32), lows=torch.tensor(lows, **f32), epsilons=torch.tensor(epsilons, **f32))
+    total = None
+    for c, (start, stop, _) in enumerate(per_model[0]):
+        part = kernels(K.sparsify.magprune_kept_l1)(
+            flat_base[start:stop], [m[start:stop] for m in flat_models], [r[start:stop] for r in flat_ranks],
+            keys=torch.tensor([pm[c][2] for pm in per_model], dtype=torch.int32, device=device), **args,
+        )  # fmt: skip
+        total = part if total is None else total + part
+    return total
