@@ -260,10 +260,11 @@ def _run_one(config: ExperimentConfig, config_dir: Path, out: Path, run: _Run) -
         remove_marked(out, EXPERIMENT, spare=(LOCK,))  # refuses an unmarked dir, `.`, the cwd...
     if not ExperimentStore.exists(out) and not ExperimentStore.is_fresh_dir(out):
         raise UserError(f"{out} exists, is not empty and is not an experiment; choose another --out")
+    notes = list(run.notes)
     if run.auto_dtype and ExperimentStore.exists(out):  # auto chose once (this machine may choose otherwise)
         journaled = _journaled_dtype(out)
         if journaled not in (None, "auto", config.runtime.dtype):
-            log.info("runtime.dtype auto: resuming with the journaled %s", journaled)
+            notes.append(f"runtime.dtype auto: resuming with the journaled {journaled}")
             config = _with_runtime(config, dtype=journaled)
     store, resumed = open_experiment(
         config,
@@ -280,7 +281,7 @@ def _run_one(config: ExperimentConfig, config_dir: Path, out: Path, run: _Run) -
         log.info(
             "%s experiment %s (config %s)", "resuming" if resumed else "starting", out, config.identity_hash()
         )
-        for note in run.notes:  # once the experiment is open (its checks passed)
+        for note in notes:  # once the experiment is open (its checks passed), so search.log has them too
             log.info("%s", note.strip())
             if run.reporter:
                 run.reporter.note(note)

@@ -137,6 +137,8 @@ def test_auto_dtype_chosen_from_headers_printed_and_journaled(tmp_path):
     assert cli("search", explicit, "--out", tmp_path / "old").returncode == 0
     resumed = cli("search", cfg, "--out", tmp_path / "old", "--budget", 12)
     assert resumed.returncode == 0, resumed.stderr
+    said = "runtime.dtype auto: resuming with the journaled float32"
+    assert said in resumed.stdout and said in (tmp_path / "old" / "search.log").read_text()
     db = sqlite3.connect(tmp_path / "old" / "experiment.sqlite")
     config = json.loads(db.execute("SELECT value FROM meta WHERE key='config'").fetchone()[0])
     assert (
