@@ -226,3 +226,21 @@ def test_fast_trims_on_large_tensors(tmp_path, method):
     else:
         assert engine.state[name][0][0].values.size < engine.state[name][0][0].numel  # sampled ranks
         assert 0 < (fast != exact).float().mean().item() < 0.002
+
+
+def test_della_state_estimate_matches_what_the_engine_keeps(zoo):
+    """The memory plan's figure for DELLA's precomputed state (packed row ranks, one L1 norm per task
+    vector) is what the engine holds, to the few bytes an odd-sized tensor's packing rounds up."""
+    from evomerge.merge.methods._gta import della_state_bytes
+
+    engine, _ = _engine(zoo["llama"], Method.della)
+    inputs = len(engine.inputs)
+    held = estimate = 0
+    for name in engine.names:
+        packed, _, norms = engine.state[name]
+        held += sum(p.numel() * p.element_size() for p in packed) + norms.numel() * norms.element_size()
+        shape = engine.base[name].shape
+        estimate += della_state_bytes(shape.numel(), shape[-1], inputs)
+        assert all(p.numel() == (shape.numel() + 1) // 2 for p in packed) or shape.numel() < 2  # 2 per word
+    assert held <= estimate <= held + 4 * inputs * len(engine.names)
+    assert della_state_bytes(1 << 30, 4096, 2) == 2 * ((1 << 30) * 4 + 4)  # a tensor of one rng chunk or more

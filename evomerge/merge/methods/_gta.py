@@ -217,6 +217,13 @@ def breadcrumbs_method(name: str, *, consensus: bool) -> MergeMethod:
     )
 
 
+def della_state_bytes(numel: int, row: int, inputs: int) -> int:
+    """Packed row ranks (2 bytes an entry; 4 for rows over 32k and tensors of 2^30 entries or more, which
+    are not packed) and an L1 norm per task vector."""
+    packed = row <= 32767 and numel < 1 << 30  # kernels.rng.CHUNK, without importing torch here
+    return inputs * (numel * (2 if packed else 4) + 4)
+
+
 def della_method(name: str, *, consensus: bool) -> MergeMethod:
     """DELLA, summed or with sign election (normalized by default then, as mergekit). What does not depend
     on the candidate is kept: each task vector's per-row magnitude ranks (2 bytes an entry for rows up to
@@ -267,7 +274,7 @@ def della_method(name: str, *, consensus: bool) -> MergeMethod:
         exact=exact,
         fast=merge,
         precompute=precompute,
-        state_bytes=lambda numel, row, inputs: inputs * numel * (2 if row <= 32767 else 4),
+        state_bytes=della_state_bytes,
         baseline=default_baseline,
         random=True,
         check=check_epsilon,
