@@ -256,11 +256,11 @@ def export(
 
 
 def main() -> None:
-    # lm-eval and transformers draw tqdm bars per batch; tqdm reads this when first imported, which
-    # happens lazily inside the commands, after this line
     # torch, transformers and lm-eval create millions of long-lived objects while they import; at Python's
     # default threshold the collector rescans them all eight times on the way (0.8 s of a search's start-up)
     gc.set_threshold(50_000, 10, 10)
+    # lm-eval and transformers draw tqdm bars per batch; tqdm reads this when first imported, which
+    # happens lazily inside the commands, after this line
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

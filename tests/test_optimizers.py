@@ -88,7 +88,6 @@ def test_store_is_wal_and_atomic(tmp_path):
         ExperimentStore.create(tmp_path / "e", {}, config_text="")
 
 
-
 def test_cma_loads_without_plotting_or_scipy_and_keeps_its_trajectory():
     """cma imports matplotlib.pyplot and scipy.stats for features the search never uses (a second of every
     search's start-up); the optimizer keeps them out, and CMA-ES proposes exactly what plain cma does."""
@@ -109,7 +108,9 @@ def test_cma_loads_without_plotting_or_scipy_and_keeps_its_trajectory():
     )
 
     def proposals(program: str) -> str:
-        return subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True).stdout
+        return subprocess.run(
+            [sys.executable, "-c", program], capture_output=True, text=True, check=True
+        ).stdout
 
     guarded = proposals(code.replace("CHECK", check))
     plain = proposals("import matplotlib.pyplot, scipy.stats\n" + code.replace("CHECK", ""))

@@ -291,7 +291,9 @@ def _kept_l1(kernels, base, models, ranks, span: int, lows, epsilons, keys):
     flat_base, flat_models = base.reshape(-1), [m.reshape(-1) for m in models]
     flat_ranks = [r.reshape(-1) for r in ranks]  # packed: one chunk, the slice is the whole
     per_model = [K.rng.chunk_keys(k, flat_base.numel()) for k in keys]
-    args = dict(span=torch.tensor(span, **f32), lows=torch.tensor(lows, **f32), epsilons=torch.tensor(epsilons, **f32))
+    args = dict(
+        span=torch.tensor(span, **f32), lows=torch.tensor(lows, **f32), epsilons=torch.tensor(epsilons, **f32)
+    )
     total = None
     for c, (start, stop, _) in enumerate(per_model[0]):
         part = kernels(K.sparsify.magprune_kept_l1)(
