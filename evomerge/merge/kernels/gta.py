@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from evomerge.merge.kernels.rng import chunk_keys, uniform_from_index
+from evomerge.merge.kernels.rng import chunks, uniform_from_index
 from evomerge.merge.kernels.sparsify import magprune_keep, unpack_ranks
 
 F32 = torch.float32
@@ -172,15 +172,12 @@ def gta_apply(
     if keys is None or uniforms is not None:  # precomputed uniforms replace the keys' hash
         kernel(flat_out, flat_base, flat_models, uniforms=uniforms, ranks=flat_ranks, **args)
         return out
-    numel = flat_base.numel()
-    per_model = [chunk_keys(k, numel) for k in keys]
-    for c, (start, stop, _) in enumerate(per_model[0]):
-        chunk_key = vec([pm[c][2] for pm in per_model], torch.int32)
+    for start, stop, chunk_key in chunks(keys, flat_base.numel()):
         kernel(
             flat_out[start:stop],
             flat_base[start:stop],
             [m[start:stop] for m in flat_models],
-            keys=chunk_key,
+            keys=vec(chunk_key, torch.int32),
             ranks=None if flat_ranks is None else [r[start:stop] for r in flat_ranks],
             **args,
         )

@@ -47,6 +47,12 @@ def chunk_keys(key: int, numel: int) -> list[tuple[int, int, int]]:
     ]
 
 
+def chunks(keys: list[int], numel: int) -> list[tuple[int, int, list[int]]]:
+    """(start, stop, each key's chunk key) for every chunk of a flat tensor drawn under several keys."""
+    per_key = [chunk_keys(k, numel) for k in keys]
+    return [(start, stop, [pk[c][2] for pk in per_key]) for c, (start, stop, _) in enumerate(per_key[0])]
+
+
 def uniform_table(key: int, numel: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """The flat uniforms the hashed modes draw for a tensor of `numel` elements under `key`, chunk keys
     included: for a fixed key (TIES ties) they can be computed once instead of per candidate."""

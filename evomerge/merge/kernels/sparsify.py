@@ -42,7 +42,10 @@ def row_ranks(delta: torch.Tensor) -> torch.Tensor:
 def magprune_mask(delta: torch.Tensor, density: float, epsilon: float, key: int) -> torch.Tensor:
     if density >= 1:
         return torch.ones(delta.shape, dtype=F32, device=delta.device)
-    return magprune_from_ranks(row_ranks(delta), density, epsilon, key).reshape(delta.shape)
+    ranks = row_ranks(delta)
+    uniform = uniform_table(key, ranks.numel(), ranks.device).view(ranks.shape)
+    keep = magprune_keep(ranks, ranks.shape[1] - 1, density - epsilon, epsilon, uniform)
+    return keep.reshape(delta.shape)
 
 
 def pack_ranks(ranks: torch.Tensor) -> torch.Tensor:
@@ -98,16 +101,6 @@ def magprune_kept_l1(
         keep = magprune_keep(rank, span, lows[j], epsilons[j], uniform_from_index(index, keys[j]))
         sums.append((delta * keep).abs().sum())
     return torch.stack(sums)
-
-
-def magprune_from_ranks(ranks: torch.Tensor, density: float, epsilon: float, key: int) -> torch.Tensor:
-    """DELLA's mask from `row_ranks` (shaped as rows): the same bits as ranking afresh."""
-    ranks = ranks.to(F32) + 1
-    low, high = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
-    rank_norm = ((ranks - low) / (high - low)).clamp(0, 1)
-    probs = (density - epsilon) + rank_norm * 2 * epsilon
-    uniform = uniform_table(key, ranks.numel(), ranks.device).view(ranks.shape)
-    return (uniform < probs).to(F32)
 
 
 def l1_rescale(delta: torch.Tensor, mask: torch.Tensor, eps: float = 1e-7) -> float:

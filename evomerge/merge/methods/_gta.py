@@ -118,7 +118,7 @@ def empty_like_f32(base: torch.Tensor) -> torch.Tensor:
     return torch.empty(base.shape, dtype=torch.float32, device=base.device)
 
 
-def _sparsified(out, base, models, p: TensorParams, trim, consensus: bool, kernel=None):
+def _sparsified(out, base, models, p: TensorParams, trim, consensus: bool):
     """Trim each task vector by `trim(j, model, base_f32) -> (mask, scale)`, then the shared task-vector
     pass with the kept entries scaled (mergekit's sparsify: with `rescale`, to the vector's L1 norm)."""
     b = base.float()
@@ -126,7 +126,6 @@ def _sparsified(out, base, models, p: TensorParams, trim, consensus: bool, kerne
     return K.gta.gta_apply(
         out, base, models, p["weight"], mode="mask", masks=[m for m, _ in trimmed],
         scales=[s for _, s in trimmed], consensus=consensus, normalize=p["normalize"], lam=p["lambda"],
-        kernel=kernel or K.gta.gta_into,
     )  # fmt: skip
 
 
@@ -290,15 +289,14 @@ def _kept_l1(kernels, base, models, ranks, span: int, lows, epsilons, keys):
     f32 = dict(dtype=torch.float32, device=device)
     flat_base, flat_models = base.reshape(-1), [m.reshape(-1) for m in models]
     flat_ranks = [r.reshape(-1) for r in ranks]  # packed: one chunk, the slice is the whole
-    per_model = [K.rng.chunk_keys(k, flat_base.numel()) for k in keys]
     args = dict(
         span=torch.tensor(span, **f32), lows=torch.tensor(lows, **f32), epsilons=torch.tensor(epsilons, **f32)
     )
     total = None
-    for c, (start, stop, _) in enumerate(per_model[0]):
+    for start, stop, chunk_key in K.rng.chunks(keys, flat_base.numel()):
         part = kernels(K.sparsify.magprune_kept_l1)(
             flat_base[start:stop], [m[start:stop] for m in flat_models], [r[start:stop] for r in flat_ranks],
-            keys=torch.tensor([pm[c][2] for pm in per_model], dtype=torch.int32, device=device), **args,
+            keys=torch.tensor(chunk_key, dtype=torch.int32, device=device), **args,
         )  # fmt: skip
         total = part if total is None else total + part
     return total
