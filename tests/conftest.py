@@ -11,6 +11,16 @@ from evomerge.models.synthetic import make_family  # noqa: E402
 FAMILIES = ("llama", "mistral", "qwen2")
 
 
+def pytest_sessionstart(session):
+    from helpers import DEVICE
+
+    if DEVICE != "cpu":
+        import torch
+
+        if not DEVICE.startswith("cuda") or not torch.cuda.is_available():
+            pytest.exit(f"EVOMERGE_TEST_DEVICE={DEVICE}: no such device here (cpu, or cuda with a GPU)", 2)
+
+
 @pytest.fixture(scope="session")
 def zoo(tmp_path_factory):
     """Tiny random base + two fine-tunes per family, float32: {family: [base, ft1, ft2]}."""

@@ -13,6 +13,9 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "configs" / "smoke.yaml"
+# Where the tests merge and evaluate: cpu, or cuda on a GPU machine (EVOMERGE_TEST_DEVICE=cuda; conftest
+# stops the run when that device is missing). Tests about a device's own rules name theirs explicitly.
+DEVICE = os.environ.get("EVOMERGE_TEST_DEVICE", "cpu")
 
 
 def cli(*args, cwd=REPO, timeout=600, env_extra=None):
@@ -41,6 +44,7 @@ def smoke(tmp_path: Path, **changes) -> Path:
         "sources": [str(REPO / "zoo" / n) for n in ("math-en", "lang-x")],
     }
     cfg["output"]["dir"] = str(tmp_path / "exp")
+    cfg.setdefault("runtime", {})["device"] = DEVICE
     for dotted, value in changes.items():
         node = cfg
         *parents, last = dotted.split(".")
@@ -83,7 +87,9 @@ def kill_and_resume(cfg: Path, out: Path, *, budget: int, seed: int, kills: int 
         con = sqlite3.connect(db)
         try:
             return tuple(
-                con.execute("SELECT (SELECT COUNT(*) FROM candidates), (SELECT COUNT(*) FROM finals)").fetchone()
+                con.execute(
+                    "SELECT (SELECT COUNT(*) FROM candidates), (SELECT COUNT(*) FROM finals)"
+                ).fetchone()
             )
         except sqlite3.OperationalError:
             return -1, 0

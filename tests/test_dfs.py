@@ -9,7 +9,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from helpers import REPO
+from helpers import DEVICE, REPO
 from helpers import cli as _cli
 from transformers import AutoModelForCausalLM
 
@@ -119,8 +119,8 @@ def test_evaluator_scores_path_candidates_like_models():
     from evomerge.evaluate.run import load_model_and_tokenizer
 
     zoo = Path(__file__).resolve().parent.parent / "zoo"
-    a, tok = load_model_and_tokenizer(str(zoo / "math-en"), device="cpu", dtype="float32")
-    b, _ = load_model_and_tokenizer(str(zoo / "lang-x"), device="cpu", dtype="float32")
+    a, tok = load_model_and_tokenizer(str(zoo / "math-en"), device=DEVICE, dtype="float32")
+    b, _ = load_model_and_tokenizer(str(zoo / "lang-x"), device=DEVICE, dtype="float32")
     spec = EvaluationSpec.model_validate(
         {
             "tasks": [{"name": "zoo_math_en", "limit": 30}, {"name": "zoo_verbs_x", "limit": 30}],

@@ -7,6 +7,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
+from helpers import DEVICE
 
 from evomerge.merge.engine import MergeEngine
 from evomerge.merge.kernels.trim import keep_count
@@ -16,7 +17,7 @@ from evomerge.models.checkpoint import Checkpoint
 from evomerge.models.loading import load_target
 
 
-def _engine(paths, method, exact=False, compile=False, sources="device"):
+def _engine(paths, method, exact=False, compile=False, sources="device", device=DEVICE):
     spec = method.spec
     base, *fts = [Checkpoint.open(p) for p in paths]
     inputs = fts
@@ -24,8 +25,11 @@ def _engine(paths, method, exact=False, compile=False, sources="device"):
         base, inputs = None, [Checkpoint.open(p) for p in paths]
     if spec.inputs is not None:
         inputs = inputs[: spec.inputs]
-    target = load_target(inputs[0] if base is None else base)
-    return MergeEngine(base, inputs, method, target, exact=exact, compile=compile, sources=sources), target
+    target = load_target(inputs[0] if base is None else base, device=device)
+    engine = MergeEngine(
+        base, inputs, method, target, exact=exact, compile=compile, sources=sources, device=device
+    )
+    return engine, target
 
 
 def _varied_recipe(engine, method, rng, seed=0, split=False):
@@ -90,6 +94,23 @@ def test_host_sources_merge_bit_identically(zoo, method):
     assert torch.equal(host_target.state_dict()[host.names[0]], host.inputs[0][host.names[0]])
 
 
+@pytest.mark.skipif(DEVICE == "cpu", reason="compares the test device (EVOMERGE_TEST_DEVICE) against the CPU")
+@pytest.mark.parametrize("method", list(Method))
+def test_merge_on_the_test_device_equals_the_cpu(zoo, method):
+    """A recipe merges to the same model on a GPU as on the CPU (a Ray cluster may mix them): the hashed
+    masks (DARE, DELLA, TIES' tie-breaks) are drawn per entry index, not from a device's RNG, so they are the
+    same entries everywhere; the arithmetic may differ by rounding only."""
+    here, here_target = _engine(zoo["llama"], method)
+    cpu, cpu_target = _engine(zoo["llama"], method, device="cpu")
+    rng = np.random.default_rng(5)
+    for seed in range(2):
+        recipe = _varied_recipe(cpu, method, rng, seed=seed, split=seed == 1)
+        here.apply(recipe)
+        cpu.apply(recipe)
+        for name, value in cpu_target.state_dict().items():
+            torch.testing.assert_close(here_target.state_dict()[name].cpu(), value, rtol=1e-5, atol=1e-6)
+
+
 def test_split_groups_give_attention_and_mlp_their_own_parameters(zoo):
     engine, target = _engine(zoo["mistral"], Method.task_arithmetic)
     groups = {
@@ -101,7 +122,7 @@ def test_split_groups_give_attention_and_mlp_their_own_parameters(zoo):
     base = Checkpoint.open(zoo["mistral"][0])
     for name in engine.names:
         want = ft1 if name.startswith("model.layers.1.") and engine.family.part(name) == "mlp" else base
-        assert torch.allclose(target.state_dict()[name], want.get(name), atol=1e-6), name
+        assert torch.allclose(target.state_dict()[name], want.get(name).to(DEVICE), atol=1e-6), name
 
 
 def test_fast_ties_keeps_within_0_1_percent_on_large_tensors(tmp_path):
@@ -187,10 +208,14 @@ def test_fast_multislerp_equals_exact_up_to_rounding(zoo, with_base):
     three models, with a base (task vectors) and without (the models themselves)."""
     base, *fts = [Checkpoint.open(p) for p in zoo["mistral"]]
     inputs = fts if with_base else [base, *fts]
-    target = load_target(inputs[0])
-    engine = MergeEngine(base if with_base else None, inputs, Method.multislerp, target, compile=False)
-    exact_target = load_target(inputs[0])
-    exact = MergeEngine(base if with_base else None, inputs, Method.multislerp, exact_target, exact=True)
+    target = load_target(inputs[0], device=DEVICE)
+    engine = MergeEngine(
+        base if with_base else None, inputs, Method.multislerp, target, compile=False, device=DEVICE
+    )
+    exact_target = load_target(inputs[0], device=DEVICE)
+    exact = MergeEngine(
+        base if with_base else None, inputs, Method.multislerp, exact_target, exact=True, device=DEVICE
+    )
     weights = (0.7, 0.2, 0.5)[: len(inputs)]
     recipe = Recipe.uniform(Method.multislerp, engine.family.group_names(engine.num_layers), weights=weights)
     engine.apply(recipe)
@@ -226,6 +251,59 @@ def test_fast_trims_on_large_tensors(tmp_path, method):
     else:
         assert engine.state[name][0][0].values.size < engine.state[name][0][0].numel  # sampled ranks
         assert 0 < (fast != exact).float().mean().item() < 0.002
+
+
+@pytest.mark.parametrize("method", [Method.breadcrumbs, Method.breadcrumbs_ties])
+def test_fast_breadcrumbs_rescale(zoo, tmp_path, method):
+    """Breadcrumbs with `rescale` on the search's path (band L1 norms, then the merge pass): on small
+    tensors, where the threshold tables hold every magnitude, the exact kernel's bits, for varied recipes
+    with some task vectors kept whole; on large ones, the exact sort's result but at the cuts, and so
+    close in norm; compiled, the eager result up to rounding."""
+    from dataclasses import replace
+
+    from evomerge.models.synthetic import make_family
+
+    engine, target = _engine(zoo["llama"], method)
+    exact_engine, exact_target = _engine(zoo["llama"], method, exact=True)
+    rng = np.random.default_rng(7)
+    for seed in range(3):
+        recipe = replace(_varied_recipe(engine, method, rng, seed=seed, split=seed == 1), rescale=True)
+        if seed == 2:  # the first task vector kept whole: not rescaled
+            recipe.groups["embed"] = GroupParams({**recipe.groups["embed"].values, "density": (1.0, 0.4)})
+        engine.apply(recipe)
+        exact_engine.apply(recipe)
+        plain = replace(recipe, rescale=False)
+        for name in engine.names:
+            assert torch.equal(target.state_dict()[name], exact_target.state_dict()[name]), (seed, name)
+        exact_engine.apply(plain)
+        assert not torch.equal(
+            target.state_dict()[engine.names[1]], exact_target.state_dict()[engine.names[1]]
+        )
+
+    compiled, compiled_target = _engine(zoo["llama"], method, compile=True)
+    compiled.apply(recipe)
+    engine.apply(recipe)
+    assert compiled.kernels.compile, "compilation fell back to eager"
+    for name in engine.names:
+        torch.testing.assert_close(
+            compiled_target.state_dict()[name], target.state_dict()[name], rtol=1e-5, atol=1e-6
+        )
+
+    paths = make_family(tmp_path, "llama", hidden=256, layers=1, finetunes=2, seed=5)
+    large, large_target = _engine(paths, method)
+    large_exact, large_exact_target = _engine(paths, method, exact=True)
+    recipe = Recipe.uniform(
+        method, large.family.group_names(1), weights=[0.6, 0.4], densities=[0.3, 0.6],
+        values={"gamma": (0.02, 0.05)}, rescale=True, seed=3,
+    )  # fmt: skip
+    large.apply(recipe)
+    large_exact.apply(recipe)
+    name = "model.layers.0.mlp.up_proj.weight"  # 131k entries: sampled ranks
+    fast, exact = large_target.state_dict()[name], large_exact_target.state_dict()[name]
+    # the kept sets differ at the cuts, so the L1 factors differ slightly: elsewhere a rounding-sized change
+    far = ~torch.isclose(fast, exact, rtol=1e-2, atol=1e-7)
+    assert 0 < far.float().mean().item() < 0.002
+    assert (fast - exact).norm() < 0.01 * exact.norm()
 
 
 def test_della_state_estimate_matches_what_the_engine_keeps(zoo):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import cli, fewshot_task
+from helpers import DEVICE, cli, fewshot_task
 
 from evomerge.evaluate import EvaluationSpec, Evaluator, split_indices
 from evomerge.evaluate.run import load_model_and_tokenizer
@@ -29,7 +29,7 @@ def _spec(*tasks, limit=40, heldout=300):
 
 @pytest.fixture(scope="module")
 def math_en():
-    return load_model_and_tokenizer(str(ZOO / "math-en"), device="cpu", dtype="float32")
+    return load_model_and_tokenizer(str(ZOO / "math-en"), device=DEVICE, dtype="float32")
 
 
 def _rows(task):
@@ -111,7 +111,7 @@ def test_swapping_weights_in_place_equals_fresh_wrapper(math_en):
     evaluator = Evaluator(model, tok, spec)
     before = evaluator.evaluate("search")
     original = {k: v.clone() for k, v in model.state_dict().items()}
-    other, _ = load_model_and_tokenizer(str(ZOO / "lang-x"), device="cpu", dtype="float32")
+    other, _ = load_model_and_tokenizer(str(ZOO / "lang-x"), device=DEVICE, dtype="float32")
     try:
         model.load_state_dict(other.state_dict())  # in place, as the merge engine does
         swapped = evaluator.evaluate("search")
@@ -164,7 +164,7 @@ def test_broken_candidate_is_a_failed_result_not_an_exception(math_en):
 
 def test_eval_cli_json():
     done = cli(
-        "eval", ZOO / "math-en", "--task", "zoo_math_en", "--limit", "20", "--json", "--device", "cpu"
+        "eval", ZOO / "math-en", "--task", "zoo_math_en", "--limit", "20", "--json", "--device", DEVICE
     )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
@@ -233,7 +233,7 @@ def test_requests_built_once_score_exactly_as_lm_eval(math_en, tmp_path):
     )  # fmt: skip
     evaluator = Evaluator(model, tok, spec)
     original = {k: v.clone() for k, v in model.state_dict().items()}
-    lang_x, _ = load_model_and_tokenizer(str(ZOO / "lang-x"), device="cpu", dtype="float32")
+    lang_x, _ = load_model_and_tokenizer(str(ZOO / "lang-x"), device=DEVICE, dtype="float32")
     for state in (original, lang_x.state_dict(), original):
         model.load_state_dict(state)
         for split in ("search", "heldout"):

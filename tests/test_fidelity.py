@@ -7,7 +7,7 @@ import sqlite3
 import numpy as np
 import pytest
 import yaml
-from helpers import FIDELITY_MODES, REPO, cli, journal, kill_and_resume, smoke
+from helpers import DEVICE, FIDELITY_MODES, REPO, cli, journal, kill_and_resume, smoke
 
 from evomerge.errors import UserError
 from evomerge.evaluate.spec import FidelitySpec, TaskSpec
@@ -113,7 +113,7 @@ def test_a_subset_scores_its_items_as_the_whole_split_does():
     from evomerge.evaluate.run import load_model_and_tokenizer
 
     config, config_dir = load_config(REPO / "configs" / "demo.yaml")
-    model, tok = load_model_and_tokenizer(str(REPO / "zoo" / "math-en"), device="cpu", dtype="float32")
+    model, tok = load_model_and_tokenizer(str(REPO / "zoo" / "math-en"), device=DEVICE, dtype="float32")
     spec = config.evaluation.model_copy(update={"tasks": [t.model_copy(update={"limit": 40}) for t in config.evaluation.tasks]})
     evaluator = Evaluator(model, tok, spec)
     whole = evaluator.evaluate("search")

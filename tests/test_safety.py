@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import REPO, cli, fewshot_task, journal, smoke
+from helpers import DEVICE, REPO, cli, fewshot_task, journal, smoke
 
 from evomerge.errors import UserError
 
@@ -203,7 +203,7 @@ def test_fewshot_fitness_is_a_function_of_model_and_config(tmp_path):
     for _ in range(2):  # two processes
         done = cli(
             "eval", ZOO / "math-en", "--task", "fewshot_ppl", "--include-path", tasks, "--json",
-            "--device", "cpu", "--split-seed", 3,
+            "--device", DEVICE, "--split-seed", 3,
         )  # fmt: skip
         assert done.returncode == 0, done.stderr
         runs.append(json.loads(done.stdout)["metrics"])
@@ -213,7 +213,7 @@ def test_fewshot_fitness_is_a_function_of_model_and_config(tmp_path):
     from evomerge.evaluate.run import load_model_and_tokenizer
     from evomerge.evaluate.spec import EvaluationSpec
 
-    model, tok = load_model_and_tokenizer(str(ZOO / "math-en"), device="cpu", dtype="float32")
+    model, tok = load_model_and_tokenizer(str(ZOO / "math-en"), device=DEVICE, dtype="float32")
     spec = EvaluationSpec.model_validate(
         {"tasks": [{"name": "fewshot_ppl"}], "include_paths": [str(tasks)], "split": {"heldout": 0.5, "seed": 3}}
     )
@@ -221,7 +221,7 @@ def test_fewshot_fitness_is_a_function_of_model_and_config(tmp_path):
     first, second = evaluator.evaluate().metrics, evaluator.evaluate().metrics
     assert first == second == runs[0]
     other = evaluate_model(
-        str(ZOO / "math-en"), ["fewshot_ppl"], include_paths=[str(tasks)], split_seed=4, device="cpu"
+        str(ZOO / "math-en"), ["fewshot_ppl"], include_paths=[str(tasks)], split_seed=4, device=DEVICE
     )
     assert other.metrics != first  # the shots (and the split) are the config's, and they matter
 
@@ -303,7 +303,7 @@ def test_overflowing_fitness_fails_the_candidate():
     from evomerge.evaluate.run import load_model_and_tokenizer
     from evomerge.evaluate.spec import EvaluationSpec
 
-    model, tok = load_model_and_tokenizer(str(ZOO / "math-en"), device="cpu", dtype="float32")
+    model, tok = load_model_and_tokenizer(str(ZOO / "math-en"), device=DEVICE, dtype="float32")
     spec = EvaluationSpec.model_validate(
         {"tasks": [{"name": "zoo_math_x_ll", "weight": -1e308, "limit": 4}, {"name": "zoo_verbs_x", "weight": -1e308, "limit": 4}], "split": {"heldout": 0.5}}
     )

@@ -40,6 +40,42 @@ def _above(magnitude: torch.Tensor, value, tie_prob, u) -> torch.Tensor:
     return torch.relu(side) + (1.0 - side.abs()) * _positive(tie_prob - u)
 
 
+def _cut_keep(magnitude, j: int, lower, lower_ties, upper, upper_ties, u) -> torch.Tensor:
+    """Model j's keep factor by its cut (`threshold` mode) or, with an upper cut, its band (`band` mode:
+    minus the largest entries, breadcrumbs' outliers, by the same rule)."""
+    keep = _above(magnitude, lower[j], None if lower_ties is None else lower_ties[j], u)
+    if upper is not None:
+        keep = keep - _above(magnitude, upper[j], None if upper_ties is None else upper_ties[j], u)
+    return keep
+
+
+def band_kept_l1(
+    base: torch.Tensor,
+    models: Sequence[torch.Tensor],
+    thresholds: torch.Tensor,
+    upper: torch.Tensor,
+    tie_probs: torch.Tensor | None = None,
+    upper_tie_probs: torch.Tensor | None = None,
+    keys: torch.Tensor | None = None,
+    uniforms: Sequence[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Each task vector's L1 norm over the entries its band keeps (breadcrumbs' rescale needs it before the
+    merge pass can weight the vector): one reduction over all of them, the merge pass's keep rule."""
+    b = base.to(F32)
+    if keys is not None and uniforms is None:
+        index = torch.arange(b.numel(), dtype=torch.int32, device=b.device).view(b.shape)
+    sums = []
+    for j, model in enumerate(models):
+        u = None
+        if tie_probs is not None:
+            u = uniforms[j] if uniforms is not None else uniform_from_index(index, keys[j])
+        magnitude = (model.to(F32) - b).abs()
+        sums.append(
+            (magnitude * _cut_keep(magnitude, j, thresholds, tie_probs, upper, upper_tie_probs, u)).sum()
+        )
+    return torch.stack(sums)
+
+
 def gta_into(
     out: torch.Tensor,
     base: torch.Tensor,
@@ -82,11 +118,8 @@ def gta_into(
             u = None
             if tie_probs is not None:
                 u = uniforms[j] if uniforms is not None else uniform_from_index(index, keys[j])
-            magnitude = delta.abs()
-            keep = _above(magnitude, thresholds[j], None if tie_probs is None else tie_probs[j], u)
-            if mode == "band":  # minus the largest ones (breadcrumbs' outliers), by the same rule
-                q = None if upper_tie_probs is None else upper_tie_probs[j]
-                keep = keep - _above(magnitude, upper[j], q, u)
+            bounds = (upper, upper_tie_probs) if mode == "band" else (None, None)
+            keep = _cut_keep(delta.abs(), j, thresholds, tie_probs, *bounds, u)
         elif mode == "random":
             keep = _positive(probs[j] - uniform_from_index(index, keys[j]))
         elif mode == "ranked":  # probs: each model's keep probability at the smallest magnitude of a row

@@ -182,26 +182,38 @@ def band_cuts(table: ThresholdTable, density: float, gamma: float) -> tuple[tupl
 def breadcrumbs_method(name: str, *, consensus: bool) -> MergeMethod:
     """Model Breadcrumbs, summed or with sign election. The search trims by two cuts of the precomputed
     threshold tables (TIES's: exact on small tensors, within 0.1% of the kept count on large ones, ties
-    by hash); with `rescale` (an L1 sum per candidate) it runs the exact kernel."""
+    by hash); with `rescale`, a reduction first takes each task vector's L1 norm over what its band keeps
+    (the whole vector's norm is precomputed), then the merge pass scales the vector by their ratio."""
     exact = sparsified_exact(
         lambda j, delta, p, tensor: K.sparsify.outlier_mask(delta, p["density"][j], p["gamma"][j]), consensus
     )
 
     def fast(kernels, out, base, models, p, tensor, state) -> None:
-        if p["rescale"] and any(d < 1 for d in p["density"]):
-            out.copy_(exact(tensor, base, models, p))
-            return
-        tables, uniforms = state
+        tables, uniforms, before = state
         cuts = [band_cuts(t, d, g) for t, d, g in zip(tables, p["density"], p["gamma"], strict=True)]
         lower, upper = [c[0] for c in cuts], [c[1] for c in cuts]
         strict_lower, strict_upper = K.trim.strict_thresholds(lower), K.trim.strict_thresholds(upper)
         if strict_lower is not None and strict_upper is not None:
-            _run(kernels, out, base, models, p, consensus, mode="band", thresholds=strict_lower,
-                 upper=strict_upper)  # fmt: skip
-            return
-        _run(kernels, out, base, models, p, consensus, mode="band", thresholds=[c[0] for c in lower],
-             tie_probs=[c[1] for c in lower], upper=[c[0] for c in upper], upper_tie_probs=[c[1] for c in upper],
-             keys=tie_keys(tensor, len(models)), uniforms=uniforms if kernels.eager else None)  # fmt: skip
+            band = dict(thresholds=strict_lower, upper=strict_upper)
+        else:
+            band = dict(
+                thresholds=[c[0] for c in lower], tie_probs=[c[1] for c in lower], upper=[c[0] for c in upper],
+                upper_tie_probs=[c[1] for c in upper], keys=tie_keys(tensor, len(models)),
+                uniforms=uniforms if kernels.eager else None,
+            )  # fmt: skip
+        trims = [d < 1 for d in p["density"]]
+        scales = None
+        if p["rescale"] and any(trims):
+            scales = _rescales(before, _band_l1(kernels, base, models, **band), trims)
+        _run(kernels, out, base, models, p, consensus, mode="band", scales=scales, **band)
+
+    def precompute(tensor, base, models, eager):
+        """TIES's threshold tables and tie uniforms, and each task vector's L1 norm (for `rescale`)."""
+        import torch
+
+        tables, uniforms = precompute_thresholds(tensor, base, models, eager)
+        b = base.float()
+        return tables, uniforms, torch.stack([(m.float() - b).abs().sum() for m in models])
 
     return MergeMethod(
         name=name,
@@ -210,10 +222,45 @@ def breadcrumbs_method(name: str, *, consensus: bool) -> MergeMethod:
         params=gta_params(normalize=False, rescale=False, extra=(GAMMA,)),
         exact=exact,
         fast=fast,
-        precompute=precompute_thresholds,
-        state_bytes=threshold_bytes,
+        precompute=precompute,
+        state_bytes=lambda numel, row, inputs: threshold_bytes(numel, row, inputs) + 4 * inputs,
         baseline=default_baseline,
     )
+
+
+def _rescales(before, after, trims: list[bool]):
+    """Per task vector: the factor that gives its kept entries its whole L1 norm where it trims, else 1."""
+    import torch
+
+    return torch.where(torch.tensor(trims, device=before.device), K.sparsify.l1_scales(before, after), 1.0)
+
+
+def _band_l1(kernels, base, models, *, thresholds, upper, tie_probs=None, upper_tie_probs=None, keys=None,
+             uniforms=None):  # fmt: skip
+    """gta.band_kept_l1 on flat views: hashed ties in the merge pass's rng chunks, each with its own keys
+    (or the precomputed uniforms, which stand for the whole tensor)."""
+    import torch
+
+    device = base.device
+    vec = lambda values: None if values is None else torch.tensor(values, dtype=torch.float32, device=device)  # noqa: E731
+    args = dict(
+        thresholds=vec(thresholds),
+        upper=vec(upper),
+        tie_probs=vec(tie_probs),
+        upper_tie_probs=vec(upper_tie_probs),
+    )
+    flat_base, flat_models = base.reshape(-1), [m.reshape(-1) for m in models]
+    reduce = kernels(K.gta.band_kept_l1)
+    if keys is None or uniforms is not None:
+        return reduce(flat_base, flat_models, uniforms=uniforms, **args)
+    total = None
+    for start, stop, chunk_key in K.rng.chunks(keys, flat_base.numel()):
+        part = reduce(
+            flat_base[start:stop], [m[start:stop] for m in flat_models],
+            keys=torch.tensor(chunk_key, dtype=torch.int32, device=device), **args,
+        )  # fmt: skip
+        total = part if total is None else total + part
+    return total
 
 
 def della_state_bytes(numel: int, row: int, inputs: int) -> int:
@@ -231,7 +278,6 @@ def della_method(name: str, *, consensus: bool) -> MergeMethod:
     (`ranked` mode). Exact and fast paths run the same functions; eagerly they give the same bits."""
 
     def merge(kernels, out, base, models, p: TensorParams, tensor: str, state) -> None:
-        import torch
 
         ranks, span, before = state
         density, epsilon = p["density"], p["epsilon"]
@@ -242,9 +288,8 @@ def della_method(name: str, *, consensus: bool) -> MergeMethod:
         keys = [K.rng.derive_key(p.seed, tensor, j) for j in range(len(models))]
         scales = None
         if p["rescale"] and any(trims):
-            after = _kept_l1(kernels, base, models, ranks, span, lows, epsilons, keys)
-            scales = torch.where(
-                torch.tensor(trims, device=before.device), K.sparsify.l1_scales(before, after), 1.0
+            scales = _rescales(
+                before, _kept_l1(kernels, base, models, ranks, span, lows, epsilons, keys), trims
             )
         K.gta.gta_apply(
             out, base, models, p["weight"], mode="ranked", ranks=ranks, span=span, probs=lows, epsilons=epsilons,
