@@ -108,7 +108,14 @@ def models_for(method: Method, paths: list):
     return base, inputs[: spec.inputs] if spec.inputs else inputs
 
 
-def mergekit_seconds(paths: list[Path], method: Method, reps: int) -> float | None:
+def rescales(args, method: Method) -> bool | None:
+    """The recipe's rescale: true with --rescale where the method has one, else its default (None)."""
+    return True if args.rescale and any(p.name == "rescale" for p in method.spec.params) else None
+
+
+def mergekit_seconds(paths: list[Path], method: Method, reps: int, rescale: bool | None) -> float | None:
+    if reps < 1:  # --mergekit-reps 0: no mergekit column (on a GPU, say, where mergekit runs on the CPU)
+        return None
     try:
         from mergekit.config import MergeConfiguration
         from mergekit.merge import run_merge
@@ -119,6 +126,8 @@ def mergekit_seconds(paths: list[Path], method: Method, reps: int) -> float | No
     per, shared = searched_values(method, len(inputs), 0)
     models = [{"model": str(p), **({"parameters": per} if per else {})} for p in inputs]
     cfg = {"models": models, "merge_method": method.value, "dtype": "float32"}
+    if rescale:
+        shared = {**shared, "rescale": True}
     if shared:
         cfg["parameters"] = shared
     if base is not None:
@@ -149,7 +158,7 @@ def bench_one(args, method, ckpts, paths, device, sync, copy_bw, model_bytes, pl
         values = {k: (v,) * n for k, v in per.items()} | shared
         if method.spec.repair:
             values = method.spec.repair({"epsilon": (0.15,) * n} | values)
-        recipes.append(Recipe.uniform(method, groups, values=values, seed=i))
+        recipes.append(Recipe.uniform(method, groups, values=values, seed=i, rescale=rescales(args, method)))
     start = time.perf_counter()
     engine.apply(recipes[0])  # compile (cached on disk by inductor after the first run) + warm-up
     sync()
@@ -168,7 +177,7 @@ def bench_one(args, method, ckpts, paths, device, sync, copy_bw, model_bytes, pl
             f"{moved / 1e6:.0f} MB per candidate ({moved / per / 1e9:.1f} GB/s) {versus}"
         )
         return per * 1e3
-    mk = mergekit_seconds(paths, method, args.mergekit_reps)
+    mk = mergekit_seconds(paths, method, args.mergekit_reps, rescales(args, method))
     mk_text = f"{mk:10.2f} {mk / per:9.1f}" if mk else f"{'n/a':>10} {'n/a':>9}"
     print(
         f"{label:<22} {engine.load_seconds:10.1f} {first:8.1f} {per * 1e3:9.1f} {touched / per / 1e9:7.1f} "
@@ -188,6 +197,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--mergekit-reps", type=int, default=2)
     parser.add_argument("--methods", default="all", help="comma-separated, or all (every searchable one)")
+    parser.add_argument("--rescale", action="store_true", help="rescale: true for the methods that have it")
     parser.add_argument(
         "--sources", default="device", choices=["device", "host", "both"],
         help="where base and sources live (host: streamed per tensor through staging buffers)",

@@ -2,18 +2,10 @@
 
 import math
 import shutil
-import subprocess
-import sys
 
 import pytest
 import yaml
-
-
-def _run(*args, cwd=None):
-    return subprocess.run(
-        [sys.executable, "-m", "evomerge.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd,
-        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
-    )  # fmt: skip
+from helpers import cli as _run
 
 
 def _config(tmp_path, zoo, **overrides):
