@@ -83,13 +83,11 @@ def test_host_sources_merge_bit_identically(zoo, method):
     host, host_target = _engine(zoo["qwen2"], method, sources="host")
     device, device_target = _engine(zoo["qwen2"], method)
     assert host._stager is not None and device._stager is None
-    rng = np.random.default_rng(3)
-    for seed in range(2):
-        recipe = _varied_recipe(device, method, rng, seed=seed, split=seed == 1)
-        host.apply(recipe)
-        device.apply(recipe)
-        for name, value in device_target.state_dict().items():
-            assert torch.equal(host_target.state_dict()[name], value), name
+
+    def same_bits(got, want, name):
+        assert torch.equal(got, want), name
+
+    _merge_both(host, host_target, device, device_target, method, np.random.default_rng(3), same_bits)
     host.load_input(0)
     assert torch.equal(host_target.state_dict()[host.names[0]], host.inputs[0][host.names[0]])
 
@@ -102,13 +100,22 @@ def test_merge_on_the_test_device_equals_the_cpu(zoo, method):
     same entries everywhere; the arithmetic may differ by rounding only."""
     here, here_target = _engine(zoo["llama"], method)
     cpu, cpu_target = _engine(zoo["llama"], method, device="cpu")
-    rng = np.random.default_rng(5)
+
+    def close(got, want, name):
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+    _merge_both(here, here_target, cpu, cpu_target, method, np.random.default_rng(5), close)
+
+
+def _merge_both(engine, target, reference, reference_target, method, rng, check) -> None:
+    """Two engines merge the same varied recipes (the second with split groups); `check(got, want, name)`
+    compares each tensor of `target` with the reference's."""
     for seed in range(2):
-        recipe = _varied_recipe(cpu, method, rng, seed=seed, split=seed == 1)
-        here.apply(recipe)
-        cpu.apply(recipe)
-        for name, value in cpu_target.state_dict().items():
-            torch.testing.assert_close(here_target.state_dict()[name].cpu(), value, rtol=1e-5, atol=1e-6)
+        recipe = _varied_recipe(reference, method, rng, seed=seed, split=seed == 1)
+        engine.apply(recipe)
+        reference.apply(recipe)
+        for name, value in reference_target.state_dict().items():
+            check(target.state_dict()[name], value, name)
 
 
 def test_split_groups_give_attention_and_mlp_their_own_parameters(zoo):
