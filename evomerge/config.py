@@ -238,6 +238,11 @@ class RuntimeSpec(_Strict):
         description="where base and sources live: device, host (streamed to the device per tensor; pinned "
         "on CUDA), auto (device when the memory plan fits the device's free memory, else host)",
     )
+    pin_memory: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="page-lock host sources on CUDA (asynchronous copies): auto = when they take at most half "
+        "of the machine's RAM, so a large pinned set never starves the rest of it",
+    )
     eval_tokens: int = Field(
         1024, gt=0, description="prompt + generated tokens per sequence that the memory plan allows for"
     )

@@ -128,6 +128,8 @@ def run_search(
             config = _with_runtime(config, dtype=checked.dtype)
         if checked.placement is not None and config.runtime.sources == "auto":  # as the memory plan chose
             config = _with_runtime(config, sources=checked.placement)
+        if checked.pinned is not None and config.runtime.pin_memory == "auto":
+            config = _with_runtime(config, pin_memory="on" if checked.pinned else "off")
         if lock is None:
             _check_new_target(out, staged)
             out.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ class Validation:
     unchecked: list[str] = field(default_factory=list)
     dtype: str | None = None  # runtime.dtype, `auto` resolved when every model was opened
     placement: str | None = None  # runtime.sources, `auto` resolved by the memory plan
+    pinned: bool | None = None  # runtime.pin_memory, `auto` resolved by the memory plan (host placement)
     memory: list[str] = field(default_factory=list)  # the memory plan's lines (also among `lines`)
 
 
@@ -130,6 +131,7 @@ def _memory_lines(
         device=dtype_device(config.runtime.device),
     )  # fmt: skip
     report.placement, report.memory = plan.placement, plan.lines()
+    report.pinned = plan.pinned if plan.placement == "host" and plan.device != "cpu" else None
     return report.memory
 
 

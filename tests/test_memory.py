@@ -26,6 +26,7 @@ QWEN_14B = {
 }  # fmt: skip
 GPU_24GB = 23_500_000_000  # what a 24 GB card reports free with nothing loaded (about 21.9 GiB)
 RAM_64GB = 60 * GiB  # available on a 64 GB machine
+TOTAL_64GB = 64 * 10**9  # its total
 
 
 def _virtual(tmp_path, config, count=4):
@@ -36,7 +37,7 @@ def _virtual(tmp_path, config, count=4):
 def _plan(shapes, sources, table=0, **kw):
     args = dict(dtype="bfloat16", device="cuda", sources=sources, batch_size=32, eval_tokens=1024,
                 loglikelihood=False, table_bytes=table, device_free=GPU_24GB, host_free=RAM_64GB,
-                fused=True)  # fmt: skip
+                host_total=TOTAL_64GB, fused=True)  # fmt: skip
     return plan_memory(shapes, **(args | kw))
 
 
@@ -70,7 +71,12 @@ def test_mistral_7b_three_sources_fit_a_24gb_gpu_only_with_host_sources(tmp_path
     plan = _plan(shapes, "auto", table)
     assert plan.placement == "host" and plan.fits()
     assert plan.on_device["target"] == model
-    assert plan.on_host["sources (pinned)"] == 4 * model
+    # 54 GiB page-locked would leave a 64 GB machine 6: they stay pageable (auto), unless asked for
+    assert not plan.pinned and plan.on_host["sources (pageable)"] == 4 * model
+    assert _plan(shapes, "auto", table, pin="on").on_host["sources (pinned)"] == 4 * model
+    roomy = _plan(shapes, "auto", table, host_total=128 * 10**9, host_free=120 * GiB)
+    assert roomy.pinned and roomy.on_host["sources (pinned)"] == 4 * model
+    assert not _plan(shapes, "auto", table, host_total=128 * 10**9, pin="off").pinned
     assert plan.on_device["KV cache"] == 32 * 1024 * 2 * 32 * 8 * 128 * width  # 4 GiB
     assert plan.on_device["staging"] == 2 * 4 * 32000 * 4096 * width  # two sets of the largest tensor
     assert plan.device_bytes < GPU_24GB and plan.host_bytes < RAM_64GB

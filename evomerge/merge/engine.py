@@ -82,6 +82,7 @@ class MergeEngine:
         exact: bool = False,
         compile: bool | str = "auto",
         sources: str = "device",
+        pin: bool = True,
     ) -> None:
         spec = method.spec
         if sources not in ("device", "host"):
@@ -104,7 +105,7 @@ class MergeEngine:
 
         self.placement = sources
         home = self.device if sources == "device" else torch.device("cpu")
-        pin = sources == "host" and self.device.type == "cuda"  # page-locked: copies run asynchronously
+        pin = pin and sources == "host" and self.device.type == "cuda"  # page-locked: asynchronous copies
 
         def load(ckpt: Checkpoint, name: str) -> torch.Tensor:
             raw = ckpt.get(name)  # mmap-backed: copy once into owned memory, so that page-cache eviction
@@ -188,7 +189,7 @@ class MergeEngine:
 class _Stager:
     """`sources: host`: each tensor's inputs (base, models, and what was precomputed for it) are copied
     into one of two reusable device buffers while the previous tensor is merged from the other. On CUDA the
-    copies run on a side stream from pinned memory, ordered by events (a buffer is refilled only after
+    copies run on a side stream (asynchronously when the sources are pinned), ordered by events (a buffer is refilled only after
     the merge that read it has run); on a CPU the same path copies synchronously. The kernels see the same
     values either way, so the merge is bit-identical to `device` placement."""
 

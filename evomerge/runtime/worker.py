@@ -55,7 +55,8 @@ class Worker(_Runs):
         self.target = load_target(first, device=device, dtype=dtype)
         compile_ = {"auto": "auto", "on": True, "off": False}[config.runtime.compile]
         placement = config.runtime.sources if config.runtime.sources != "auto" else "device"  # auto: planned
-        self._engine_args = dict(device=device, dtype=dtype, compile=compile_, sources=placement)
+        pin = config.runtime.pin_memory != "off"  # auto: resolved by the memory plan before workers start
+        self._engine_args = dict(device=device, dtype=dtype, compile=compile_, sources=placement, pin=pin)
         self.engine = MergeEngine(
             self.base, self.sources, config.merge.method, self.target, **self._engine_args
         )
