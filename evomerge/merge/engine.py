@@ -189,9 +189,9 @@ class MergeEngine:
 class _Stager:
     """`sources: host`: each tensor's inputs (base, models, and what was precomputed for it) are copied
     into one of two reusable device buffers while the previous tensor is merged from the other. On CUDA the
-    copies run on a side stream (asynchronously when the sources are pinned), ordered by events (a buffer is refilled only after
-    the merge that read it has run); on a CPU the same path copies synchronously. The kernels see the same
-    values either way, so the merge is bit-identical to `device` placement."""
+    copies run on a side stream (asynchronously when the sources are pinned), ordered by events (a buffer
+    is refilled only after the merge that read it has run); on a CPU the same path copies synchronously.
+    The kernels see the same values either way, so the merge is bit-identical to `device` placement."""
 
     def __init__(self, engine: MergeEngine) -> None:
         self.engine = engine
