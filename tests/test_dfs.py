@@ -29,7 +29,7 @@ def _hand_built(sources, path, embed_scale=1.0):
     config.num_hidden_layers = len(path)
     if getattr(config, "layer_types", None) is not None:
         config.layer_types = [sources[s].config.layer_types[i] for s, i in path]
-    model = type(a)(config).eval()
+    model = type(a)(config).to(a.device).eval()
     state = {}
     for key, value in a.state_dict().items():
         if ".layers." not in key:

@@ -46,7 +46,7 @@ def test_generation_scores_match_independent_greedy_decode(math_en):
     assert result.examples["zoo_math_en"] == len(indices) == 40
     correct = 0
     for i in indices:
-        ids = tok(rows[i]["question"], return_tensors="pt").input_ids
+        ids = tok(rows[i]["question"], return_tensors="pt").input_ids.to(model.device)
         out = model.generate(
             ids, max_new_tokens=16, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=0
         )
@@ -69,10 +69,10 @@ def test_multiple_choice_scores_match_independent_loglikelihood(math_en):
         scores = []
         for choice in rows[i]["choices"]:
             cont = tok(" " + choice).input_ids
-            ids = torch.tensor([context + cont])
+            ids = torch.tensor([context + cont], device=model.device)
             with torch.no_grad():
                 logp = model(ids).logits.log_softmax(-1)[0, len(context) - 1 : -1]
-            scores.append(logp.gather(1, torch.tensor(cont)[:, None]).sum().item())
+            scores.append(logp.gather(1, torch.tensor(cont, device=model.device)[:, None]).sum().item())
         correct += max(range(3), key=scores.__getitem__) == rows[i]["gold"]
     assert result.metrics["zoo_verbs_x"]["acc,none"] == pytest.approx(correct / 30)
 
@@ -97,8 +97,9 @@ def test_gold_logprob_task_shares_the_split_and_matches_a_forward_pass(math_en):
     for i in evaluator.indices("zoo_math_x_ll", "search"):
         context, cont = tok(rows[i]["question"]).input_ids, tok(" " + rows[i]["answer"]).input_ids
         with torch.no_grad():
-            logp = model(torch.tensor([context + cont])).logits.log_softmax(-1)[0, len(context) - 1 : -1]
-        total += logp.gather(1, torch.tensor(cont)[:, None]).sum().item()
+            ids = torch.tensor([context + cont], device=model.device)
+            logp = model(ids).logits.log_softmax(-1)[0, len(context) - 1 : -1]
+        total += logp.gather(1, torch.tensor(cont, device=model.device)[:, None]).sum().item()
     logprob = result.metrics["zoo_math_x_ll"]["logprob,none"]
     assert logprob == pytest.approx(total / 12, rel=1e-4)
     em = result.metrics["zoo_math_x"]["exact_match,strict-match"]
