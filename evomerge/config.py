@@ -235,8 +235,8 @@ class RuntimeSpec(_Strict):
     compile: Literal["auto", "on", "off"] = "auto"
     sources: Literal["auto", "device", "host"] = Field(
         "auto",
-        description="where base and sources live: device, host (streamed to the device per tensor; pinned "
-        "on CUDA), auto (device when the memory plan fits the device's free memory, else host)",
+        description="where base and sources live: device, host (streamed to the device per tensor; see "
+        "pin_memory), auto (device when the memory plan fits the device's free memory, else host)",
     )
     pin_memory: Literal["auto", "on", "off"] = Field(
         "auto",

@@ -278,7 +278,6 @@ def della_method(name: str, *, consensus: bool) -> MergeMethod:
     (`ranked` mode). Exact and fast paths run the same functions; eagerly they give the same bits."""
 
     def merge(kernels, out, base, models, p: TensorParams, tensor: str, state) -> None:
-
         ranks, span, before = state
         density, epsilon = p["density"], p["epsilon"]
         trims = [d < 1 for d in density]
