@@ -237,27 +237,39 @@ def _rescales(before, after, trims: list[bool]):
 
 def _band_l1(kernels, base, models, *, thresholds, upper, tie_probs=None, upper_tie_probs=None, keys=None,
              uniforms=None):  # fmt: skip
-    """gta.band_kept_l1 on flat views: hashed ties in the merge pass's rng chunks, each with its own keys
-    (or the precomputed uniforms, which stand for the whole tensor)."""
+    """gta.band_kept_l1 on flat views: hashed ties in the merge pass's rng chunks (or the precomputed
+    uniforms, which stand for the whole tensor)."""
     import torch
 
-    device = base.device
-    vec = lambda values: None if values is None else torch.tensor(values, dtype=torch.float32, device=device)  # noqa: E731
+    def vec(values):
+        return None if values is None else torch.tensor(values, dtype=torch.float32, device=base.device)
+
     args = dict(
         thresholds=vec(thresholds),
         upper=vec(upper),
         tie_probs=vec(tie_probs),
         upper_tie_probs=vec(upper_tie_probs),
     )
-    flat_base, flat_models = base.reshape(-1), [m.reshape(-1) for m in models]
     reduce = kernels(K.gta.band_kept_l1)
     if keys is None or uniforms is not None:
-        return reduce(flat_base, flat_models, uniforms=uniforms, **args)
+        return reduce(base.reshape(-1), [m.reshape(-1) for m in models], uniforms=uniforms, **args)
+    return _summed_over_chunks(reduce, base, models, keys, **args)
+
+
+def _summed_over_chunks(reduce, base, models, keys, per_model=None, **args):
+    """`reduce` (one sum per model over a flat span) over the merge pass's rng chunks, each with its own
+    keys, added up: so an L1 pass draws what the merge pass (gta_apply) draws. `per_model`: more flat
+    per-model tensors, sliced like the models."""
+    import torch
+
+    flat_base, flat_models = base.reshape(-1), [m.reshape(-1) for m in models]
+    per_model = {name: [t.reshape(-1) for t in tensors] for name, tensors in (per_model or {}).items()}
     total = None
     for start, stop, chunk_key in K.rng.chunks(keys, flat_base.numel()):
         part = reduce(
             flat_base[start:stop], [m[start:stop] for m in flat_models],
-            keys=torch.tensor(chunk_key, dtype=torch.int32, device=device), **args,
+            keys=torch.tensor(chunk_key, dtype=torch.int32, device=base.device),
+            **{name: [t[start:stop] for t in tensors] for name, tensors in per_model.items()}, **args,
         )  # fmt: skip
         total = part if total is None else total + part
     return total
@@ -326,21 +338,11 @@ def della_method(name: str, *, consensus: bool) -> MergeMethod:
 
 
 def _kept_l1(kernels, base, models, ranks, span: int, lows, epsilons, keys):
-    """magprune_kept_l1 on flat views, summed over rng chunks (the merge pass draws per chunk too)."""
+    """magprune_kept_l1 over the merge pass's rng chunks (packed ranks: one chunk, the slice is the whole)."""
     import torch
 
-    device = base.device
-    f32 = dict(dtype=torch.float32, device=device)
-    flat_base, flat_models = base.reshape(-1), [m.reshape(-1) for m in models]
-    flat_ranks = [r.reshape(-1) for r in ranks]  # packed: one chunk, the slice is the whole
-    args = dict(
-        span=torch.tensor(span, **f32), lows=torch.tensor(lows, **f32), epsilons=torch.tensor(epsilons, **f32)
-    )
-    total = None
-    for start, stop, chunk_key in K.rng.chunks(keys, flat_base.numel()):
-        part = kernels(K.sparsify.magprune_kept_l1)(
-            flat_base[start:stop], [m[start:stop] for m in flat_models], [r[start:stop] for r in flat_ranks],
-            keys=torch.tensor(chunk_key, dtype=torch.int32, device=device), **args,
-        )  # fmt: skip
-        total = part if total is None else total + part
-    return total
+    f32 = dict(dtype=torch.float32, device=base.device)
+    return _summed_over_chunks(
+        kernels(K.sparsify.magprune_kept_l1), base, models, keys, per_model={"ranks": ranks},
+        span=torch.tensor(span, **f32), lows=torch.tensor(lows, **f32), epsilons=torch.tensor(epsilons, **f32),
+    )  # fmt: skip
