@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 from typing import TYPE_CHECKING
 
 from evomerge.errors import UserError
@@ -84,15 +85,23 @@ def fast_random(consensus: bool):
     return fast
 
 
-def precompute_thresholds(name: str, base, models, eager: bool):
+def precompute_thresholds(name: str, base, models, eager: bool, *, l1: bool = False):
     """TIES: each task vector's sorted magnitudes (a threshold for any density), and, for eager kernels,
-    the tie-break uniforms (fixed keys: hashed once here instead of per candidate)."""
+    the tie-break uniforms (fixed keys: hashed once here instead of per candidate). `l1`: each vector's L1
+    norm too (breadcrumbs' rescale), from the same magnitudes."""
+    import torch
+
     b = base.float()
-    tables = [K.trim.ThresholdTable((m.float() - b).abs()) for m in models]
+    tables, norms = [], []
+    for m in models:  # one task vector's magnitudes at a time
+        magnitude = (m.float() - b).abs()
+        tables.append(K.trim.ThresholdTable(magnitude))
+        if l1:
+            norms.append(magnitude.sum())
     uniforms = (
         [K.rng.uniform_table(k, b.numel(), b.device) for k in tie_keys(name, len(models))] if eager else None
     )
-    return tables, uniforms
+    return (tables, uniforms, torch.stack(norms)) if l1 else (tables, uniforms)
 
 
 def threshold_bytes(numel: int, row: int, inputs: int) -> int:
@@ -207,14 +216,6 @@ def breadcrumbs_method(name: str, *, consensus: bool) -> MergeMethod:
             scales = _rescales(before, _band_l1(kernels, base, models, **band), trims)
         _run(kernels, out, base, models, p, consensus, mode="band", scales=scales, **band)
 
-    def precompute(tensor, base, models, eager):
-        """TIES's threshold tables and tie uniforms, and each task vector's L1 norm (for `rescale`)."""
-        import torch
-
-        tables, uniforms = precompute_thresholds(tensor, base, models, eager)
-        b = base.float()
-        return tables, uniforms, torch.stack([(m.float() - b).abs().sum() for m in models])
-
     return MergeMethod(
         name=name,
         summary="drop the largest and smallest task-vector entries"
@@ -222,7 +223,7 @@ def breadcrumbs_method(name: str, *, consensus: bool) -> MergeMethod:
         params=gta_params(normalize=False, rescale=False, extra=(GAMMA,)),
         exact=exact,
         fast=fast,
-        precompute=precompute,
+        precompute=partial(precompute_thresholds, l1=True),
         state_bytes=lambda numel, row, inputs: threshold_bytes(numel, row, inputs) + 4 * inputs,
         baseline=default_baseline,
     )
