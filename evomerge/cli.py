@@ -71,7 +71,7 @@ def eval_(
     ),
     split: str = typer.Option("search", help="search | heldout | all"),
     include_path: list[str] = typer.Option([], "--include-path", help="Directory of lm-eval task YAMLs."),
-    heldout: float = typer.Option(0.5, help="Held-out share: a fraction in (0, 1), or a count when >= 1."),
+    heldout: str = typer.Option("0.5", help="Held-out share: a fraction in (0, 1) (0.5), or a count (300)."),
     split_seed: int = typer.Option(0, help="Seed of the search/held-out split."),
     limit: int | None = typer.Option(None, help="At most this many examples per task and split."),
     batch_size: int = typer.Option(64),
@@ -83,9 +83,14 @@ def eval_(
     import json
 
     from evomerge.evaluate.run import evaluate_model
+    from evomerge.evaluate.spec import heldout_share
 
+    try:
+        share = heldout_share(heldout)
+    except ValueError as exc:
+        raise UserError(f"--heldout: {exc}") from None
     result = evaluate_model(
-        model, task, split=split, include_paths=include_path, heldout=int(heldout) if heldout >= 1 else heldout,
+        model, task, split=split, include_paths=include_path, heldout=share,
         split_seed=split_seed, limit=limit, batch_size=batch_size, device=device, dtype=dtype,
     )  # fmt: skip
     if as_json:

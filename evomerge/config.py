@@ -168,6 +168,18 @@ class _OptimizerSpec(_Strict):
     )
 
 
+    @model_validator(mode="after")
+    def _round_within_budget(self) -> _OptimizerSpec:
+        key = "popsize" if self.name == "cma" else "batch"
+        size = getattr(self, key)
+        if size is not None and size > self.budget:
+            raise ValueError(
+                f"{key} {size} is more than the budget ({self.budget} evaluations): not one round could be "
+                f"told; lower {key} or raise budget"
+            )
+        return self
+
+
 class CmaSpec(_OptimizerSpec):
     name: Literal["cma"]
     sigma0: float = Field(1 / 6, gt=0, le=1)

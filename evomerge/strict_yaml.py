@@ -1,5 +1,7 @@
 """YAML as data: the safe loader (no Python objects), with a duplicate key an error instead of the last
-value silently winning (a config with `weight:` twice means one of them is a mistake)."""
+value silently winning (a config with `weight:` twice means one of them is a mistake), and a cap on what
+anchors and aliases expand to: a kilobyte of nested aliases ("billion laughs") would otherwise become
+gigabytes once validated or written back as the experiment's config snapshot."""
 
 from __future__ import annotations
 
@@ -40,6 +42,55 @@ def _mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict:
 
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
 
+MAX_NODES = 100_000  # a config is a few hundred nodes; a long mergekit slice list a few thousand
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """How many nodes the document holds once every alias is expanded (shared nodes counted each time they
+    are used), without expanding anything; ConstructorError past MAX_NODES or on a recursive alias."""
+    sizes: dict[int, int] = {}
+    busy: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in busy:
+            raise yaml.constructor.ConstructorError(
+                None, None, "an alias refers to a node that contains it (recursive)", node.start_mark
+            )
+        busy.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in node.value)
+        busy.discard(key)
+        if total > MAX_NODES:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"anchors and aliases expand to more than {MAX_NODES:,} values; write the config out "
+                "without nested aliases",
+                node.start_mark,
+            )
+        sizes[key] = total
+        return total
+
+    size(root)
+    return sizes[id(root)]
+
+
+def _single_data(self: _StrictLoader) -> Any:
+    node = self.get_single_node()
+    if node is None:
+        return None
+    _expanded_size(node)
+    return self.construct_document(node)
+
+
+_StrictLoader.get_single_data = _single_data
+
 
 def load_yaml(path: str | Path) -> Any:
     """The YAML document at `path` as plain data; UserError (one line) when missing, unreadable or invalid."""
@@ -54,3 +105,5 @@ def load_yaml(path: str | Path) -> Any:
         return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    except RecursionError:
+        raise UserError(f"{path}: nested too deeply to be a config") from None

@@ -94,6 +94,7 @@ def check_config(config: ExperimentConfig, config_dir: Path, *, resolve: bool) -
             for name, split in splits.items()
         )
         report.lines.append(f"tasks: {sizes}")
+        report.lines += small_heldout_warnings({n: len(split["heldout"]) for n, split in splits.items()})
         if local and len(local) == len(refs):
             report.lines += _memory_lines(config, config_dir, task_dict, report)
     except TaskDataUnreachable as exc:
@@ -109,6 +110,18 @@ def check_config(config: ExperimentConfig, config_dir: Path, *, resolve: bool) -
     if not config.stages:
         report.lines.append("search: " + _search_line(config, num_layers))
     return report
+
+
+def small_heldout_warnings(sizes: dict[str, int]) -> list[str]:
+    """A warning per task whose held-out split is too small to compare finalists on."""
+    from evomerge.evaluate.spec import SMALL_HELDOUT
+
+    return [
+        f"warning: task {name} has only {size} held-out items: too few to tell the finalists apart "
+        f"(aim for at least {SMALL_HELDOUT}; evaluation.split.heldout)"
+        for name, size in sizes.items()
+        if size < SMALL_HELDOUT
+    ]
 
 
 def _memory_lines(
@@ -206,6 +219,7 @@ def _search_line(config: ExperimentConfig, num_layers: int | None) -> str:
         from evomerge.search.run import resolve_overlap
 
         popsize = round_size(config.optimizer, space.default_popsize())
+        _check_round_memory(config, popsize, space.size)
         overlap = resolve_overlap(config.optimizer, popsize)
         check_replayable(config.optimizer, space.size, space.default_popsize(), overlap)
         rounds = math.ceil(config.optimizer.budget / popsize)
@@ -227,6 +241,25 @@ def _search_line(config: ExperimentConfig, num_layers: int | None) -> str:
 
         check_nevergrad_name(config.optimizer.optimizer)
     return "number of layers unknown until the models are reachable"
+
+
+_OPTIMIZER_COPIES = 8  # cma holds a round's genomes several times over (asked, clipped, sorted, told)
+
+
+def _check_round_memory(config: ExperimentConfig, popsize: int, genes: int) -> None:
+    """A round's genomes must fit in a quarter of the host's RAM (the rest is the models' and the
+    evaluation's): 1e8 candidates per round is otherwise an out-of-memory kill mid-search."""
+    import psutil
+
+    need = popsize * max(genes, 1) * 8 * _OPTIMIZER_COPIES
+    allowed = psutil.virtual_memory().total // 4
+    if need > allowed:
+        key = "popsize" if config.optimizer.name == "cma" else "batch"
+        raise UserError(
+            f"optimizer.{key}: {popsize} candidates per round of {genes} genes need about "
+            f"{need / 2**30:.1f} GiB of host memory for the optimizer alone (a quarter of this machine's RAM "
+            f"is {allowed / 2**30:.1f} GiB); use a smaller {key}"
+        )
 
 
 def _is_local(ref: str, config_dir: Path) -> bool:

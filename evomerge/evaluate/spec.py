@@ -35,18 +35,37 @@ class SplitSpec(BaseModel):
     heldout: float | int = Field(0.5, description="fraction in (0, 1) or a count of examples per task")
     seed: int = Field(0, ge=0, lt=2**63)
 
-    @field_validator("heldout")
+    @field_validator("heldout", mode="before")
     @classmethod
-    def _share(cls, value: float | int) -> float | int:
-        if isinstance(value, bool):
-            raise ValueError("must be a fraction in (0, 1) or a count >= 1")
-        if isinstance(value, float) and value.is_integer() and value >= 1:
-            return int(value)  # `300.0` is a count
-        if isinstance(value, float) and not (math.isfinite(value) and 0 < value < 1):
-            raise ValueError(f"must be a fraction in (0, 1) or a count >= 1, got {value}")
-        if isinstance(value, int) and value < 1:
+    def _share(cls, value: Any) -> float | int:
+        return heldout_share(value)
+
+
+def heldout_share(value: Any) -> float | int:
+    """The held-out share as written: an integer is a count of examples (>= 1), a float a fraction in
+    (0, 1). `1.0` is refused rather than guessed: it reads as "everything" and as "one item"."""
+    if isinstance(value, str):  # the command line's --heldout
+        text = value.strip()
+        try:
+            value = int(text)
+        except ValueError:
+            try:
+                value = float(text)
+            except ValueError:
+                raise ValueError(f"must be a fraction in (0, 1) or a count >= 1, got {text!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"must be a fraction in (0, 1) or a count >= 1, got {value!r}")
+    if isinstance(value, int):
+        if value < 1:
             raise ValueError(f"a count must be at least 1, got {value}")
         return value
+    if not (math.isfinite(value) and 0 < value < 1):
+        hint = f"; for a count of examples write the integer {int(value)}" if value.is_integer() and value >= 1 else ""
+        raise ValueError(f"a fraction must be in (0, 1), got {value}{hint}")
+    return value
+
+
+SMALL_HELDOUT = 30  # fewer held-out items than this cannot tell finalists apart
 
 
 class FidelitySpec(BaseModel):

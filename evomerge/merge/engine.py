@@ -172,6 +172,15 @@ class MergeEngine:
             self._merge(name, base, [src[name] for src in self.inputs], params[name], self.state.get(name))
 
     @torch.no_grad()
+    def non_finite(self) -> str | None:
+        """The first merged tensor holding a NaN or an infinity (None when all are finite): such a model
+        scores as garbage or crashes generation, so the candidate fails instead. One device sync."""
+        flags = torch.stack([torch.isfinite(self.targets[n]).all() for n in self.names])
+        if bool(flags.all()):
+            return None
+        return self.names[int((~flags).nonzero()[0, 0])]
+
+    @torch.no_grad()
     def load_input(self, index: int) -> None:
         """Write input model `index` itself into the target (a parent, scored as a baseline)."""
         for name in self.names:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from evomerge.errors import UserError
+from evomerge.errors import UserError, non_finite_message
 from evomerge.files import (
     MODEL,
     atomic_write,
@@ -84,14 +84,24 @@ class ShardWriter:
         self.max_bytes = max_bytes
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
+        self._storages: set[int] = set()  # storages of the pending tensors (safetensors refuses sharing)
         self._shards: list[tuple[Path, list[str]]] = []
         self.total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue `name`; a tensor holding NaN or inf is refused (the staged output is then removed whole)."""
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise UserError(non_finite_message(name, str(tensor.dtype)) + "; nothing was written")
         size = tensor.numel() * tensor.element_size()
         if self._pending and self._pending_bytes + size > self.max_bytes:
             self._flush()
-        self._pending[name] = tensor.detach().to("cpu").contiguous()
+        tensor = tensor.detach().to("cpu").contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        if storage in self._storages:  # the same stored tensor under a second name (a repeated DFS layer)
+            tensor = tensor.clone()
+            storage = tensor.untyped_storage().data_ptr()
+        self._storages.add(storage)
+        self._pending[name] = tensor
         self._pending_bytes += size
         self.total_bytes += size
 
@@ -99,7 +109,7 @@ class ShardWriter:
         path = self.directory / f"shard-{len(self._shards):05d}.tmp"
         save_file(self._pending, str(path), metadata={"format": "pt"})
         self._shards.append((path, list(self._pending)))
-        self._pending, self._pending_bytes = {}, 0
+        self._pending, self._pending_bytes, self._storages = {}, 0, set()
 
     def finish(self) -> None:
         if self._pending or not self._shards:

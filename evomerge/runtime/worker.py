@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.config import ExperimentConfig
-from evomerge.errors import UserError, first_line
+from evomerge.errors import UserError, first_line, non_finite_message
 from evomerge.merge.methods import Method
 from evomerge.merge.recipe import PathRecipe, Recipe
 from evomerge.runtime.jobs import Outcome
@@ -71,6 +71,9 @@ class Worker(_Runs):
             if parsed.method is not self.engine.method:
                 self._switch(parsed.method)
             self.engine.apply(parsed)
+            bad = self.engine.non_finite()
+            if bad is not None:
+                raise UserError(non_finite_message(bad, str(self.engine.targets[bad].dtype)))
         except Exception as exc:  # a recipe that cannot be merged (bad value, OOM) is a failed candidate
             return Outcome(
                 False, -math.inf, reason=f"merge: {_reason(exc)}", merge_seconds=time.perf_counter() - started

@@ -68,6 +68,13 @@ def _fast(kernels, out, base, models, p, name, state) -> None:
     )
 
 
+def _check(p, where: str) -> None:
+    from evomerge.errors import UserError
+
+    if p["normalize_weights"] and abs(sum(p["weight"])) < 1e-8:
+        raise UserError(f"{where}: multislerp weights sum to 0, cannot normalize")
+
+
 METHOD = MergeMethod(
     name="multislerp",
     summary="weighted interpolation of several models on the sphere",
@@ -84,4 +91,5 @@ METHOD = MergeMethod(
     fast=_fast,
     precompute=_precompute,
     baseline=lambda n: {"weight": 1.0},
+    check=_check,
 )

@@ -1,0 +1,214 @@
+"""Hardening round 3 (issue 23): the newer features under bad input, faults and other people's files.
+Each test failed on the code before its fix. Real files, real safetensors, real CLI where the exit code
+and the one line are the point; in-process calls where the behaviour is."""
+
+import json
+import os
+import shutil
+import sqlite3
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from helpers import REPO, cli, smoke
+from safetensors.torch import load_file, save_file
+
+from evomerge.errors import UserError
+
+ZOO = REPO / "zoo"
+
+
+def _one_line_error(done, *needles):
+    assert done.returncode == 2, done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def _merge_config(tmp_path: Path, zoo, method="ties", models=None, **extra) -> Path:
+    base, ft1, ft2 = zoo["llama"]
+    cfg = {
+        "models": models
+        or [
+            {"model": str(ft1), "parameters": {"weight": 0.5, "density": 0.5}},
+            {"model": str(ft2), "parameters": {"weight": 0.5, "density": 0.5}},
+        ],
+        "merge_method": method,
+        "dtype": "float32",
+        **extra,
+    }
+    if method != "linear":
+        cfg["base_model"] = str(base)
+    path = tmp_path / f"merge-{len(list(tmp_path.glob('merge-*.yml')))}.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _merge(config: Path, out: Path, **kw):
+    from evomerge.merge.offline import merge_from_config
+
+    return merge_from_config(config, out, **kw)
+
+
+# -- writing models --------------------------------------------------------------------------------------
+
+
+def test_one_stored_tensor_under_two_names_is_written_as_two(tmp_path):
+    """A DFS path that repeats a layer exports the same stored tensor twice (at the stored dtype the
+    checkpoint hands out the same memory-mapped storage): safetensors refused the shard."""
+    from evomerge.models.checkpoint import Checkpoint
+    from evomerge.models.writer import ShardWriter
+
+    ckpt = Checkpoint.open(ZOO / "math-en")
+    name = "model.layers.1.mlp.up_proj.weight"
+    first, second = ckpt.get(name), ckpt.get(name)
+    writer = ShardWriter(tmp_path)
+    writer.add("model.layers.1.mlp.up_proj.weight", first)
+    writer.add("model.layers.2.mlp.up_proj.weight", second)
+    writer.finish()
+    written = load_file(tmp_path / "model.safetensors")
+    assert torch.equal(written["model.layers.1.mlp.up_proj.weight"], written["model.layers.2.mlp.up_proj.weight"])
+
+
+def _nan_source(tmp_path: Path, zoo) -> Path:
+    bad = tmp_path / "nan-model"
+    shutil.copytree(zoo["llama"][1], bad)
+    tensors = load_file(bad / "model.safetensors")
+    name = next(n for n in tensors if "layers.0.mlp" in n)
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    return bad
+
+
+def test_non_finite_merges_are_refused_and_write_nothing(tmp_path, zoo):
+    base, ft1, ft2 = zoo["llama"]
+    cases = {
+        "multislerp weights 1 and -1": (
+            {"method": "multislerp", "models": [{"model": str(ft1), "parameters": {"weight": 1.0}},
+                                                {"model": str(ft2), "parameters": {"weight": -1.0}}]},
+            "sum to 0",
+        ),
+        "ties lambda 1e30 into float16": (
+            {"method": "ties", "parameters": {"lambda": 1e30}, "dtype": "float16"}, "not finite"),
+        "ramplus_tl r 1e300": ({"method": "ramplus_tl", "parameters": {"r": 1e300},
+                                "models": [{"model": str(ft1)}, {"model": str(ft2)}]}, "not finite"),
+        "a NaN in a source": ({"method": "linear", "models": [
+            {"model": str(_nan_source(tmp_path, zoo)), "parameters": {"weight": 0.5}},
+            {"model": str(ft2), "parameters": {"weight": 0.5}}]}, "not finite"),
+    }  # fmt: skip
+    for case, (changes, needle) in cases.items():
+        out = tmp_path / f"out-{case.replace(' ', '-')}"
+        with pytest.raises(UserError, match=needle) as err:
+            _merge(_merge_config(tmp_path, zoo, **changes), out)
+        assert "\n" not in str(err.value), case
+        if needle == "not finite":
+            assert "model.layers." in str(err.value) or "embed" in str(err.value) or "lm_head" in str(err.value)
+        assert not out.exists(), case
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(f".{out.name}.")], case
+
+
+def test_search_journals_a_non_finite_merge_as_failed(zoo):
+    """The worker's candidate: a merged tensor with NaN is a failed candidate, not a score."""
+    from evomerge.merge.engine import MergeEngine
+    from evomerge.merge.methods import Method
+    from evomerge.models.checkpoint import Checkpoint
+    from evomerge.models.loading import load_target
+
+    base, ft1, ft2 = (Checkpoint.open(p) for p in zoo["llama"])
+    target = load_target(ft1)
+    engine = MergeEngine(base, [ft1, ft2], Method.linear, target)
+    names = engine.names
+    good = {n: {"weight": (0.5, 0.5), "normalize": True} for n in names}
+    engine.apply(good)
+    assert engine.non_finite() is None
+    bad = dict(good)
+    bad[names[3]] = {"weight": (float("inf"), 0.5), "normalize": False}
+    engine.apply(bad)
+    assert engine.non_finite() == names[3]
+
+
+# -- configs ---------------------------------------------------------------------------------------------
+
+
+def test_yaml_alias_bombs_are_refused(tmp_path):
+    from evomerge.strict_yaml import load_yaml
+
+    bomb = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
+    for level in range(1, 8):  # 10^8 values once expanded, from under 1 KB
+        prev = chr(ord("a") + level - 1)
+        bomb.append(f"{chr(ord('a') + level)}: &{chr(ord('a') + level)} [{', '.join(['*' + prev] * 10)}]")
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(bomb) + "\n")
+    assert path.stat().st_size < 1024
+    with pytest.raises(UserError, match="expand to more than"):
+        load_yaml(path)
+    path.write_text("a: &a [1, *a]\n")
+    with pytest.raises(UserError, match="recursive|not valid YAML"):
+        load_yaml(path)
+    path.write_text("base: &b {weight: 0.5, density: 0.5}\nother: {<<: *b, t: 0.3}\nlist: [*b, *b]\n")
+    assert load_yaml(path)["other"] == {"weight": 0.5, "density": 0.5, "t": 0.3}  # ordinary anchors still work
+
+
+def test_alias_bomb_in_gen_kwargs_is_one_line_and_creates_nothing(tmp_path):
+    cfg = smoke(tmp_path)
+    text = cfg.read_text()
+    lines = ["x0: &x0 [a, a, a, a, a, a, a, a, a, a]"]
+    lines += [f"x{i}: &x{i} [{', '.join([f'*x{i - 1}'] * 10)}]" for i in range(1, 7)]
+    bomb = "\n".join(f"# {line}" for line in lines)  # placed into gen_kwargs below
+    data = yaml.safe_load(text)
+    data["evaluation"]["tasks"][0]["gen_kwargs"] = {"until": "PLACEHOLDER"}
+    text = yaml.safe_dump(data).replace("PLACEHOLDER", "*x6")
+    cfg.write_text(bomb.replace("# ", "") .replace("x0:", "_bomb:\n  x0:", 1).replace("\nx", "\n  x") + "\n" + text)
+    done = cli("validate", cfg)
+    _one_line_error(done, "expand to more than")
+    assert not (tmp_path / "exp").exists()
+
+
+@pytest.mark.parametrize(
+    "changes,needle",
+    [
+        ({"optimizer": {"name": "cma", "popsize": 100_000_000, "budget": 24}}, "more than the budget"),
+        ({"optimizer": {"name": "random", "batch": 50, "budget": 24}}, "more than the budget"),
+        ({"evaluation.split": {"heldout": 1.0}}, "write the integer 1"),
+        ({"evaluation.split": {"heldout": 300.0}}, "write the integer 300"),
+        ({"evaluation.split": {"heldout": 1.5}}, "a fraction must be in (0, 1)"),
+    ],
+)
+def test_config_bounds_are_one_line(tmp_path, changes, needle):
+    from evomerge.config import parse_config
+
+    data = yaml.safe_load(smoke(tmp_path, **changes).read_text())
+    with pytest.raises(UserError) as err:
+        parse_config(data)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_round_memory_is_bounded_in_validate(tmp_path):
+    """A round size within a huge budget can still not fit in memory: validate says so before a search
+    allocates it."""
+    from evomerge.validate import validate_config
+
+    cfg = smoke(tmp_path, **{"optimizer": {"name": "cma", "popsize": 10**9, "budget": 10**10}})
+    with pytest.raises(UserError, match="host memory for the optimizer"):
+        validate_config(cfg)
+    assert not (tmp_path / "exp").exists()
+
+
+def test_small_heldout_split_warns(tmp_path):
+    from evomerge.validate import validate_config
+
+    report = validate_config(smoke(tmp_path, **{"evaluation.split": {"heldout": 12}}))
+    assert any(line.startswith("warning: task zoo_math_x has only 12 held-out items") for line in report.lines)
+    report = validate_config(smoke(tmp_path, **{"evaluation.split": {"heldout": 300}}))
+    assert not any(line.startswith("warning") for line in report.lines)
+
+
+def test_eval_heldout_option_is_parsed_like_the_config():
+    for value, needle in (("inf", "a fraction must be in (0, 1)"), ("1.5", "a fraction must be in (0, 1)"),
+                          ("lots", "must be a fraction")):  # fmt: skip
+        done = cli("eval", ZOO / "math-en", "--task", "zoo_math_x", "--heldout", value)
+        _one_line_error(done, "--heldout", needle)
