@@ -54,12 +54,14 @@ def open_experiment(
                     f"{out} holds an experiment with a different config (changed: {changed}); "
                     "resume with the original config, or start over with --fresh --force or another --out"
                 )
-            if recorded is not None:
-                check_same_models(recorded, models, out)
+            notes = check_same_models(recorded, models, out) if recorded is not None else []
         except UserError:
             store.close()
             raise
-        if recorded is None:  # made before models were recorded: from now on they are
+        for note in notes:  # shown with the run's other notes once its log is open
+            log.info("%s", note)
+            _OPEN_NOTES.append(note)
+        if recorded is None or notes:  # made before models (or tokenizers) were recorded: from now on they are
             store.set_meta("models", json.dumps(models, sort_keys=True))
         if store.meta("config") != snapshot:
             store.set_meta("config", snapshot)
@@ -74,6 +76,9 @@ def open_experiment(
         "models": json.dumps(models, sort_keys=True),
     }
     return ExperimentStore.create(out, meta, config_text=config_text), False
+
+
+_OPEN_NOTES: list[str] = []  # what open_experiment found worth saying (the caller shows and clears it)
 
 
 def _comparable(identity: dict) -> dict:
@@ -226,11 +231,64 @@ def _run_stages(config: ExperimentConfig, config_dir: Path, out: Path, run: _Run
         if not result.finals:
             break
         previous = (stage_dir / f"{stage.name}-best").resolve()
-        if not previous.exists():  # written once, atomically; a resumed run reuses it
-            if run.reporter:
-                run.reporter.stage(f"exporting the best of stage {stage.name}")
-            export_candidate(stage_dir, previous)
+        _hand_on(config, index, out, previous, run)
     return results
+
+
+def _hand_on(config: ExperimentConfig, index: int, out: Path, handoff: Path, run: _Run) -> None:
+    """Keep stage `index`'s exported best (`handoff`, the next stage's source) its current best: a stage
+    extended with --budget may have a new winner. When it changed, it is exported again, and later stages
+    that already ran on the old one are set aside (renamed, never deleted) so they start over on the new."""
+    from evomerge.export import export_candidate
+    from evomerge.files import MODEL, mark, marker
+
+    stage = config.stages[index]
+    store = ExperimentStore.open(out / stage.name, readonly=True)
+    try:
+        winner = store.winner()
+    finally:
+        store.close()
+    recorded = (marker(handoff) or {}).get("candidate") if handoff.exists() else None
+    if winner is None:
+        return
+    if recorded == winner.id:
+        _stage_log(out / stage.name, f"stage {stage.name} hands on its best, candidate {winner.id} ({handoff})")
+        return
+    if recorded is None and handoff.exists():
+        message = f"stage {stage.name}: exporting its best (candidate {winner.id}) again, as this evomerge records which"
+    elif recorded is None:
+        message = f"exporting the best of stage {stage.name} (candidate {winner.id})"
+    else:
+        message = f"stage {stage.name}'s best is now candidate {winner.id} (was {recorded}): exporting it again"
+    _stage_log(out / stage.name, message)
+    if run.reporter:
+        run.reporter.stage(message)
+    export_candidate(out / stage.name, handoff, force=handoff.exists())
+    mark(handoff, MODEL, candidate=winner.id)
+    if recorded is None:
+        return
+    for later in config.stages[index + 1 :]:
+        stage_dir = out / later.name
+        if not ExperimentStore.exists(stage_dir):
+            continue
+        aside = out / f"{later.name}.on-{stage.name}-candidate-{recorded}"
+        suffix = 1
+        while aside.exists():
+            suffix += 1
+            aside = out / f"{later.name}.on-{stage.name}-candidate-{recorded}-{suffix}"
+        stage_dir.rename(aside)
+        note = f"stage {later.name} ran on the old best of stage {stage.name}: kept as {aside.name}, starting over"
+        _stage_log(out / stage.name, note)
+        if run.reporter:
+            run.reporter.note(note)
+
+
+def _stage_log(stage_dir: Path, message: str) -> None:
+    """A line in a stage's search.log (the stage's own run has closed its log handler by now)."""
+    import time
+
+    with open_append(stage_dir / "search.log") as handle:
+        handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} INFO evomerge.search: {message}\n")
 
 
 def _override_runtime(
@@ -274,6 +332,8 @@ def _run_one(config: ExperimentConfig, config_dir: Path, out: Path, run: _Run) -
         out,
         config_dir=config_dir,
     )
+    notes += _OPEN_NOTES
+    _OPEN_NOTES.clear()
     handler = logging.StreamHandler(open_append(out / "search.log"))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("evomerge")

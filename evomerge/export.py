@@ -21,7 +21,7 @@ from evomerge.files import atomic_write, one_line
 from evomerge.merge.methods import TensorParams, merge_tensor
 from evomerge.merge.recipe import PathRecipe, Recipe, parse_recipe
 from evomerge.models.architecture import EMBED, HEAD, Family, merged_names
-from evomerge.models.loading import open_models
+from evomerge.models.identity import open_recorded
 from evomerge.report.render import search_fitness
 from evomerge.report.view import ExperimentView
 
@@ -120,7 +120,7 @@ def export_candidate(
     recipe = parse_recipe(candidate.recipe)
     if isinstance(recipe, PathRecipe):
         return _export_path(view, candidate, recipe, rank, out_dir, force, keep)
-    base, sources, family = open_models(ExperimentConfig.model_validate(view.config), view.config_dir)
+    base, sources, family = _models(view)
     first = base or sources[0]
     names = merged_names(list(first.tensors), family, tied := first.ties_embeddings(family))
     dtype_name = view.config.get("runtime", {}).get("dtype", "float32")
@@ -155,6 +155,11 @@ def export_candidate(
     return ExportSummary(out_dir, candidate.id, rank, len(names))
 
 
+def _models(view: ExperimentView):
+    """The models the experiment scored, where it found them; refused when they changed since."""
+    return open_recorded(ExperimentConfig.model_validate(view.config), view.config_dir, view.models, view.dir)
+
+
 HOP_SCALES = "evomerge_hop_scales"
 
 
@@ -174,7 +179,7 @@ def _export_path(
     from evomerge.models.checkpoint import parse_dtype
     from evomerge.models.writer import ShardWriter, copy_tokenizer, staged_directory, write_config
 
-    _, sources, family = open_models(ExperimentConfig.model_validate(view.config), view.config_dir)
+    _, sources, family = _models(view)
     a = sources[0]
     dtype = parse_dtype(view.config.get("runtime", {}).get("dtype", "float32"))
     path, scales = recipe.path, recipe.scales

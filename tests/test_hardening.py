@@ -42,7 +42,7 @@ def _merge_config(tmp_path: Path, zoo, method="ties", models=None, **extra) -> P
         **extra,
     }
     if method != "linear":
-        cfg["base_model"] = str(base)
+        cfg.setdefault("base_model", str(base))
     path = tmp_path / f"merge-{len(list(tmp_path.glob('merge-*.yml')))}.yml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -212,3 +212,211 @@ def test_eval_heldout_option_is_parsed_like_the_config():
                           ("lots", "must be a fraction")):  # fmt: skip
         done = cli("eval", ZOO / "math-en", "--task", "zoo_math_x", "--heldout", value)
         _one_line_error(done, "--heldout", needle)
+
+
+# -- other people's model directories ---------------------------------------------------------------------
+
+
+def _model_copy(tmp_path: Path, name: str = "math-en") -> Path:
+    dest = tmp_path / f"{name}-copy-{len(list(tmp_path.glob(f'{name}-copy-*')))}"
+    shutil.copytree(ZOO / name, dest)
+    return dest
+
+
+MALFORMED = {
+    "config.json is a list": ("config.json", b"[]", "config.json holds a JSON list"),
+    "num_hidden_layers a word": ("config.json", None, "num_hidden_layers must be a whole number"),
+    "num_hidden_layers null": ("config.json", None, "num_hidden_layers must be a whole number"),
+    "config.json not UTF-8": ("config.json", b'{"a": "\xff\xfe"}', "not UTF-8"),
+    "index is a list": ("model.safetensors.index.json", b"[]", "is malformed"),
+    "weight_map a list": ("model.safetensors.index.json", b'{"weight_map": []}', "is malformed"),
+    "weight_map value 5": ("model.safetensors.index.json", b'{"weight_map": {"x": 5}}', "is malformed"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_model_metadata_is_one_line(tmp_path, case):
+    from evomerge.models.checkpoint import Checkpoint
+
+    model = _model_copy(tmp_path)
+    name, data, needle = MALFORMED[case]
+    if data is None:
+        config = json.loads((model / "config.json").read_text())
+        config["num_hidden_layers"] = "four" if "word" in case else None
+        data = json.dumps(config).encode()
+    (model / name).write_bytes(data)
+    with pytest.raises(UserError) as err:
+        Checkpoint.open(model)
+    assert needle in str(err.value) and "\n" not in str(err.value), str(err.value)
+    if case == "num_hidden_layers a word":  # and through the CLI: validate and merge, one line each
+        cfg = smoke(tmp_path, **{"models.sources": [str(model), str(ZOO / "lang-x")]})
+        _one_line_error(cli("validate", cfg), needle)
+
+
+def test_declared_layers_must_all_be_stored(tmp_path):
+    from evomerge.models.checkpoint import Checkpoint
+    from evomerge.models.compat import check_compatible
+
+    model = _model_copy(tmp_path)
+    config = json.loads((model / "config.json").read_text())
+    config["num_hidden_layers"] += 4
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="declares 8 layers but the weights lack model.layers.4."):
+        check_compatible([Checkpoint.open(model)])
+    config["num_hidden_layers"] = 3
+    (model / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="declares 3 layers but the weights also hold layer 3"):
+        check_compatible([Checkpoint.open(model)])
+    tensors = load_file(ZOO / "math-en" / "model.safetensors")
+    config["num_hidden_layers"] = 4
+    (model / "config.json").write_text(json.dumps(config))
+    del tensors["model.layers.2.mlp.gate_proj.weight"]
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UserError, match=r"lack model\.layers\.2\.mlp\.gate_proj\.weight"):
+        check_compatible([Checkpoint.open(model)])
+
+
+def test_a_bin_beside_an_unusual_safetensors_name_is_ambiguous(tmp_path):
+    from evomerge.models.checkpoint import Checkpoint
+
+    model = _model_copy(tmp_path)
+    (model / "model.safetensors").rename(model / "weights.safetensors")
+    torch.save({"x": torch.zeros(1)}, model / "pytorch_model.bin")
+    with pytest.raises(UserError, match="which transformers would load instead"):
+        Checkpoint.open(model, allow_pickle=True)
+    (model / "pytorch_model.bin").unlink()
+    assert "model.embed_tokens.weight" in Checkpoint.open(model).tensors  # alone, the odd name is used
+
+
+def test_tokenizer_links_out_of_the_model_dir_are_not_copied_and_outputs_follow_the_umask(tmp_path, zoo):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("private")
+    secret.chmod(0o600)
+    base, ft1, ft2 = zoo["llama"]
+    linked = tmp_path / "linked-base"
+    shutil.copytree(base, linked)
+    (linked / "merges.txt").symlink_to(secret)
+    (linked / "vocab.json").symlink_to(linked / "config.json")  # a link inside the dir is fine
+    out = tmp_path / "out"
+    old = os.umask(0o022)
+    try:
+        _merge(_merge_config(tmp_path, zoo, base_model=str(linked)), out)
+    finally:
+        os.umask(old)
+    assert not (out / "merges.txt").exists()
+    assert (out / "vocab.json").read_bytes() == (linked / "config.json").read_bytes()
+    for file in out.iterdir():
+        assert stat.S_IMODE(file.stat().st_mode) == 0o644, file
+
+
+def test_two_spellings_of_one_model_dir_are_one_model(tmp_path, zoo):
+    base, ft1, ft2 = zoo["llama"]
+    models = [{"model": str(ft1), "parameters": {"weight": 0.5, "density": 0.5}},
+              {"model": str(ft1) + "/", "parameters": {"weight": 0.5, "density": 0.5}}]  # fmt: skip
+    with pytest.raises(UserError, match="are the same model"):
+        _merge(_merge_config(tmp_path, zoo, models=models), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# -- what an experiment recorded of its models --------------------------------------------------------------
+
+
+def _meta(exp: Path, key: str, value=None):
+    db = sqlite3.connect(exp / "experiment.sqlite")
+    try:
+        if value is not None:
+            db.execute("UPDATE meta SET value = ? WHERE key = ?", (json.dumps(value), key))
+            db.commit()
+        return json.loads(db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0])
+    finally:
+        db.close()
+
+
+def _swap_two_tokens(model: Path) -> None:
+    data = json.loads((model / "tokenizer.json").read_text())
+    vocab = data["model"]["vocab"]
+    a, b = list(vocab)[5], list(vocab)[6]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (model / "tokenizer.json").write_text(json.dumps(data))
+
+
+def test_export_and_resume_use_what_the_experiment_recorded(tmp_path):
+    """Relative model paths resolve where the search resolved them, whatever the working directory is at
+    export; export refuses weights or tokenizers that changed since; resume refuses a changed tokenizer
+    and accepts a journal older than tokenizer records with one line."""
+    home, elsewhere = tmp_path / "home", tmp_path / "elsewhere"
+    for root, names in ((home, ("base", "math-en", "lang-x")), (elsewhere, ("base", "lang-x"))):
+        for name in names:
+            shutil.copytree(ZOO / name, root / "models" / name)
+    shutil.copytree(ZOO / "lang-x", elsewhere / "models" / "math-en")  # same name, other weights
+    cfg = smoke(tmp_path, **{"optimizer.budget": 6, "models": {
+        "base": "models/base", "sources": ["models/math-en", "models/lang-x"]}})  # fmt: skip
+    exp = tmp_path / "exp"
+    done = cli("search", cfg, cwd=home)
+    assert done.returncode == 0, done.stderr
+    assert "tokenizer" in _meta(exp, "models")["sources"][0]
+
+    assert cli("export", exp, tmp_path / "from-home", cwd=home).returncode == 0
+    done = cli("export", exp, tmp_path / "from-elsewhere", cwd=elsewhere)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "from-home" / "model.safetensors").read_bytes() == (
+        tmp_path / "from-elsewhere" / "model.safetensors"
+    ).read_bytes()
+
+    _swap_two_tokens(home / "models" / "math-en")
+    _one_line_error(cli("search", cfg, cwd=home), "models.sources[0]", "its tokenizer files differ")
+    _one_line_error(cli("export", exp, tmp_path / "x", cwd=home), "its tokenizer files differ")
+    assert not (tmp_path / "x").exists()
+    shutil.copy(ZOO / "math-en" / "tokenizer.json", home / "models" / "math-en" / "tokenizer.json")
+
+    shutil.copy(ZOO / "lang-x" / "model.safetensors", home / "models" / "math-en" / "model.safetensors")
+    _one_line_error(cli("export", exp, tmp_path / "x", cwd=home), "config or weight files differ")
+    shutil.copy(ZOO / "math-en" / "model.safetensors", home / "models" / "math-en" / "model.safetensors")
+
+    models = _meta(exp, "models")  # as an older evomerge recorded them: no tokenizer
+    for record in [models["base"], *models["sources"]]:
+        del record["tokenizer"]
+    _meta(exp, "models", models)
+    done = cli("search", cfg, cwd=home)
+    assert done.returncode == 0, done.stderr
+    assert "its tokenizer was not recorded" in done.stdout + done.stderr
+    assert "tokenizer" in _meta(exp, "models")["sources"][0]
+
+
+def test_stage_hand_off_follows_the_stage_best(tmp_path):
+    """A stage whose best changes after it was handed on (a longer run found a better recipe) is exported
+    again; the later stage that ran on the old best is kept aside and starts over on the new one."""
+    from evomerge.files import marker
+    from evomerge.store import ExperimentStore
+
+    cfg = yaml.safe_load((REPO / "configs" / "smoke-stages.yaml").read_text())
+    cfg["models"] = {"base": str(ZOO / "base"), "sources": [str(ZOO / n) for n in ("math-en", "lang-x")]}
+    cfg["stages"][1]["sources"] = ["previous", str(ZOO / "lang-x")]
+    for stage in cfg["stages"]:
+        stage["optimizer"]["budget"] = 6
+    cfg["output"]["dir"] = str(tmp_path / "exp")
+    path = tmp_path / "stages.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    exp = tmp_path / "exp"
+    assert cli("search", path).returncode == 0
+    handoff = exp / "ps" / "ps-best"
+    store = ExperimentStore.open(exp / "ps")
+    first = store.winner()
+    assert marker(handoff)["candidate"] == first.id
+    # a better recipe lands in stage ps (as a run extended with --budget would journal one)
+    worst = min((c for c in store.candidates() if c.ok), key=lambda c: c.fitness)
+    worst.id, worst.generation, worst.fitness = None, 99, 2.0
+    new_id = store.record(worst)
+    store.close()
+    done = cli("search", path)
+    assert done.returncode == 0, done.stderr
+    assert marker(handoff)["candidate"] == new_id
+    aside = exp / f"dfs.on-ps-candidate-{first.id}"
+    assert ExperimentStore.exists(aside) and ExperimentStore.exists(exp / "dfs")
+    log = (exp / "ps" / "search.log").read_text()
+    assert f"stage ps's best is now candidate {new_id} (was {first.id}): exporting it again" in log
+    assert "kept as dfs.on-ps-candidate" in log
+    exported = load_file(handoff / "model.safetensors")
+    again = tmp_path / "again"
+    assert cli("export", exp / "ps", again).returncode == 0
+    assert all(torch.equal(exported[k], v) for k, v in load_file(again / "model.safetensors").items())

@@ -61,6 +61,7 @@ def merge_from_config(
     base_dir = config_path.parent.resolve()
     allow_pickle = allow_pickle or config.allow_pickle
     ckpts = {ref: Checkpoint.open(ref, allow_pickle=allow_pickle, base_dir=base_dir) for ref in plan.all_refs}
+    _distinct(ckpts)
     family = check_compatible(list(ckpts.values()))
     first = ckpts[plan.base] if plan.base else ckpts[plan.inputs[0]]
     load_dtype = parse_dtype(config.dtype)
@@ -135,6 +136,16 @@ def _merge_slices(
     return MergeSummary(
         out_dir, method.value, len(jobs), writer.total_bytes, str(out_dtype).removeprefix("torch.")
     )
+
+
+def _distinct(ckpts: dict[str, Checkpoint]) -> None:
+    """Two spellings of one directory (`zoo/a`, `./zoo/a/`) are one model, not two inputs of the merge."""
+    seen: dict[Path, str] = {}
+    for ref, ckpt in ckpts.items():
+        path = ckpt.path.resolve()
+        if path in seen:
+            raise UserError(f"models {seen[path]} and {ref} are the same model ({path}); list it once")
+        seen[path] = ref
 
 
 def _stored_dtype(ckpt: Checkpoint) -> torch.dtype:

@@ -172,24 +172,51 @@ class Checkpoint:
 
 
 def _read_config(path: Path, ref: str) -> dict[str, Any]:
+    """config.json as a mapping with a usable layer count; one UserError naming the file otherwise."""
     file = path / "config.json"
     if not file.is_file():
         raise UserError(f"model {ref}: no config.json in {path}")
+    config = _read_json(file, ref)
+    if not isinstance(config, dict):
+        raise UserError(f"model {ref}: {file} holds a JSON {type(config).__name__}, not an object")
+    layers = config.get("num_hidden_layers", 0)
+    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 0:
+        raise UserError(
+            f"model {ref}: {file}: num_hidden_layers must be a whole number of layers, got {layers!r}"
+        )
+    return config
+
+
+def _read_json(file: Path, ref: str) -> Any:
     try:
-        return json.loads(file.read_text())
+        return json.loads(file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"model {ref}: {file} is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
-        raise UserError(f"model {ref}: config.json is not valid JSON ({exc})") from None
+        raise UserError(f"model {ref}: {file.name} is not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise UserError(f"model {ref}: cannot read {file} ({exc.strerror})") from None
 
 
 def _weight_files(path: Path, ref: str, allow_pickle: bool) -> tuple[list[Path], bool]:
+    """The files that hold the weights, decided here the way transformers decides (index, then
+    model.safetensors, then pickles), so the weights evomerge reads are the ones transformers loads. Other
+    .safetensors names are used only when nothing else is there: beside a .bin, transformers would load
+    the .bin instead, so that is refused as ambiguous."""
     if (path / _ST_INDEX).is_file():
         return _sharded(path, _ST_INDEX, ref), False
     if (path / _ST_SINGLE).is_file():
         return [path / _ST_SINGLE], False
     singles = sorted(path.glob("*.safetensors"))
+    pickles = [path / _PT_INDEX] if (path / _PT_INDEX).is_file() else sorted(path.glob("*.bin"))
+    if singles and pickles:
+        raise UserError(
+            f"model {ref}: {path} holds {singles[0].name} (not named {_ST_SINGLE}, no {_ST_INDEX}) beside "
+            f"{pickles[0].name}, which transformers would load instead; keep one: rename the safetensors file "
+            f"to {_ST_SINGLE} or remove the other"
+        )
     if singles:
         return singles, False
-    pickles = [path / _PT_INDEX] if (path / _PT_INDEX).is_file() else sorted(path.glob("*.bin"))
     if pickles:
         if not allow_pickle:
             raise UserError(
@@ -203,13 +230,19 @@ def _weight_files(path: Path, ref: str, allow_pickle: bool) -> tuple[list[Path],
 
 
 def _sharded(path: Path, index_name: str, ref: str) -> list[Path]:
-    try:
-        weight_map = json.loads((path / index_name).read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError) as exc:
-        raise UserError(f"model {ref}: {index_name} is malformed ({exc})") from None
+    index = _read_json(path / index_name, ref)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise UserError(
+            f"model {ref}: {path / index_name} is malformed (expected an object whose weight_map maps "
+            "tensor names to file names)"
+        )
     files = []
     for name in dict.fromkeys(weight_map.values()):
-        if not (path / name).is_file():
-            raise UserError(f"model {ref}: shard {name} listed in {index_name} is missing")
-        files.append(path / name)
+        file = path / name
+        if Path(name).name != name or not file.is_file():
+            raise UserError(f"model {ref}: shard {name!r} listed in {index_name} is missing")
+        files.append(file)
     return files

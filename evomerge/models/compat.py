@@ -22,6 +22,8 @@ def check_compatible(models: Sequence[Checkpoint], *, same_depth: bool = True) -
         raise UserError(
             f"model {first.ref}: architecture {first.model_type!r} is not supported (supported: {', '.join(FAMILIES)})"
         ) from None
+    for model in models:
+        _check_layers_stored(model, family)
     for other in models[1:]:
         if other.model_type != first.model_type:
             raise UserError(
@@ -48,6 +50,34 @@ def check_compatible(models: Sequence[Checkpoint], *, same_depth: bool = True) -
         except ValueError as exc:
             raise UserError(f"model {first.ref}: {exc}") from None
     return family
+
+
+def _check_layers_stored(model: Checkpoint, family: Family) -> None:
+    """The weights hold every tensor of every layer config.json declares, and no other layer: transformers
+    would initialise a missing tensor at random (and say nothing) and drop an extra one."""
+    import re
+
+    per_layer: dict[int, set[str]] = {}
+    for name in model.tensors:
+        index = family.layer_index(name)
+        if index is not None:
+            per_layer.setdefault(index, set()).add(re.sub(family.layer_pattern, "", name, count=1))
+    count = model.num_layers
+    extra = sorted(i for i in per_layer if i >= count)
+    if extra:
+        raise UserError(
+            f"model {model.ref}: config.json declares {count} layers but the weights also hold layer {extra[0]}"
+        )
+    suffixes = set().union(*per_layer.values()) if per_layer else set()
+    for i in range(count):
+        missing = sorted(suffixes - per_layer.get(i, set()))
+        if missing or i not in per_layer:
+            example = f"model.layers.{i}.{missing[0]}" if missing else f"model.layers.{i}.*"
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            raise UserError(
+                f"model {model.ref}: config.json declares {count} layers but the weights lack {example}{more}"
+                " (transformers would initialise it at random)"
+            )
 
 
 def _check_vocab(a: Checkpoint, b: Checkpoint, family: Family) -> None:

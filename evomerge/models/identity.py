@@ -42,6 +42,19 @@ def fingerprint(ckpt: Checkpoint) -> str:
     return digest.hexdigest()
 
 
+def tokenizer_fingerprint(path: Path) -> str:
+    """A hash of the tokenizer files (names and contents): the same weights read with another vocabulary
+    are another model (two swapped token ids change the scores)."""
+    from evomerge.models.writer import TOKENIZER_FILES
+
+    digest = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        file = path / name
+        if file.is_file():
+            digest.update(name.encode() + b"\0" + file.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def _safetensors_header(file: Path) -> bytes:
     with file.open("rb") as handle:
         raw = handle.read(8)
@@ -63,7 +76,11 @@ def hub_revision(path: Path) -> str | None:
 def describe(ckpt: Checkpoint) -> dict[str, Any]:
     """What the experiment records of one model."""
     revision = hub_revision(ckpt.path)
-    record: dict[str, Any] = {"ref": ckpt.ref, "fingerprint": fingerprint(ckpt)}
+    record: dict[str, Any] = {
+        "ref": ckpt.ref,
+        "fingerprint": fingerprint(ckpt),
+        "tokenizer": tokenizer_fingerprint(ckpt.path),
+    }
     if revision is not None:
         record["hub"] = {"id": ckpt.ref, "revision": revision}
     else:
@@ -75,25 +92,75 @@ def describe_models(base: Checkpoint | None, sources: list[Checkpoint]) -> dict[
     return {"base": describe(base) if base is not None else None, "sources": [describe(s) for s in sources]}
 
 
-def check_same_models(recorded: dict[str, Any], now: dict[str, Any], where: Path) -> None:
-    """UserError naming the first model whose weights differ from the recorded ones."""
+def check_same_models(recorded: dict[str, Any], now: dict[str, Any], where: Path) -> list[str]:
+    """UserError naming the first model whose weights or tokenizer differ from the recorded ones; else the
+    notes to show (models whose tokenizer an older evomerge did not record)."""
     pairs = [("models.base", recorded.get("base"), now.get("base"))]
     pairs += [
         (f"models.sources[{i}]", old, new)
         for i, (old, new) in enumerate(zip(recorded.get("sources", []), now.get("sources", []), strict=False))
     ]
+    notes = []
     for role, old, new in pairs:
-        if old is None or new is None or old["fingerprint"] == new["fingerprint"]:
+        if old is None or new is None:
             continue
-        was = _where(old)
+        if old["fingerprint"] != new["fingerprint"]:
+            what = "its config or weight files differ"
+        elif "tokenizer" not in old:
+            notes.append(
+                f"model {new['ref']} ({role}): its tokenizer was not recorded when this experiment started "
+                "(an older evomerge); it is recorded from now on"
+            )
+            continue
+        elif old["tokenizer"] != new.get("tokenizer"):
+            what = "its tokenizer files differ"
+        else:
+            continue
         raise UserError(
-            f"{where}: model {new['ref']} ({role}) is not the one this experiment started with ({was}; its "
-            "config or weight files differ); resume with those weights, or start over with --fresh --force "
-            "or another --out"
+            f"{where}: model {new['ref']} ({role}) is not the one this experiment started with ({_where(old)}; "
+            f"{what}); resume with that model, or start over with --fresh --force or another --out"
         )
+    return notes
 
 
 def _where(record: dict[str, Any]) -> str:
     if "hub" in record:
         return f"{record['hub']['id']} at commit {record['hub']['revision'][:12]}"
     return record.get("path", record["ref"])
+
+
+def open_recorded(config, config_dir: Path | None, recorded: dict[str, Any] | None, where: Path):
+    """(base, sources, family) of an experiment as it was searched: each model from the location the
+    experiment recorded (the resolved path, or the hub id at its commit), whatever the working directory
+    is now, and refused (one line) when its weights or tokenizer are no longer the ones it recorded. For
+    experiments older than the record, the config's references as the search resolves them."""
+    from evomerge.models.compat import check_compatible
+    from evomerge.models.loading import open_models
+
+    if not recorded:
+        return open_models(config, config_dir)
+
+    def open_one(ref: str, record: Any) -> Checkpoint:
+        location: str | Path = ref
+        revision = None
+        if isinstance(record, dict) and isinstance(record.get("path"), str) and Path(record["path"]).is_dir():
+            location = Path(record["path"])
+        elif isinstance(record, dict) and isinstance(record.get("hub"), dict):
+            revision = record["hub"].get("revision")
+        if revision is not None:
+            from evomerge.models.reference import resolve_model_dir
+
+            ckpt = Checkpoint.open(resolve_model_dir(ref, revision=str(revision)))
+        else:
+            ckpt = Checkpoint.open(location, base_dir=config_dir)
+        ckpt.ref = ref
+        return ckpt
+
+    records = recorded.get("sources") if isinstance(recorded.get("sources"), list) else []
+    base = open_one(config.models.base, recorded.get("base")) if config.models.base else None
+    sources = [
+        open_one(ref, records[i] if i < len(records) else None) for i, ref in enumerate(config.models.sources)
+    ]
+    check_same_models(recorded, describe_models(base, sources), where)
+    family = check_compatible(([base] if base else []) + sources)
+    return base, sources, family

@@ -8,6 +8,8 @@ lets a later `--force` replace it (and nothing else).
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +25,7 @@ from evomerge.files import (
     check_deletable,
     check_protected,
     covers,
+    file_mode,
     mark,
     replace_dir,
     temp_dir_beside,
@@ -108,6 +111,7 @@ class ShardWriter:
     def _flush(self) -> None:
         path = self.directory / f"shard-{len(self._shards):05d}.tmp"
         save_file(self._pending, str(path), metadata={"format": "pt"})
+        os.chmod(path, file_mode())  # safetensors creates its files 0600; outputs follow the umask
         self._shards.append((path, list(self._pending)))
         self._pending, self._pending_bytes, self._storages = {}, 0, set()
 
@@ -142,10 +146,32 @@ def write_config(
     atomic_write(directory / "config.json", json.dumps(config, indent=2, sort_keys=True))
 
 
+log = logging.getLogger(__name__)
+
+
 def copy_tokenizer(source: Path, directory: Path) -> list[str]:
+    """The tokenizer files of the model dir `source`, content only, with fresh modes. Only regular files
+    inside the model dir are copied (or, for a Hugging Face cache snapshot, its links into the repo's blob
+    store): a link to anywhere else is skipped, so a private file linked as `merges.txt` never lands in
+    an output others can read."""
     copied = []
     for name in (*TOKENIZER_FILES, "generation_config.json"):
-        if (source / name).is_file():
-            atomic_write(directory / name, (source / name).read_bytes())  # content only, fresh mode
-            copied.append(name)
+        file = source / name
+        if not file.is_file():
+            continue
+        if not _inside_model(file, source):
+            log.warning("%s is a link out of the model directory; not copied", file)
+            continue
+        atomic_write(directory / name, file.read_bytes())
+        copied.append(name)
     return copied
+
+
+def _inside_model(file: Path, model_dir: Path) -> bool:
+    real, home = file.resolve(), model_dir.resolve()
+    if not real.is_file():
+        return False
+    allowed = [home]
+    if home.parent.name == "snapshots" and home.parent.parent.name.startswith("models--"):
+        allowed.append(home.parent.parent / "blobs")  # the HF cache: snapshots/<commit>/x -> ../../blobs/<hash>
+    return any(real.is_relative_to(root) for root in allowed)

@@ -25,6 +25,7 @@ class ExperimentView:
         default_factory=dict
     )  # final name -> task -> items
     scores: list[Score] = field(default_factory=list)  # re-scores, anchor evidence, racing rungs
+    models: dict[str, Any] | None = None  # where each model was found and its fingerprint (None: older runs)
 
     @classmethod
     def load(cls, path: str | Path) -> ExperimentView:
@@ -35,10 +36,12 @@ class ExperimentView:
         try:
             config = json.loads(store.meta("config") or "{}")
             config_dir = store.meta("config_dir")
+            models = json.loads(store.meta("models") or "null")
             finals = store.finals()
             view = cls(
                 path, config, store.candidates(), finals, Path(config_dir) if config_dir else None,
                 {f.name: store.items(f"final:{f.name}") for f in finals}, store.scores(),
+                models if isinstance(models, dict) else None,
             )  # fmt: skip
         finally:
             store.close()
