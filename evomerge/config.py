@@ -414,9 +414,34 @@ def parse_config(data: Any, where: str = "config") -> ExperimentConfig:
             "an experiment config looks like configs/demo.yaml"
         )
     try:
-        return ExperimentConfig.model_validate(data)
+        config = ExperimentConfig.model_validate(data)
     except ValidationError as exc:
         raise UserError(format_validation_error(exc, where)) from None
+    _check_gene_bounds(data, config, where)
+    return config
+
+
+def _check_gene_bounds(data: dict, config: ExperimentConfig, where: str) -> None:
+    """`space.weight`, `space.density` and `space.t` as written must be genes of the method searched
+    (their schema defaults serve every method, so the schema cannot tell): bounds for a gene the method
+    lacks would be silently ignored. Checked on what the user wrote, not on a config snapshot."""
+    plans = [] if config.stages else [("space", data.get("space"), config)]
+    for i, stage in enumerate(config.stages or []):
+        raw = (data.get("stages") or [])[i]
+        own = raw.get("space") if isinstance(raw, dict) else None
+        plans.append((f"stages[{i}] ({stage.name}).space" if own is not None else "space",
+                      own if own is not None else data.get("space"), config.stage_config(i, Path("x"))))  # fmt: skip
+    for key, space, planned in plans:
+        if not isinstance(space, dict) or planned.dfs is not None:
+            continue
+        spec = planned.merge.method.spec
+        for name in ("weight", "density", "t"):
+            param = spec.param(name)
+            if name in space and (param is None or param.gene is None):
+                searchable = ", ".join(p.name for p in spec.genes)
+                raise UserError(
+                    f"{where}: {key}.{name}: not a searchable parameter of {planned.merge.method.value} ({searchable})"
+                )
 
 
 def load_config(path: str | Path) -> tuple[ExperimentConfig, Path]:

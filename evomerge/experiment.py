@@ -135,6 +135,8 @@ def run_search(
             config = _with_runtime(config, sources=checked.placement)
         if checked.pinned is not None and config.runtime.pin_memory == "auto":
             config = _with_runtime(config, pin_memory="on" if checked.pinned else "off")
+        if lock is None and _existing(out, config):  # another search created it while this one validated
+            lock = DirectoryLock(out, what)  # refused at once, naming the holder, if it still runs
         if lock is None:
             _check_new_target(out, staged)
             out.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@ Each test failed on the code before its fix. Real files, real safetensors, real 
 and the one line are the point; in-process calls where the behaviour is."""
 
 import json
+import re
 import os
 import shutil
 import sqlite3
@@ -420,3 +421,77 @@ def test_stage_hand_off_follows_the_stage_best(tmp_path):
     again = tmp_path / "again"
     assert cli("export", exp / "ps", again).returncode == 0
     assert all(torch.equal(exported[k], v) for k, v in load_file(again / "model.safetensors").items())
+
+
+@pytest.mark.slow
+def test_two_searches_started_together_on_a_new_directory(tmp_path):
+    """The one that loses says the experiment is in use and by whom (it used to call the winner's new
+    experiment 'not an experiment'); the winner's journal is untouched."""
+    import subprocess
+    import sys
+    import time
+
+    cfg = smoke(tmp_path, **{"optimizer.budget": 60})
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "evomerge.cli", "search", str(cfg)], cwd=REPO,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+        for _ in range(2)
+    ]
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and all(p.poll() is None for p in procs):
+            time.sleep(0.2)
+        loser = next(p for p in procs if p.poll() is not None)
+        winner = next(p for p in procs if p is not loser)
+        err = loser.stderr.read()
+        assert loser.returncode == 2, err
+        assert "in use by another evomerge search" in err and f"pid {winner.pid} on " in err, err
+        assert len(err.strip().splitlines()) == 1
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(2)
+                p.wait(timeout=60)
+    assert (tmp_path / "exp" / "experiment.sqlite").exists()
+
+
+@pytest.mark.parametrize(
+    "changes,needle",
+    [
+        ({"space.t": {"min": 0.1, "max": 0.9}}, "space.t: not a searchable parameter of dare_ties"),
+        ({"merge.method": "linear", "models.base": None, "space.density": {"min": 0.2, "max": 1.0}},
+         "space.density: not a searchable parameter of linear"),
+    ],
+)  # fmt: skip
+def test_bounds_for_genes_the_method_lacks_are_refused(tmp_path, changes, needle):
+    from evomerge.config import load_config
+
+    with pytest.raises(UserError, match=re.escape(needle)):
+        load_config(smoke(tmp_path, **changes))
+    load_config(smoke(tmp_path, **{"space.density": {"min": 0.2, "max": 1.0}}))  # ties has density
+
+
+@pytest.mark.parametrize(
+    "gen_kwargs,needle",
+    [
+        ({"max_new_token": 8}, "unknown generation option 'max_new_token'; did you mean max_new_tokens?"),
+        ({"until": 5}, "until must be a string or a list of strings"),
+        ({"max_gen_toks": "many"}, "max_gen_toks must be a whole number"),
+        ({"do_sample": "yes"}, "do_sample must be true or false"),
+        ({"temperature": -1}, "temperature must be a finite number"),
+    ],
+)
+def test_gen_kwargs_are_checked_before_anything_exists(tmp_path, gen_kwargs, needle):
+    from evomerge.experiment import run_search
+
+    task = {"name": "zoo_math_x", "metric": "exact_match,strict-match", "limit": 24, "gen_kwargs": gen_kwargs}
+    cfg = smoke(tmp_path, **{"evaluation.tasks": [task]})
+    with pytest.raises(UserError) as err:
+        run_search(cfg)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "exp").exists()
+    task["gen_kwargs"] = {"until": ["\n"], "max_gen_toks": 8, "do_sample": False}
+    from evomerge.validate import validate_config
+
+    validate_config(smoke(tmp_path, **{"evaluation.tasks": [task]}))

@@ -155,9 +155,14 @@ def test_failed_candidates_are_journaled_then_stop(tmp_path):
     cfg = _smoke(tmp_path, **{"space.weight": {"min": 1e38, "max": 1e38}, "runtime.stop_after_failures": 3})
     done = _cli("search", cfg)
     assert done.returncode == 2
-    assert "the first 3 candidates all failed" in done.stderr and "non-finite logits" in done.stderr
+    assert "the first 3 candidates all failed" in done.stderr
+    assert "non-finite logits" in done.stderr or "is not finite" in done.stderr
     rows, _ = _journal(tmp_path / "exp")
     assert len(rows) == 3 and {r[4] for r in rows} == {"failed"} and all(r[3] == float("-inf") for r in rows)
+    # resumed, the guard still holds: this run's first 3 fail too and it stops (it used to run the budget out)
+    done = _cli("search", cfg)
+    assert done.returncode == 2 and "the last 3 candidates all failed" in done.stderr, done.stderr
+    assert len(_journal(tmp_path / "exp")[0]) == 6
     # with a higher limit the run goes on through every failure to the end of its budget
     cfg = _smoke(
         tmp_path,

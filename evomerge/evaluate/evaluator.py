@@ -129,7 +129,50 @@ def _configure(name: str, task, spec: TaskSpec) -> None:
     if spec.gen_kwargs:
         if task.config.output_type != "generate_until":
             raise UserError(f"task {name}: gen_kwargs only apply to generate_until tasks")
+        check_gen_kwargs(spec.gen_kwargs, f"task {name}: gen_kwargs")
         task.set_config(key="generation_kwargs", value=dict(spec.gen_kwargs), update=True)
+
+
+_LM_EVAL_GEN_KEYS = ("until", "max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
+_GEN_INTS = {"max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens", "max_length",
+             "min_length", "min_new_tokens", "top_k", "num_beams", "no_repeat_ngram_size",
+             "num_return_sequences"}  # fmt: skip
+_GEN_BOOLS = {"do_sample", "use_cache", "renormalize_logits", "remove_invalid_values"}
+_GEN_FLOATS = {"temperature", "top_p", "min_p", "typical_p", "repetition_penalty", "length_penalty",
+               "epsilon_cutoff", "eta_cutoff", "max_time"}  # fmt: skip
+
+
+def check_gen_kwargs(kwargs: dict[str, Any], where: str) -> None:
+    """Keys and types lm-eval's HF generation accepts (its own: until and the max-token aliases; the rest
+    go to transformers' generate): a typo is one line before the experiment exists, not a failure of every
+    candidate."""
+    import difflib
+
+    from transformers import GenerationConfig
+
+    known = set(_LM_EVAL_GEN_KEYS) | {k for k in GenerationConfig().to_dict() if not k.startswith("_")}
+    known.discard("transformers_version")
+    for key, value in kwargs.items():
+        if key not in known:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise UserError(f"{where}: unknown generation option {key!r}{hint}")
+        if key == "until":
+            ok = isinstance(value, str) or (
+                isinstance(value, list) and all(isinstance(v, str) for v in value)
+            )
+            want = "a string or a list of strings"
+        elif key in _GEN_INTS:
+            ok, want = isinstance(value, int) and not isinstance(value, bool) and value >= 0, "a whole number >= 0"
+        elif key in _GEN_BOOLS:
+            ok, want = isinstance(value, bool), "true or false"
+        elif key in _GEN_FLOATS:
+            ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+            want = "a finite number >= 0"
+        else:
+            continue
+        if not ok:
+            raise UserError(f"{where}: {key} must be {want}, got {value!r}")
 
 
 def limited(chosen: list[int], limit: int | None) -> list[int]:

@@ -207,6 +207,7 @@ class Search:
         self._journal = {(c.generation, c.idx): c for c in self.store.candidates()}
         self._scores = {s.owner: s for s in self.store.scores()}
         self._best = self.store.best()
+        self._failed_this_run = 0
         if self.reporter:
             self.reporter.start(len(self._journal), self.budget, self._best.fitness if self._best else None)
         in_flight: dict[tuple, tuple[list[float] | None, dict | None, float]] = {}
@@ -341,7 +342,7 @@ class Search:
         if candidate.ok and (self._best is None or candidate.fitness > self._best.fitness):
             self._best = candidate
         done = len(self._journal)
-        self._check_failures(done)
+        self._check_failures(candidate)
         if self.reporter:
             best = self._best.fitness if self._best else None
             self.reporter.evaluated(candidate, done, best, self._item_evals())
@@ -569,15 +570,16 @@ class Search:
                 "start over with --fresh --force"
             )
 
-    def _check_failures(self, done: int) -> None:
+    def _check_failures(self, candidate: Candidate) -> None:
+        """Stop a broken setup: when no candidate of the experiment has succeeded and this run's first
+        `stop_after_failures` evaluations all failed. Counted per run, so a resumed run stops as soon (it
+        used to see the guard as passed and burn the budget), and one resumed after a fix gets its tries."""
+        self._failed_this_run = 0 if candidate.ok else self._failed_this_run + 1
         limit = self.config.runtime.stop_after_failures
-        if done != limit:
-            return
-        journal = self.store.candidates()[:limit]
-        if all(not c.ok for c in journal):
+        if self._best is None and self._failed_this_run >= limit:
             raise UserError(
-                f"the first {len(journal)} candidates all failed, stopping (last reason: {journal[-1].reason}); "
-                f"the journal is in {self.store.dir}"
+                f"the {'first ' if len(self._journal) == limit else 'last '}{limit} candidates all failed and "
+                f"none has succeeded, stopping (last reason: {candidate.reason}); the journal is in {self.store.dir}"
             )
 
     # -- finals --------------------------------------------------------------------------------------
