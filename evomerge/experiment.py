@@ -45,8 +45,14 @@ def open_experiment(
     models = describe_models(base, sources)
     if ExperimentStore.exists(out):
         store = ExperimentStore.open(out)
-        old, new = _comparable(json.loads(store.meta("identity") or "{}")), _comparable(identity)
-        recorded = json.loads(store.meta("models") or "null")
+        try:
+            old, recorded = store.meta_json("identity", {}), store.meta_json("models")
+            if not isinstance(old, dict) or not (recorded is None or isinstance(recorded, dict)):
+                raise UserError(f"{out}: the journal's identity or model record is damaged")
+            old, new = _comparable(old), _comparable(identity)
+        except UserError:
+            store.close()
+            raise
         try:
             if old != new:
                 changed = ", ".join(describe_changes(old, new)) or "the config"
@@ -169,7 +175,9 @@ def _with_runtime(config: ExperimentConfig, **changes) -> ExperimentConfig:
 def _journaled_dtype(out: Path) -> str | None:
     store = ExperimentStore.open(out, readonly=True)
     try:
-        return json.loads(store.meta("config") or "{}").get("runtime", {}).get("dtype")
+        config = store.meta_json("config", {})
+        runtime = config.get("runtime") if isinstance(config, dict) else None
+        return runtime.get("dtype") if isinstance(runtime, dict) else None
     finally:
         store.close()
 

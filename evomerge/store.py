@@ -6,6 +6,11 @@
     <dir>/.evomerge           marker: evomerge made this directory (what --force may delete)
     <dir>/.evomerge.lock      held by the one process writing the experiment
 
+Each candidate and score row carries a checksum of what it means (genome, recipe, status, fitness,
+metrics...): a row edited by hand, or damaged, is refused with one line instead of being resumed or
+exported (from the first row written with checksums on, every later row must have one). Any other damage
+(not a database, a malformed page, unreadable JSON) is one line too, never a traceback.
+
 Each finished evaluation is one transaction; a process killed at any moment leaves the database at the
 last commit. Everything in it is data (JSON, numbers, text): nothing read from an experiment is unpickled
 or executed. The optimizer's state is not stored at all: it is a function of the config and the journaled
@@ -52,6 +57,7 @@ CREATE TABLE candidates (
     started_at REAL NOT NULL,
     finished_at REAL NOT NULL,
     fidelity TEXT,  -- JSON {"items": item-evaluations, "full": scored on every search item, ...}; NULL: full
+    checksum TEXT,  -- of what the row means (see _checksum); NULL in rows written before checksums
     UNIQUE (generation, idx)
 );
 CREATE TABLE optimizer (
@@ -76,7 +82,8 @@ CREATE TABLE IF NOT EXISTS scores (
     metrics TEXT NOT NULL,
     item_evals INTEGER NOT NULL,
     seconds REAL NOT NULL,
-    finished_at REAL NOT NULL
+    finished_at REAL NOT NULL,
+    checksum TEXT
 );
 CREATE TABLE finals (
     name TEXT PRIMARY KEY,
@@ -192,6 +199,25 @@ class Final:
     finished_at: float
 
 
+def _readable(method):
+    """Damage met while reading (not a database, a malformed page, a value of the wrong type) is one
+    UserError naming the file, never a traceback."""
+    import functools
+
+    @functools.wraps(method)
+    def read(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.DatabaseError as exc:
+            raise UserError(f"{self.dir / DB_NAME}: the journal is damaged ({first_line(exc)})") from None
+        except (TypeError, ValueError, KeyError, IndexError) as exc:
+            raise UserError(
+                f"{self.dir / DB_NAME}: the journal is damaged ({type(exc).__name__}: {first_line(exc, 120)})"
+            ) from None
+
+    return read
+
+
 class ExperimentStore:
     def __init__(self, path: Path, readonly: bool = False) -> None:
         self.dir = path
@@ -211,9 +237,21 @@ class ExperimentStore:
             )
         if not readonly:  # experiments made before per-item results and fidelity modes gain them
             self.db.executescript(_ADDED)
-            columns = {row[1] for row in self.db.execute("PRAGMA table_info(candidates)")}
-            if "fidelity" not in columns:
-                self.db.execute("ALTER TABLE candidates ADD COLUMN fidelity TEXT")
+            try:
+                columns = {row[1] for row in self.db.execute("PRAGMA table_info(candidates)")}
+                if "fidelity" not in columns:
+                    self.db.execute("ALTER TABLE candidates ADD COLUMN fidelity TEXT")
+                for table in ("candidates", "scores"):
+                    if "checksum" not in {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}:
+                        self.db.execute(f"ALTER TABLE {table} ADD COLUMN checksum TEXT")
+                if self.meta("checksums_from") is None:  # rows after this point must carry checksums
+                    first = self.db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM candidates").fetchone()[0]
+                    self.db.execute(
+                        "INSERT OR REPLACE INTO meta VALUES ('checksums_from', ?)",
+                        (json.dumps({"candidates": first, "at": time.time()}),),
+                    )
+            except sqlite3.OperationalError as exc:
+                raise UserError(f"{path / DB_NAME}: cannot upgrade the journal ({first_line(exc)})") from None
 
     # -- opening -------------------------------------------------------------------------------------
 
@@ -285,7 +323,9 @@ class ExperimentStore:
                 if self.db.in_transaction:
                     self.db.execute("ROLLBACK")
                 raise
-        except sqlite3.OperationalError as exc:
+        except sqlite3.IntegrityError:
+            raise
+        except sqlite3.DatabaseError as exc:
             raise UserError(
                 f"{self.dir / DB_NAME}: cannot write the journal ({first_line(exc)}); the last finished "
                 "evaluation is saved: free space (or fix the file system) and run the same command to resume"
@@ -298,7 +338,21 @@ class ExperimentStore:
             row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         except sqlite3.OperationalError:
             return None
+        except sqlite3.DatabaseError as exc:
+            raise UserError(f"{self.dir / DB_NAME}: the journal is damaged ({first_line(exc)})") from None
+        if row and not isinstance(row[0], str):
+            raise UserError(f"{self.dir / DB_NAME}: the journal is damaged (meta {key} is not text)")
         return row[0] if row else None
+
+    def meta_json(self, key: str, default: Any = None) -> Any:
+        """A meta value that holds JSON, parsed; one UserError when it does not parse."""
+        text = self.meta(key)
+        if text is None:
+            return default
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise UserError(f"{self.dir / DB_NAME}: the journal is damaged (meta {key} is not JSON)") from None
 
     def set_meta(self, key: str, value: str) -> None:
         with self._tx() as db:
@@ -309,23 +363,26 @@ class ExperimentStore:
     def record(self, c: Candidate, items: dict[str, dict[str, Any]] | None = None) -> int:
         """Journal one evaluation and its per-item results (`task -> {metric, ids, values}`), atomically."""
         with self._tx() as db:
+            meaning = (
+                int(c.generation), int(c.idx), json.dumps(c.genome), json.dumps(c.recipe), c.status, c.reason,
+                float(c.fitness),
+                json.dumps(c.metrics), json.dumps(c.fidelity) if c.fidelity is not None else None,
+            )  # fmt: skip
             cur = db.execute(
                 "INSERT INTO candidates (generation, idx, genome, recipe, status, reason, fitness, metrics, "
-                "merge_seconds, eval_seconds, started_at, finished_at, fidelity) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    c.generation, c.idx, json.dumps(c.genome), json.dumps(c.recipe), c.status, c.reason,
-                    c.fitness, json.dumps(c.metrics), c.merge_seconds, c.eval_seconds, c.started_at,
-                    c.finished_at, json.dumps(c.fidelity) if c.fidelity is not None else None,
-                ),
+                "merge_seconds, eval_seconds, started_at, finished_at, fidelity, checksum) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (*meaning[:8], c.merge_seconds, c.eval_seconds, c.started_at, c.finished_at, meaning[8],
+                 _checksum(meaning)),
             )  # fmt: skip
             _write_items(db, f"candidate:{cur.lastrowid}", items)
             return int(cur.lastrowid)
 
+    @_readable
     def candidates(self, generation: int | None = None) -> list[Candidate]:
         sql = "SELECT * FROM candidates" + (" WHERE generation = ?" if generation is not None else "")
         rows = self.db.execute(sql + " ORDER BY id", () if generation is None else (generation,)).fetchall()
-        out = [_candidate(row) for row in rows]
+        out = [self._candidate(row) for row in rows]
         rescored = {s.owner: s for s in self.scores("rescore:")}
         for c in out:
             again = rescored.get(rescore_owner(c))
@@ -333,36 +390,85 @@ class ExperimentStore:
                 c.rescored = again.fitness
         return out
 
+    @_readable
     def count(self) -> int:
         return int(self.db.execute("SELECT COUNT(*) FROM candidates").fetchone()[0])
 
+    @_readable
     def best(self) -> Candidate | None:
         """The best by the fitness the search saw (an estimate under a cheap fidelity)."""
         row = self.db.execute(
             "SELECT * FROM candidates WHERE status = 'ok' ORDER BY fitness DESC, generation, idx LIMIT 1"
         ).fetchone()
-        return _candidate(row) if row else None
+        return self._candidate(row) if row else None
 
+    @_readable
     def winner(self) -> Candidate | None:
         """The candidate the finals score: the best fitness on every search item among those that have
         one (all of them at full fidelity; the re-scored otherwise), else the best estimate."""
         ranked = sorted((c for c in self.candidates() if c.ok), key=rank_key)
         return ranked[0] if ranked else None
 
+    def _checksums(self) -> dict[str, Any]:
+        """From where rows must carry checksums ({"candidates": first id, "at": time}); a journal never
+        opened for writing since checksums exist has none to require."""
+        if not hasattr(self, "_checksums_from"):
+            try:
+                data = json.loads(self.meta("checksums_from") or "null")
+            except ValueError:
+                data = None
+            if not (isinstance(data, dict) and isinstance(data.get("candidates"), int)
+                    and isinstance(data.get("at"), int | float)):  # fmt: skip
+                data = {"candidates": math.inf, "at": math.inf}
+            self._checksums_from = data
+        return self._checksums_from
+
+    def _verify(self, what: str, key: Any, meaning: tuple, stored: str | None, required: bool) -> None:
+        if stored is None and not required:
+            return  # written before checksums existed
+        if stored != _checksum(tuple(meaning)):
+            raise UserError(
+                f"{self.dir / DB_NAME}: journal {what} {key} was changed after it was written (its checksum "
+                "does not match); evomerge does not resume or export an edited journal: restore the file, or "
+                "start over with --fresh --force"
+            )
+
+    def _candidate(self, row) -> Candidate:
+        stored = row[14] if len(row) > 14 else None
+        self._verify("row", row[0], (*row[1:9], row[13] if len(row) > 13 else None), stored,
+                     row[0] >= self._checksums()["candidates"])  # fmt: skip
+        try:
+            fitness = float(row[7]) if row[7] is not None else -math.inf
+            genome = [float(x) for x in json.loads(row[3])]
+            recipe, metrics = json.loads(row[4]), json.loads(row[8])
+            fidelity = json.loads(row[13]) if len(row) > 13 and row[13] is not None else None
+            if not isinstance(recipe, dict) or not isinstance(metrics, dict):
+                raise ValueError("recipe and metrics must be JSON objects")
+            if fidelity is not None and not isinstance(fidelity, dict):
+                raise ValueError("fidelity must be a JSON object")
+            if row[5] not in ("ok", "failed") or not isinstance(row[1], int) or not isinstance(row[2], int):
+                raise ValueError("generation, idx or status is malformed")
+        except (TypeError, ValueError) as exc:
+            raise UserError(f"{self.dir / DB_NAME}: journal row {row[0]} is malformed ({first_line(exc, 120)})") from None
+        return Candidate(
+            row[0], row[1], row[2], genome, recipe, row[5], row[6], fitness,
+            metrics, row[9], row[10], row[11], row[12], fidelity,
+        )  # fmt: skip
+
     # -- other evaluations of the search split -------------------------------------------------------
 
     def record_score(self, s: Score, items: dict[str, dict[str, Any]] | None = None) -> None:
         with self._tx() as db:
+            meaning = (s.owner, s.status, s.reason, float(s.fitness), json.dumps(s.metrics), int(s.item_evals))
             db.execute(
-                "INSERT OR REPLACE INTO scores VALUES (?,?,?,?,?,?,?,?)",
-                (
-                    s.owner, s.status, s.reason, s.fitness, json.dumps(s.metrics), s.item_evals, s.seconds,
-                    s.finished_at,
-                ),
-            )  # fmt: skip
+                "INSERT OR REPLACE INTO scores (owner, status, reason, fitness, metrics, item_evals, seconds, "
+                "finished_at, checksum) VALUES (?,?,?,?,?,?,?,?,?)",
+                (*meaning, s.seconds, s.finished_at, _checksum(meaning)),
+            )
             db.execute("DELETE FROM items WHERE owner = ?", (s.owner,))
             _write_items(db, s.owner, items)
 
+    @_readable
     def scores(self, prefix: str = "") -> list[Score]:
         try:
             rows = self.db.execute(
@@ -370,7 +476,11 @@ class ExperimentStore:
             ).fetchall()
         except sqlite3.OperationalError:  # a read-only open of an experiment older than the table
             return []
-        return [Score(r[0], r[1], r[2], r[3], json.loads(r[4]), int(r[5]), r[6], r[7]) for r in rows]
+        out = []
+        for r in rows:
+            self._verify("score", r[0], r[:6], r[8] if len(r) > 8 else None, r[7] >= self._checksums()["at"])
+            out.append(Score(r[0], r[1], r[2], float(r[3]), _json_object(r[4], r[0]), int(r[5]), r[6], r[7]))
+        return out
 
     # -- finals --------------------------------------------------------------------------------------
 
@@ -386,6 +496,7 @@ class ExperimentStore:
             db.execute("DELETE FROM items WHERE owner = ?", (f"final:{f.name}",))
             _write_items(db, f"final:{f.name}", items)
 
+    @_readable
     def finals(self) -> list[Final]:
         rows = self.db.execute("SELECT * FROM finals ORDER BY fitness DESC, name").fetchall()
         return [
@@ -413,6 +524,7 @@ class ExperimentStore:
 
     # -- per-item results -------------------------------------------------------------------------------
 
+    @_readable
     def items(self, owner: str) -> dict[str, ItemResults]:
         """Per-item results of `candidate:<id>` or `final:<name>`, by task (empty for evaluations journaled
         before per-item results existed)."""
@@ -477,22 +589,23 @@ def experiment_dirs(paths: list[Path]) -> list[tuple[Path, bool]]:
     return out
 
 
-def _candidate(row) -> Candidate:
+def _checksum(meaning: tuple) -> str:
+    """What a row means, hashed: the values as stored (text columns as their JSON text), so a reader
+    recomputes it from the row itself."""
+    import hashlib
+
+    text = json.dumps([None if isinstance(v, float) and math.isnan(v) else v for v in meaning], allow_nan=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _json_object(text: Any, owner: Any) -> dict[str, Any]:
     try:
-        fitness = float(row[7]) if row[7] is not None else -math.inf
-        genome = [float(x) for x in json.loads(row[3])]
-        recipe, metrics = json.loads(row[4]), json.loads(row[8])
-        fidelity = json.loads(row[13]) if len(row) > 13 and row[13] is not None else None
-        if not isinstance(recipe, dict) or not isinstance(metrics, dict):
-            raise ValueError("recipe and metrics must be JSON objects")
-        if fidelity is not None and not isinstance(fidelity, dict):
-            raise ValueError("fidelity must be a JSON object")
-    except (TypeError, ValueError) as exc:
-        raise UserError(f"journal row {row[0]} is malformed ({first_line(exc, 120)})") from None
-    return Candidate(
-        row[0], row[1], row[2], genome, recipe, row[5], row[6], fitness,
-        metrics, row[9], row[10], row[11], row[12], fidelity,
-    )  # fmt: skip
+        value = json.loads(text)
+    except (TypeError, ValueError):
+        value = None
+    if not isinstance(value, dict):
+        raise UserError(f"journal entry {owner}: metrics are not a JSON object (the journal is damaged)")
+    return value
 
 
 def _fsync(path: Path) -> None:

@@ -495,3 +495,83 @@ def test_gen_kwargs_are_checked_before_anything_exists(tmp_path, gen_kwargs, nee
     from evomerge.validate import validate_config
 
     validate_config(smoke(tmp_path, **{"evaluation.tasks": [task]}))
+
+
+# -- the journal ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished one-round smoke experiment (6 evaluations + finals), copied by the tests that damage it."""
+    tmp = tmp_path_factory.mktemp("finished")
+    cfg = smoke(tmp, **{"optimizer.budget": 6})
+    done = cli("search", cfg)
+    assert done.returncode == 0, done.stderr
+    return cfg, tmp / "exp"
+
+
+DAMAGE = {
+    "genome not JSON": "UPDATE candidates SET genome = 'not json' WHERE id = 2",
+    "recipe a list": "UPDATE candidates SET recipe = '[]' WHERE id = 1",
+    "metrics not JSON": "UPDATE candidates SET metrics = '{' WHERE id = 3",
+    "fitness text": "UPDATE candidates SET fitness = 'abc' WHERE id = 1",
+    "status unknown": "UPDATE candidates SET status = 'weird' WHERE id = 1",
+    "generation text": "UPDATE candidates SET generation = 'x' WHERE id = 4",
+    "recipe edited": "UPDATE candidates SET recipe = replace(recipe, '0.', '0.9') WHERE id = 1",
+    "fitness edited": "UPDATE candidates SET fitness = fitness + 0.5 WHERE id = 5",
+    "checksum removed": "UPDATE candidates SET checksum = NULL WHERE id = 2",
+    "final metrics not JSON": "UPDATE finals SET metrics = '{'",
+    "final recipe not JSON": "UPDATE finals SET recipe = '{' WHERE kind = 'evolved'",
+    "items text": "UPDATE items SET vals = 'abc'",
+    "meta config not JSON": "UPDATE meta SET value = '{' WHERE key = 'config'",
+    "meta models a list": "UPDATE meta SET value = '[1]' WHERE key = 'models'",
+    "meta identity a list": "UPDATE meta SET value = '[1]' WHERE key = 'identity'",
+}
+
+
+def _damaged(exp: Path, dest: Path, how: str) -> Path:
+    shutil.copytree(exp, dest)
+    if how in DAMAGE:
+        db = sqlite3.connect(dest / "experiment.sqlite")
+        db.execute("PRAGMA ignore_check_constraints = 1")
+        db.execute(DAMAGE[how])
+        db.commit()
+        db.close()
+    else:  # bytes of the file itself
+        file = dest / "experiment.sqlite"
+        data = bytearray(file.read_bytes())
+        if how == "truncated":
+            data = data[: len(data) // 2 + 100]
+        else:
+            data[4096 : 4096 + 2048] = os.urandom(2048)
+        file.write_bytes(bytes(data))
+    return dest
+
+
+@pytest.mark.parametrize("how", [*DAMAGE, "truncated", "garbage page"])
+def test_journal_damage_is_one_line_everywhere(finished, tmp_path, how):
+    """report, export and search (resume) on a damaged journal: each works or refuses with one UserError;
+    an edited row is refused (never resumed or exported), never a traceback."""
+    from evomerge.experiment import run_search
+    from evomerge.export import export_candidate
+    from evomerge.report.render import write_report
+    from evomerge.report.view import ExperimentView
+
+    cfg, exp = finished
+    damaged = _damaged(exp, tmp_path / "exp", how)
+    outcomes = {}
+
+    def attempt(name, fn):
+        try:
+            fn()
+            outcomes[name] = "ok"
+        except UserError as exc:
+            assert "\n" not in str(exc)
+            outcomes[name] = str(exc)
+
+    attempt("report", lambda: write_report(ExperimentView.load(damaged), tmp_path / "report"))
+    attempt("export", lambda: export_candidate(damaged, tmp_path / "model"))
+    attempt("search", lambda: run_search(cfg, out=damaged))
+    if how in ("recipe edited", "fitness edited", "checksum removed"):
+        assert all("was changed after it was written" in v for v in outcomes.values()), outcomes
+        assert not (tmp_path / "model").exists()

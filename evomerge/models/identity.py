@@ -96,14 +96,19 @@ def check_same_models(recorded: dict[str, Any], now: dict[str, Any], where: Path
     """UserError naming the first model whose weights or tokenizer differ from the recorded ones; else the
     notes to show (models whose tokenizer an older evomerge did not record)."""
     pairs = [("models.base", recorded.get("base"), now.get("base"))]
+    recorded_sources = recorded.get("sources", [])
+    if not isinstance(recorded_sources, list):
+        raise UserError(f"{where}: the journal's record of models.sources is damaged")
     pairs += [
         (f"models.sources[{i}]", old, new)
-        for i, (old, new) in enumerate(zip(recorded.get("sources", []), now.get("sources", []), strict=False))
+        for i, (old, new) in enumerate(zip(recorded_sources, now.get("sources", []), strict=False))
     ]
     notes = []
     for role, old, new in pairs:
         if old is None or new is None:
             continue
+        if not isinstance(old, dict) or not isinstance(old.get("fingerprint"), str):
+            raise UserError(f"{where}: the journal's record of {role} is damaged")
         if old["fingerprint"] != new["fingerprint"]:
             what = "its config or weight files differ"
         elif "tokenizer" not in old:

@@ -34,9 +34,14 @@ class ExperimentView:
             raise UserError(f"not a directory: {path}")
         store = ExperimentStore.open(path, readonly=True)
         try:
-            config = json.loads(store.meta("config") or "{}")
+            try:
+                config = json.loads(store.meta("config") or "{}")
+                models = json.loads(store.meta("models") or "null")
+            except ValueError:
+                raise UserError(f"{path}: the journal's config or model record is damaged (not JSON)") from None
+            if not isinstance(config, dict):
+                raise UserError(f"{path}: the journal's config record is damaged")
             config_dir = store.meta("config_dir")
-            models = json.loads(store.meta("models") or "null")
             finals = store.finals()
             view = cls(
                 path, config, store.candidates(), finals, Path(config_dir) if config_dir else None,
