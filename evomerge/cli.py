@@ -217,10 +217,12 @@ def _say(text: str) -> None:
 
 def _print_view(view) -> None:
     """An experiment's leaderboard: held-out finalists when it has them, else its best candidates."""
-    from evomerge.report.render import heldout_rows, paired_rows, top_rows
+    from evomerge.report.render import heldout_rows, heldout_warnings, paired_rows, top_rows
 
     if view.finals:
         _print_table(f"{view.name}: held-out ({len(view.candidates)} evaluations)", *heldout_rows(view))
+        for line in heldout_warnings(view):
+            _say(line)
         header, rows = paired_rows(view)
         if rows:
             _print_table(f"{view.name}: held-out, item by item", header, rows)
@@ -230,18 +232,31 @@ def _print_view(view) -> None:
 
 def _print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
     """Every string shown literally: a model called `base[dpo]` or a reason with `[/data/x]` is text,
-    not rich markup."""
+    not rich markup. Words stay whole: each column is at least as wide as its longest word, and when
+    that does not fit the terminal the table is shown one row at a time, field by field."""
     from rich.table import Table
     from rich.text import Text
 
     from evomerge.files import one_line
 
-    table = Table(title=Text(one_line(title)))
-    for column in header:
-        table.add_column(Text(one_line(column)), overflow="fold")
-    for row in rows:
-        table.add_row(*(Text(one_line(cell)) for cell in row))
-    console.print(table)
+    cells = [[one_line(c) for c in header]] + [[one_line(c) for c in row] for row in rows]
+    longest = [max((len(w) for row in cells for w in row[i].split()), default=1) for i in range(len(header))]
+    if sum(longest) + 3 * len(header) + 1 <= console.width:
+        table = Table(title=Text(one_line(title)))
+        for column, width in zip(cells[0], longest, strict=True):
+            table.add_column(Text(column), overflow="fold", min_width=width)
+        for row in cells[1:]:
+            table.add_row(*(Text(cell) for cell in row))
+        console.print(table)
+        return
+    for i, row in enumerate(cells[1:], 1):  # narrow terminal: one small table per row
+        table = Table(title=Text(f"{one_line(title)} ({i}/{len(rows)})"), show_header=False)
+        table.add_column(overflow="fold")
+        table.add_column(overflow="fold")
+        for name, cell in zip(cells[0], row, strict=True):
+            if cell:
+                table.add_row(Text(name), Text(cell))
+        console.print(table)
 
 
 @app.command()
@@ -260,6 +275,15 @@ def export(
     )
 
 
+def _click_exceptions():
+    """click's exception classes, from the copy typer vendors (newer typer) or click itself."""
+    try:
+        from typer._click import exceptions
+    except ImportError:
+        from click import exceptions
+    return exceptions
+
+
 def main() -> None:
     # torch, transformers and lm-eval create millions of long-lived objects while they import; at Python's
     # default threshold the collector rescans them all eight times on the way (0.8 s of a search's start-up)
@@ -271,8 +295,27 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:  # the terminal gets warnings; a run's log file gets all
         handler.setLevel(logging.WARNING)
+    click = _click_exceptions()
     try:
-        app()
+        app(standalone_mode=False)  # click's own errors below, as one line like every other
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        err_console.print("interrupted", markup=False)
+        sys.exit(130)
+    except click.ClickException as exc:
+        ctx = getattr(exc, "ctx", None)
+        if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            console.print(ctx.get_help(), markup=False, highlight=False)
+            sys.exit(exc.exit_code)
+        names, node = [], ctx
+        while node is not None and node.parent is not None:  # the subcommand's name, not how python ran us
+            names.insert(0, node.info_name)
+            node = node.parent
+        hint = f" (see: {' '.join(['evomerge', *names, '--help'])})" if ctx is not None else ""
+        message = " ".join(exc.format_message().split())
+        err_console.print(f"error: {message}{hint}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
     except UserError as exc:
         err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)

@@ -22,7 +22,7 @@ from evomerge.merge.methods import TensorParams, merge_tensor
 from evomerge.merge.recipe import PathRecipe, Recipe, parse_recipe
 from evomerge.models.architecture import EMBED, HEAD, Family, merged_names
 from evomerge.models.identity import open_recorded
-from evomerge.report.render import search_fitness
+from evomerge.report.render import search_fitness, task_cell
 from evomerge.report.view import ExperimentView
 
 
@@ -260,9 +260,8 @@ def model_card(view: ExperimentView, candidate, rank: int, recipe: Recipe) -> st
         lines.append(f"- held-out fitness: {heldout.fitness:.4f}")
     lines += ["", "## Scores", "", "| task | search split | held-out |", "|---|---:|---:|"]
     for task in view.tasks:
-        s = view.metric(candidate.metrics, task)
         h = view.metric(heldout.metrics, task) if heldout else None
-        lines.append(f"| {task} | {'' if s is None else f'{s:.4f}'} | {'' if h is None else f'{h:.4f}'} |")
+        lines.append(f"| {task} | {task_cell(view, candidate, task)} | {'' if h is None else f'{h:.4f}'} |")
     lines += ["", "## Recipe", ""]
     names = view.sources
     genes = recipe.method.spec.genes

@@ -52,6 +52,8 @@ def dir_mode() -> int:
 def atomic_write(path: str | Path, data: bytes | str) -> Path:
     """Write `data` to `path` through a unique temp file + rename (see the module docstring)."""
     path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        raise UserError(f"{path} is a directory; evomerge writes a file there: move it aside")
     if isinstance(data, str):
         data = data.encode()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

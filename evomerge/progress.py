@@ -40,7 +40,7 @@ class SearchReporter:
     def note(self, text: str) -> None:
         self.out.print(text, markup=False, highlight=False, soft_wrap=True)
 
-    def start(self, done: int, budget: int, best: float | None) -> None:
+    def start(self, done: int, budget: int, best: str | None) -> None:
         self.started, self.start_done, self.budget = time.monotonic(), done, budget
         if done:
             self.console.print(
@@ -59,7 +59,7 @@ class SearchReporter:
             "searching", total=budget, completed=min(done, budget), best=_fmt(best), rate="-", items="-"
         )
 
-    def evaluated(self, candidate: Candidate, done: int, best: float | None, item_evals: int = 0) -> None:
+    def evaluated(self, candidate: Candidate, done: int, best: str | None, item_evals: int = 0) -> None:
         elapsed = time.monotonic() - self.started
         rate = (done - self.start_done) / elapsed * 60 if elapsed > 0 else 0.0
         if self.progress is not None:
@@ -85,5 +85,8 @@ def _count(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e4 else str(n)
 
 
-def _fmt(value: float | None) -> str:
+def _fmt(value: float | str | None) -> str:
+    """A fitness; a string comes marked already (an estimate is `~0.1234`, as in every report)."""
+    if isinstance(value, str):
+        return value
     return "-" if value is None else f"{value:.4f}"

@@ -94,7 +94,12 @@ def check_config(config: ExperimentConfig, config_dir: Path, *, resolve: bool) -
             for name, split in splits.items()
         )
         report.lines.append(f"tasks: {sizes}")
-        report.lines += small_heldout_warnings({n: len(split["heldout"]) for n, split in splits.items()})
+        from evomerge.evaluate.spec import small_heldout_warnings
+
+        limits = {t.name: t.limit for t in config.evaluation.tasks}
+        report.lines += small_heldout_warnings(
+            {n: len(split["heldout"][: limits.get(n)] if limits.get(n) else split["heldout"]) for n, split in splits.items()}
+        )
         if local and len(local) == len(refs):
             report.lines += _memory_lines(config, config_dir, task_dict, report)
     except TaskDataUnreachable as exc:
@@ -110,18 +115,6 @@ def check_config(config: ExperimentConfig, config_dir: Path, *, resolve: bool) -
     if not config.stages:
         report.lines.append("search: " + _search_line(config, num_layers))
     return report
-
-
-def small_heldout_warnings(sizes: dict[str, int]) -> list[str]:
-    """A warning per task whose held-out split is too small to compare finalists on."""
-    from evomerge.evaluate.spec import SMALL_HELDOUT
-
-    return [
-        f"warning: task {name} has only {size} held-out items: too few to tell the finalists apart "
-        f"(aim for at least {SMALL_HELDOUT}; evaluation.split.heldout)"
-        for name, size in sizes.items()
-        if size < SMALL_HELDOUT
-    ]
 
 
 def _memory_lines(

@@ -202,10 +202,13 @@ def test_round_memory_is_bounded_in_validate(tmp_path):
 def test_small_heldout_split_warns(tmp_path):
     from evomerge.validate import validate_config
 
-    report = validate_config(smoke(tmp_path, **{"evaluation.split": {"heldout": 12}}))
+    task = {"name": "zoo_math_x", "metric": "exact_match,strict-match"}
+    report = validate_config(smoke(tmp_path, **{"evaluation.split": {"heldout": 12}, "evaluation.tasks": [task]}))
     assert any(line.startswith("warning: task zoo_math_x has only 12 held-out items") for line in report.lines)
-    report = validate_config(smoke(tmp_path, **{"evaluation.split": {"heldout": 300}}))
+    report = validate_config(smoke(tmp_path, **{"evaluation.split": {"heldout": 300}, "evaluation.tasks": [task]}))
     assert not any(line.startswith("warning") for line in report.lines)
+    report = validate_config(smoke(tmp_path))  # limit: 24 caps the held-out items the finals score
+    assert any(line.startswith("warning: task zoo_math_x has only 24 held-out items") for line in report.lines)
 
 
 def test_eval_heldout_option_is_parsed_like_the_config():
@@ -575,3 +578,134 @@ def test_journal_damage_is_one_line_everywhere(finished, tmp_path, how):
     if how in ("recipe edited", "fitness edited", "checksum removed"):
         assert all("was changed after it was written" in v for v in outcomes.values()), outcomes
         assert not (tmp_path / "model").exists()
+
+
+# -- reports and the command line ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["subsample", "anchors"])
+def test_estimates_are_marked_everywhere(fidelity_runs, tmp_path, mode):
+    """Per-task cells of an estimated candidate carry `~` like its fitness (report, CSV, model card);
+    re-scored ones show the full score first; anchors show what the anchors measured."""
+    import csv
+
+    from evomerge.export import model_card
+    from evomerge.merge.recipe import parse_recipe
+    from evomerge.report.render import top_rows, write_report
+    from evomerge.report.view import ExperimentView
+
+    _, exp, _ = fidelity_runs(mode)
+    view = ExperimentView.load(exp)
+    header, rows = top_rows(view, n=len(view.candidates))
+    task_col = header.index("zoo_math_x")
+    for row in rows:
+        fitness, cell = row[3], row[task_col]
+        assert cell, row  # anchors used to leave these blank
+        assert fitness.startswith("~") == cell.startswith("~"), row
+        assert ("(estimate ~" in fitness) == ("(estimate ~" in cell), row
+        if mode == "anchors" and "~" in cell:
+            assert "(anchors " in cell
+    write_report(view, tmp_path / "r")
+    with open(tmp_path / "r" / "leaderboard.csv") as handle:
+        for record in csv.DictReader(handle):
+            value = record["zoo_math_x"]
+            if record["status"] == "ok":
+                full = record["full_split_fitness"] != ""
+                assert value.startswith("~") != full, record
+    best = view.ranked()[0]
+    card = model_card(view, best, 1, parse_recipe(best.recipe))
+    line = next(ln for ln in card.splitlines() if ln.startswith("| zoo_math_x |"))
+    assert line.split("|")[2].strip() == top_rows(view, 1)[1][0][task_col]
+
+
+def test_csv_cells_cannot_be_formulas_and_html_has_no_empty_header(finished, tmp_path):
+    import csv
+
+    from evomerge.report.render import csv_text, write_report
+    from evomerge.report.view import ExperimentView
+
+    assert csv_text("=HYPERLINK(1)") == "'=HYPERLINK(1)" and csv_text("@x") == "'@x" and csv_text(-1.5) == -1.5
+    assert csv_text("ok name") == "ok name"
+    _, exp = finished
+    view = ExperimentView.load(exp)
+    view.config["evaluation"]["tasks"][0]["name"] = "=cmd|'/c calc'!A1"
+    view.candidates[0].metrics = {"=cmd|'/c calc'!A1": view.candidates[0].metrics.get("zoo_math_x", {})}
+    view.candidates[1].status, view.candidates[1].reason = "failed", "+1 merge: -boom"
+    write_report(view, tmp_path / "r")
+    with open(tmp_path / "r" / "leaderboard.csv") as handle:
+        rows = list(csv.reader(handle))
+    assert "'=cmd|'/c calc'!A1" in rows[0]
+    assert all(not cell.startswith(("=", "+", "@")) for row in rows for cell in row)
+    assert "'+1 merge: -boom" in [cell for row in rows for cell in row]
+    page = (tmp_path / "r" / "report.html").read_text()
+    assert "<th></th>" not in page
+
+
+def test_report_at_80_columns_keeps_names_whole(finished):
+    _, exp = finished
+    done = cli("report", exp, env_extra={"COLUMNS": "80"})
+    assert done.returncode == 0, done.stderr
+    table = [line for line in done.stdout.splitlines() if line[:1] in "┏┃┡│└┗╇╷╵━"]
+    assert table and max(len(line) for line in table) <= 80
+    words = {w for line in done.stdout.splitlines() for w in line.replace("│", " ").replace("┃", " ").split()}
+    for name in ("task_arithmetic", "dare_ties", "math-en", "lang-x", "evolved"):
+        assert name in words, (name, done.stdout)
+
+
+def test_small_heldout_split_is_warned_in_the_report(finished):
+    from evomerge.report.render import summary_rows
+    from evomerge.report.view import ExperimentView
+    from evomerge.store import ItemResults
+
+    _, exp = finished
+    view = ExperimentView.load(exp)  # the smoke search scores 24 held-out items (limit: 24)
+    assert [r[1][:39] for r in summary_rows(view) if r[0] == "warning"] == ["task zoo_math_x has only 24 held-out it"]
+    view.final_items = {
+        name: {t: ItemResults(r.metric, r.ids[:12], r.values[:12]) for t, r in items.items()}
+        for name, items in view.final_items.items()
+    }
+    assert [r[1] for r in summary_rows(view) if r[0] == "warning"] == [
+        "task zoo_math_x has only 12 held-out items: too few to tell the finalists apart "
+        "(aim for at least 30; evaluation.split.heldout)"
+    ]
+
+
+def test_cli_options_and_report_targets_are_one_line(finished, tmp_path):
+    _, exp = finished
+    _one_line_error(cli("search", REPO / "configs" / "smoke.yaml", "--budget", "lots"), "--budget", "integer")
+    _one_line_error(cli("search"), "Missing argument")
+    (tmp_path / "file").write_text("x")
+    _one_line_error(cli("report", exp, "--out", tmp_path / "file"), "is not a directory")
+    (tmp_path / "r" / "leaderboard.md").mkdir(parents=True)
+    _one_line_error(cli("report", exp, "--out", tmp_path / "r"), "leaderboard.md is a directory")
+    assert not (tmp_path / "r" / "report.html").exists()
+
+
+def test_nevergrad_trial_warnings_stay_quiet(tmp_path):
+    cfg = smoke(tmp_path, **{"optimizer": {"name": "nevergrad", "optimizer": "NGOpt", "budget": 12,
+                                           "batch": 1, "overlap": 0}})  # fmt: skip
+    done = cli("validate", cfg)
+    _one_line_error(done, "helper thread")
+
+
+def test_slices_rebuild_only_per_layer_keys(tmp_path, zoo):
+    from evomerge.merge.slices import sliced_config
+
+    config = {"num_hidden_layers": 3, "eos_token_id": [1, 2, 3], "layer_types": ["a", "b", "c"]}
+    out = sliced_config(config, 2, [("m", 2), ("m", 0)], {"m": config})
+    assert out["eos_token_id"] == [1, 2, 3] and out["layer_types"] == ["c", "a"]
+    base, ft1, ft2 = zoo["qwen2"]
+    model = tmp_path / "eos-list"
+    shutil.copytree(ft1, model)
+    data = json.loads((model / "config.json").read_text())
+    data["eos_token_id"] = [0, 1, 2][: data["num_hidden_layers"]] + [0] * (data["num_hidden_layers"] - 3)
+    (model / "config.json").write_text(json.dumps(data))
+    cfg = tmp_path / "slices.yml"
+    cfg.write_text(yaml.safe_dump({
+        "merge_method": "passthrough", "dtype": "float32",
+        "slices": [{"sources": [{"model": str(model), "layer_range": [0, 2]}]},
+                   {"sources": [{"model": str(model), "layer_range": [1, 3]}]}],
+    }))  # fmt: skip
+    _merge(cfg, tmp_path / "out")
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["num_hidden_layers"] == 4 and written["eos_token_id"] == data["eos_token_id"]

@@ -68,6 +68,16 @@ def heldout_share(value: Any) -> float | int:
 SMALL_HELDOUT = 30  # fewer held-out items than this cannot tell finalists apart
 
 
+def small_heldout_warnings(sizes: dict[str, int]) -> list[str]:
+    """A warning per task whose held-out split is too small to compare finalists on."""
+    return [
+        f"warning: task {name} has only {size} held-out items: too few to tell the finalists apart "
+        f"(aim for at least {SMALL_HELDOUT}; evaluation.split.heldout)"
+        for name, size in sizes.items()
+        if size < SMALL_HELDOUT
+    ]
+
+
 class FidelitySpec(BaseModel):
     """Which search items a candidate pays for (search/fidelity.py). Written in YAML as `full`, `racing`,
     `{subsample: {items: m}}`, `{anchors: {items: m, refresh: r}}` or `{racing: {items: m, eta: 2}}`, each

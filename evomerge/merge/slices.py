@@ -163,6 +163,14 @@ def _layer_name(family: Family, layer: int, suffix: str) -> str:
     return prefix + suffix
 
 
+# config.json keys that hold one entry per decoder layer in transformers' configs (a list that merely has
+# as many entries as there are layers, e.g. eos_token_id, is not one of them)
+PER_LAYER_KEYS = frozenset({
+    "layer_types", "no_rope_layers", "num_kv_heads", "num_query_heads", "ffn_multipliers",
+    "intermediate_size", "num_key_value_heads", "num_attention_heads", "sliding_window_layers",
+})  # fmt: skip
+
+
 def sliced_config(config: dict[str, Any], num_layers: int, layer_sources: list[tuple[str, int]],
                   configs: dict[str, dict[str, Any]], key: str = "num_hidden_layers") -> dict[str, Any]:  # fmt: skip
     """The first model's config at the new depth: every per-layer list (layer_types, ...) rebuilt from the
@@ -171,6 +179,12 @@ def sliced_config(config: dict[str, Any], num_layers: int, layer_sources: list[t
     old = config.get(key)
     out[key] = num_layers
     for name, value in config.items():
-        if isinstance(value, list) and old is not None and len(value) == old and name != "architectures":
-            out[name] = [configs[model][name][layer] for model, layer in layer_sources]
+        if name in PER_LAYER_KEYS and isinstance(value, list) and old is not None and len(value) == old:
+            rebuilt = []
+            for model, layer in layer_sources:
+                theirs = configs[model].get(name)
+                if not isinstance(theirs, list) or layer >= len(theirs):
+                    raise UserError(f"model {model}: config.json's {name} has no entry for layer {layer}")
+                rebuilt.append(theirs[layer])
+            out[name] = rebuilt
     return out

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from evomerge.errors import UserError
 from evomerge.files import atomic_write, one_line
 from evomerge.report.view import ExperimentView
 
@@ -142,11 +143,18 @@ def summary_rows(view: ExperimentView) -> list[tuple[str, str]]:
             f" ({cost * len(view.candidates) / view.item_evals:.1f}x fewer than full fitness)" if cost else ""
         )
         rows.append(("item-evaluations", f"{view.item_evals:,}{saved}"))
+    rows += [("warning", line.removeprefix("warning: ")) for line in heldout_warnings(view)]
     rows += [
         ("wall time", f"{view.wall_seconds / 60:.1f} min"),
         ("evals/min (busy)", f"{view.evals_per_minute:.1f}"),
     ]
     return rows
+
+
+def heldout_warnings(view: ExperimentView) -> list[str]:
+    from evomerge.evaluate.spec import small_heldout_warnings
+
+    return small_heldout_warnings(view.heldout_sizes)
 
 
 def _fidelity_text(fidelity: dict[str, Any]) -> str:
@@ -247,10 +255,19 @@ def top_rows(view: ExperimentView, n: int = TOP) -> tuple[list[str], list[list[s
     header = ["rank", "candidate", "generation.idx", "search fitness", "scored on", *view.tasks]
     rows = [
         [str(i), str(c.id), f"{c.generation}.{c.idx}", search_fitness(c), _scored_on(c),
-         *(_fmt(view.metric(c.metrics, t)) for t in view.tasks)]
+         *(task_cell(view, c, t) for t in view.tasks)]
         for i, c in enumerate(view.ranked()[:n], 1)
     ]  # fmt: skip
     return header, rows
+
+
+def task_cell(view: ExperimentView, c, task: str) -> str:
+    """A candidate's score on one task, every estimate marked `~` as search_fitness marks the fitness."""
+    full, estimate, anchors = view.task_scores(c, task)
+    if estimate is None:
+        return _fmt(full)
+    marked = f"~{estimate:.4f}" + (f" (anchors {anchors:.4f})" if anchors is not None else "")
+    return marked if full is None else f"{full:.4f} (estimate {marked})"
 
 
 def search_fitness(c) -> str:
@@ -309,11 +326,26 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(one_line(c))}</td>" for c in row) + "</tr>" for row in rows
     )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    thead = f"<thead><tr>{head}</tr></thead>" if any(h for h in header) else ""  # the summary has none
+    return f"<table>{thead}<tbody>{body}</tbody></table>"
+
+
+def csv_text(value: Any) -> Any:
+    """A name or reason as a CSV cell that a spreadsheet shows and never runs: a leading =, +, -, @, tab
+    or carriage return makes it a formula there, so it gets a leading apostrophe (OWASP's CSV-injection
+    advice); the text stays readable. Numbers are left as numbers."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
 
 
 def write_report(view: ExperimentView, out: Path, cross: list[ExperimentView] | None = None) -> list[Path]:
     """Writes leaderboard.md, fitness.png, recipe.png, report.html and leaderboard.csv into `out`."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"report directory {out} exists and is not a directory; choose another --out")
+    for name in ("leaderboard.md", "report.html", "leaderboard.csv", "fitness.png", "recipe.png"):
+        if (out / name).is_dir() and not (out / name).is_symlink():  # checked before anything is written
+            raise UserError(f"{out / name} is a directory; the report writes a file there: move it aside")
     out.mkdir(parents=True, exist_ok=True)
     plots = {"fitness.png": fitness_plot(view), "recipe.png": recipe_plot(view)}
     written = []
@@ -370,7 +402,7 @@ def write_report(view: ExperimentView, out: Path, cross: list[ExperimentView] | 
             "fitness_is_estimate",
             "full_split_fitness",
             "item_evals",
-            *map(one_line, view.tasks),
+            *(csv_text(one_line(t)) for t in view.tasks),
             "merge_seconds",
             "eval_seconds",
             "reason",
@@ -380,10 +412,19 @@ def write_report(view: ExperimentView, out: Path, cross: list[ExperimentView] | 
         writer.writerow([
             c.id, c.generation, c.idx, c.status, c.fitness if c.ok else "", int(c.estimate),
             "" if c.full_fitness is None else c.full_fitness, "" if c.item_evals is None else c.item_evals,
-            *(view.metric(c.metrics, t) for t in view.tasks), f"{c.merge_seconds:.4f}", f"{c.eval_seconds:.4f}", one_line(c.reason or ""),
+            *(_csv_task(view, c, t) for t in view.tasks), f"{c.merge_seconds:.4f}", f"{c.eval_seconds:.4f}", csv_text(one_line(c.reason or "")),
         ])  # fmt: skip
     atomic_write(out / "leaderboard.csv", buffer.getvalue().encode())
     return written + [out / "leaderboard.md", out / "report.html", out / "leaderboard.csv"]
+
+
+def _csv_task(view: ExperimentView, c, task: str) -> float | str:
+    """A number where the candidate has a score on every search item; an estimate as `~value`, as every
+    other view marks it (a spreadsheet keeps it as text, so it is never summed as if it were full)."""
+    full, estimate, _ = view.task_scores(c, task)
+    if full is not None:
+        return full
+    return "" if estimate is None else f"~{estimate:.4f}"
 
 
 _CSS = (

@@ -146,8 +146,38 @@ class ExperimentView:
 
     def metric(self, metrics: dict[str, Any], task: str) -> float | None:
         values = metrics.get(task, {})
+        if not isinstance(values, dict):
+            return None
         key = self.tasks.get(task) or next(iter(values), None)
-        return values.get(key) if key else None
+        value = values.get(key) if key else None
+        return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+    def task_scores(self, c: Candidate, task: str) -> tuple[float | None, float | None, float | None]:
+        """A candidate's score on `task` as (on every search item, estimate, what its anchors measured):
+        scored in full, the first only; estimated, the estimate and, once re-scored, the full score; under
+        anchors, also the anchors' own score (the estimate is their weighted extrapolation)."""
+        if not c.estimate:
+            return self.metric(c.metrics, task), None, None
+        rescored = self.rescores.get(f"rescore:{c.generation}.{c.idx}")
+        full = self.metric(rescored.metrics, task) if rescored is not None and rescored.ok else None
+        if "estimate" in c.metrics and isinstance(c.metrics.get("estimate"), dict):  # anchors
+            value = c.metrics["estimate"].get(task)
+            estimate = float(value) if isinstance(value, int | float) else None
+            return full, estimate, self.metric(c.metrics.get("anchors") or {}, task)
+        return full, self.metric(c.metrics, task), None
+
+    @property
+    def heldout_sizes(self) -> dict[str, int]:
+        """Held-out items per task, as the finals were scored on them."""
+        sizes: dict[str, int] = {}
+        for items in self.final_items.values():
+            for task, results in items.items():
+                sizes[task] = max(sizes.get(task, 0), len(results.ids))
+        return sizes
+
+    @property
+    def rescores(self) -> dict[str, Score]:
+        return {s.owner: s for s in self.scores if s.owner.startswith("rescore:")}
 
     def best_so_far(self) -> list[float]:
         out, best = [], -math.inf

@@ -145,11 +145,15 @@ def check_replayable(spec, size: int, default_batch: int, overlap: int) -> None:
             opt.tell(asked, [float(np.sum((x - 0.3) ** 2)) for x in asked])
         return seen, opt
 
+    import warnings
+
     try:
-        first, a = probe()
-        threaded = _stop_threads(a)
-        second, b = probe()
-        threaded = _stop_threads(b) or threaded
+        with warnings.catch_warnings():  # the trial's own warnings (scipy's COBYLA under NGOpt) are noise
+            warnings.simplefilter("ignore")
+            first, a = probe()
+            threaded = _stop_threads(a)
+            second, b = probe()
+            threaded = _stop_threads(b) or threaded
     except UserError:
         raise
     except Exception as exc:

@@ -48,9 +48,9 @@ FAILED_LOSS = 1e9  # what the optimizer is told for a failed candidate: worse th
 class Reporter(Protocol):
     """Where the loop reports progress (a rich bar on a terminal, log lines otherwise)."""
 
-    def start(self, done: int, budget: int, best: float | None) -> None: ...
+    def start(self, done: int, budget: int, best: str | None) -> None: ...
 
-    def evaluated(self, candidate: Candidate, done: int, best: float | None, item_evals: int = 0) -> None: ...
+    def evaluated(self, candidate: Candidate, done: int, best: str | None, item_evals: int = 0) -> None: ...
 
     def stage(self, text: str) -> None: ...
 
@@ -209,7 +209,7 @@ class Search:
         self._best = self.store.best()
         self._failed_this_run = 0
         if self.reporter:
-            self.reporter.start(len(self._journal), self.budget, self._best.fitness if self._best else None)
+            self.reporter.start(len(self._journal), self.budget, _marked(self._best))
         in_flight: dict[tuple, tuple[list[float] | None, dict | None, float]] = {}
         while True:
             if self.fidelity.mode == "racing":
@@ -344,8 +344,7 @@ class Search:
         done = len(self._journal)
         self._check_failures(candidate)
         if self.reporter:
-            best = self._best.fitness if self._best else None
-            self.reporter.evaluated(candidate, done, best, self._item_evals())
+            self.reporter.evaluated(candidate, done, _marked(self._best), self._item_evals())
         return candidate
 
     def _item_evals(self) -> int:
@@ -688,6 +687,13 @@ def _values(items: dict[str, dict]) -> dict[str, dict[int, float]]:
 
 def _stored_values(items: dict[str, ItemResults]) -> dict[str, dict[int, float]]:
     return {task: dict(zip(r.ids.tolist(), r.values.tolist(), strict=True)) for task, r in items.items()}
+
+
+def _marked(best: Candidate | None) -> str | None:
+    """The best fitness so far as people see it: an estimate marked `~`, as reports mark it."""
+    if best is None:
+        return None
+    return f"~{best.fitness:.4f}" if best.estimate else f"{best.fitness:.4f}"
 
 
 def _finite(outcome: Outcome) -> Outcome:
