@@ -211,7 +211,6 @@ def _check_new_target(out: Path, staged: bool) -> None:
 
 def _run_stages(config: ExperimentConfig, config_dir: Path, out: Path, run: _Run) -> list[SearchResult]:
     """Each stage is an experiment in `out/<stage>`; `previous` is the prior stage's best, exported once."""
-    from evomerge.export import export_candidate
     from evomerge.files import remove_marked
 
     stage_dirs = [p for p in out.iterdir() if p.is_dir() and ExperimentStore.exists(p)]

@@ -3,8 +3,8 @@ Each test failed on the code before its fix. Real files, real safetensors, real 
 and the one line are the point; in-process calls where the behaviour is."""
 
 import json
-import re
 import os
+import re
 import shutil
 import sqlite3
 import stat
@@ -72,7 +72,9 @@ def test_one_stored_tensor_under_two_names_is_written_as_two(tmp_path):
     writer.add("model.layers.2.mlp.up_proj.weight", second)
     writer.finish()
     written = load_file(tmp_path / "model.safetensors")
-    assert torch.equal(written["model.layers.1.mlp.up_proj.weight"], written["model.layers.2.mlp.up_proj.weight"])
+    assert torch.equal(
+        written["model.layers.1.mlp.up_proj.weight"], written["model.layers.2.mlp.up_proj.weight"]
+    )
 
 
 def _nan_source(tmp_path: Path, zoo) -> Path:
@@ -107,7 +109,9 @@ def test_non_finite_merges_are_refused_and_write_nothing(tmp_path, zoo):
             _merge(_merge_config(tmp_path, zoo, **changes), out)
         assert "\n" not in str(err.value), case
         if needle == "not finite":
-            assert "model.layers." in str(err.value) or "embed" in str(err.value) or "lm_head" in str(err.value)
+            assert (
+                "model.layers." in str(err.value) or "embed" in str(err.value) or "lm_head" in str(err.value)
+            )
         assert not out.exists(), case
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(f".{out.name}.")], case
 
@@ -151,7 +155,11 @@ def test_yaml_alias_bombs_are_refused(tmp_path):
     with pytest.raises(UserError, match="recursive|not valid YAML"):
         load_yaml(path)
     path.write_text("base: &b {weight: 0.5, density: 0.5}\nother: {<<: *b, t: 0.3}\nlist: [*b, *b]\n")
-    assert load_yaml(path)["other"] == {"weight": 0.5, "density": 0.5, "t": 0.3}  # ordinary anchors still work
+    assert load_yaml(path)["other"] == {
+        "weight": 0.5,
+        "density": 0.5,
+        "t": 0.3,
+    }  # ordinary anchors still work
 
 
 def test_alias_bomb_in_gen_kwargs_is_one_line_and_creates_nothing(tmp_path):
@@ -163,7 +171,9 @@ def test_alias_bomb_in_gen_kwargs_is_one_line_and_creates_nothing(tmp_path):
     data = yaml.safe_load(text)
     data["evaluation"]["tasks"][0]["gen_kwargs"] = {"until": "PLACEHOLDER"}
     text = yaml.safe_dump(data).replace("PLACEHOLDER", "*x6")
-    cfg.write_text(bomb.replace("# ", "") .replace("x0:", "_bomb:\n  x0:", 1).replace("\nx", "\n  x") + "\n" + text)
+    cfg.write_text(
+        bomb.replace("# ", "").replace("x0:", "_bomb:\n  x0:", 1).replace("\nx", "\n  x") + "\n" + text
+    )
     done = cli("validate", cfg)
     _one_line_error(done, "expand to more than")
     assert not (tmp_path / "exp").exists()
@@ -203,12 +213,20 @@ def test_small_heldout_split_warns(tmp_path):
     from evomerge.validate import validate_config
 
     task = {"name": "zoo_math_x", "metric": "exact_match,strict-match"}
-    report = validate_config(smoke(tmp_path, **{"evaluation.split": {"heldout": 12}, "evaluation.tasks": [task]}))
-    assert any(line.startswith("warning: task zoo_math_x has only 12 held-out items") for line in report.lines)
-    report = validate_config(smoke(tmp_path, **{"evaluation.split": {"heldout": 300}, "evaluation.tasks": [task]}))
+    report = validate_config(
+        smoke(tmp_path, **{"evaluation.split": {"heldout": 12}, "evaluation.tasks": [task]})
+    )
+    assert any(
+        line.startswith("warning: task zoo_math_x has only 12 held-out items") for line in report.lines
+    )
+    report = validate_config(
+        smoke(tmp_path, **{"evaluation.split": {"heldout": 300}, "evaluation.tasks": [task]})
+    )
     assert not any(line.startswith("warning") for line in report.lines)
     report = validate_config(smoke(tmp_path))  # limit: 24 caps the held-out items the finals score
-    assert any(line.startswith("warning: task zoo_math_x has only 24 held-out items") for line in report.lines)
+    assert any(
+        line.startswith("warning: task zoo_math_x has only 24 held-out items") for line in report.lines
+    )
 
 
 def test_eval_heldout_option_is_parsed_like_the_config():
@@ -436,9 +454,14 @@ def test_two_searches_started_together_on_a_new_directory(tmp_path):
 
     cfg = smoke(tmp_path, **{"optimizer.budget": 60})
     procs = [
-        subprocess.Popen([sys.executable, "-m", "evomerge.cli", "search", str(cfg)], cwd=REPO,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+        subprocess.Popen(
+            [sys.executable, "-m", "evomerge.cli", "search", str(cfg)],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )  # fmt: skip
         for _ in range(2)
     ]
     try:
@@ -624,7 +647,9 @@ def test_csv_cells_cannot_be_formulas_and_html_has_no_empty_header(finished, tmp
     from evomerge.report.render import csv_text, write_report
     from evomerge.report.view import ExperimentView
 
-    assert csv_text("=HYPERLINK(1)") == "'=HYPERLINK(1)" and csv_text("@x") == "'@x" and csv_text(-1.5) == -1.5
+    assert (
+        csv_text("=HYPERLINK(1)") == "'=HYPERLINK(1)" and csv_text("@x") == "'@x" and csv_text(-1.5) == -1.5
+    )
     assert csv_text("ok name") == "ok name"
     _, exp = finished
     view = ExperimentView.load(exp)
@@ -659,7 +684,9 @@ def test_small_heldout_split_is_warned_in_the_report(finished):
 
     _, exp = finished
     view = ExperimentView.load(exp)  # the smoke search scores 24 held-out items (limit: 24)
-    assert [r[1][:39] for r in summary_rows(view) if r[0] == "warning"] == ["task zoo_math_x has only 24 held-out it"]
+    assert [r[1][:39] for r in summary_rows(view) if r[0] == "warning"] == [
+        "task zoo_math_x has only 24 held-out it"
+    ]
     view.final_items = {
         name: {t: ItemResults(r.metric, r.ids[:12], r.values[:12]) for t, r in items.items()}
         for name, items in view.final_items.items()
