@@ -42,6 +42,19 @@ def cluster():
 
 
 @pytest.fixture(scope="session")
+def finished_smoke(tmp_path_factory):
+    """A finished one-round smoke experiment (6 evaluations + finals), run once per session: (config,
+    experiment dir). Tests that change it work on a copy."""
+    from helpers import cli, smoke
+
+    tmp = tmp_path_factory.mktemp("finished")
+    cfg = smoke(tmp, **{"optimizer.budget": 6})
+    done = cli("search", cfg)
+    assert done.returncode == 0, done.stderr
+    return cfg, tmp / "exp"
+
+
+@pytest.fixture(scope="session")
 def fidelity_runs(tmp_path_factory):
     """The smoke search in each cheap fitness mode on the local executor, run once per session on first
     use and shared (test_fidelity checks them, test_ray compares Ray against them): mode -> (cfg, exp,

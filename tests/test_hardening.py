@@ -526,14 +526,9 @@ def test_gen_kwargs_are_checked_before_anything_exists(tmp_path, gen_kwargs, nee
 # -- the journal ------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """A finished one-round smoke experiment (6 evaluations + finals), copied by the tests that damage it."""
-    tmp = tmp_path_factory.mktemp("finished")
-    cfg = smoke(tmp, **{"optimizer.budget": 6})
-    done = cli("search", cfg)
-    assert done.returncode == 0, done.stderr
-    return cfg, tmp / "exp"
+@pytest.fixture
+def finished(finished_smoke):
+    return finished_smoke
 
 
 DAMAGE = {
@@ -666,9 +661,9 @@ def test_csv_cells_cannot_be_formulas_and_html_has_no_empty_header(finished, tmp
     assert "<th></th>" not in page
 
 
-def test_report_at_80_columns_keeps_names_whole(finished):
+def test_report_at_80_columns_keeps_names_whole(finished, tmp_path):
     _, exp = finished
-    done = cli("report", exp, env_extra={"COLUMNS": "80"})
+    done = cli("report", exp, "--out", tmp_path / "r", env_extra={"COLUMNS": "80"})
     assert done.returncode == 0, done.stderr
     table = [line for line in done.stdout.splitlines() if line[:1] in "┏┃┡│└┗╇╷╵━"]
     assert table and max(len(line) for line in table) <= 80

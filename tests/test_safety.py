@@ -23,14 +23,10 @@ from evomerge.errors import UserError
 ZOO = REPO / "zoo"
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+@pytest.fixture
+def tiny(finished_smoke):
     """A finished one-round smoke experiment (6 evaluations + finals): copied by the tests that change it."""
-    tmp = tmp_path_factory.mktemp("tiny")
-    cfg = smoke(tmp, **{"optimizer.budget": 6})
-    done = cli("search", cfg)
-    assert done.returncode == 0, done.stderr
-    return cfg, tmp / "exp"
+    return finished_smoke
 
 
 def _copy(exp: Path, dest: Path) -> Path:
