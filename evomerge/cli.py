@@ -297,10 +297,12 @@ def main() -> None:
         handler.setLevel(logging.WARNING)
     click = _click_exceptions()
     try:
-        app(standalone_mode=False)  # click's own errors below, as one line like every other
+        code = app(standalone_mode=False)  # click's own errors below, as one line like every other
+        if isinstance(code, int) and code:  # a command's typer.Exit(code), returned in this mode
+            sys.exit(code)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except typer.Abort:
+    except (typer.Abort, getattr(click, "Abort", typer.Abort)):
         err_console.print("interrupted", markup=False)
         sys.exit(130)
     except click.ClickException as exc:

@@ -188,6 +188,7 @@ def test_registry_methods_search_and_export(tmp_path, method):
                   space={"layers_per_group": 2, extra: {"min": 0.01, "max": 0.05}})  # fmt: skip
     data = yaml.safe_load(cfg.read_text())
     data["optimizer"]["budget"] = 4
+    data["optimizer"]["popsize"] = 4  # a round within the budget
     cfg.write_text(yaml.safe_dump(data))
     done = _cli("search", cfg)
     assert done.returncode == 0, done.stderr

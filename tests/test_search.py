@@ -125,6 +125,13 @@ def test_edited_journal_is_refused_on_resume(straight, tmp_path):
         db.execute("UPDATE candidates SET genome = '[0.1, 0.2]' WHERE generation = 0 AND idx = 2")
     db.close()
     done = _cli("search", cfg, "--out", out)
+    assert done.returncode == 2 and "journal row 3 was changed after it was written" in done.stderr
+    db = sqlite3.connect(out / "experiment.sqlite")  # as a journal from before row checksums: the replay
+    with db:  # still finds the edit
+        db.execute("UPDATE candidates SET checksum = NULL")
+        db.execute("DELETE FROM meta WHERE key = 'checksums_from'")
+    db.close()
+    done = _cli("search", cfg, "--out", out)
     assert done.returncode == 2 and "does not reproduce candidate 0.2" in done.stderr
 
 
