@@ -731,3 +731,34 @@ def test_slices_rebuild_only_per_layer_keys(tmp_path, zoo):
     _merge(cfg, tmp_path / "out")
     written = json.loads((tmp_path / "out" / "config.json").read_text())
     assert written["num_hidden_layers"] == 4 and written["eos_token_id"] == data["eos_token_id"]
+
+
+OLD = Path(__file__).resolve().parent / "data" / "experiment-aec93e7"
+
+
+def test_an_experiment_from_before_this_round_reports_exports_and_resumes(tmp_path):
+    """tests/data/experiment-aec93e7: a finished 6-evaluation smoke search written by the code before this
+    round (no row checksums, no tokenizer records, made in another directory). It reports and exports as
+    it is, and resumes with one line about the tokenizers; its old rows stay trusted, new rows are
+    checksummed."""
+    exp = tmp_path / "exp"
+    shutil.copytree(OLD, exp)
+    cfg = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
+    cfg.update(name="made-by-aec93e7", output={"dir": str(exp)})
+    cfg["models"] = {"base": "zoo/base", "sources": ["zoo/math-en", "zoo/lang-x"]}
+    cfg["optimizer"]["budget"] = 6
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    done = cli("report", exp, "--out", tmp_path / "report")
+    assert done.returncode == 0, done.stderr
+    assert "made-by-aec93e7: held-out" in done.stdout
+    done = cli("export", exp, tmp_path / "model")
+    assert done.returncode == 0, done.stderr
+    done = cli("search", path, "--budget", 8)
+    assert done.returncode == 0, done.stderr
+    assert "its tokenizer was not recorded" in done.stdout
+    db = sqlite3.connect(exp / "experiment.sqlite")
+    sums = [r[0] for r in db.execute("SELECT checksum FROM candidates ORDER BY id")]
+    db.close()
+    assert sums[:6] == [None] * 6 and all(sums[6:]) and len(sums) == 8
+    assert cli("export", exp, tmp_path / "model", "--force").returncode == 0

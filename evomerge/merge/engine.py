@@ -174,11 +174,16 @@ class MergeEngine:
     @torch.no_grad()
     def non_finite(self) -> str | None:
         """The first merged tensor holding a NaN or an infinity (None when all are finite): such a model
-        scores as garbage or crashes generation, so the candidate fails instead. One device sync."""
-        flags = torch.stack([torch.isfinite(self.targets[n]).all() for n in self.names])
-        if bool(flags.all()):
+        scores as garbage or crashes generation, so the candidate fails instead. One read-only pass (a
+        float32 sum per tensor: NaN and infinities survive it) and one device sync; a flagged tensor is
+        then checked entry by entry (a finite tensor whose sum overflows is not refused)."""
+        sums = torch.stack([self.targets[n].sum(dtype=torch.float32) for n in self.names])
+        if bool(torch.isfinite(sums).all()):
             return None
-        return self.names[int((~flags).nonzero()[0, 0])]
+        for i in (~torch.isfinite(sums)).nonzero()[:, 0].tolist():
+            if not bool(torch.isfinite(self.targets[self.names[i]]).all()):
+                return self.names[i]
+        return None
 
     @torch.no_grad()
     def load_input(self, index: int) -> None:
