@@ -124,7 +124,7 @@ def search(
     """Evolve merge recipes; resumes the experiment when its directory exists."""
     from evomerge.experiment import run_search
     from evomerge.progress import SearchReporter
-    from evomerge.report.view import ExperimentView
+    from evomerge.results import ExperimentView
 
     if budget is not None and budget < 1:
         raise UserError("--budget must be at least 1")
@@ -175,7 +175,7 @@ def report(
 ) -> None:
     """Write leaderboard.md, report.html, leaderboard.csv and plots; print the leaderboard."""
     from evomerge.report.render import cross_rows, write_report
-    from evomerge.report.view import ExperimentView
+    from evomerge.results import ExperimentView
     from evomerge.store import experiment_dirs
 
     views = []

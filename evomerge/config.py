@@ -318,17 +318,18 @@ class ExperimentConfig(_Strict):
             return self  # DFS merges no weights: models.base and merge are not used
         method = self.merge.method
         spec = method.spec
-        if spec.needs_base and self.models.base is None:
-            raise ValueError(f"merge.method {method.value} needs models.base")
-        if spec.inputs is not None and len(self.models.sources) != spec.inputs:
-            count = "one source" if spec.inputs == 1 else f"{spec.inputs} sources"
-            raise ValueError(f"merge.method {method.value} merges models.base with exactly {count}")
-        if len(self.models.sources) < spec.min_inputs:
-            raise ValueError(f"merge.method {method.value} needs at least {spec.min_inputs} sources")
+        has_base, count = self.models.base is not None, len(self.models.sources)
+        try:
+            spec.check_models(has_base, count, base="models.base", model="source")
+        except UserError as exc:
+            raise ValueError(f"merge.method {exc}") from None
         for extra in self.merge.baselines:
-            other, count = extra.spec, len(self.models.sources)
-            fits = (self.models.base is not None or not other.needs_base) and count >= other.min_inputs
-            if not fits or other.inputs not in (None, count) or other.baseline is None:
+            try:
+                extra.spec.check_models(has_base, count)
+                fits = extra.spec.baseline is not None
+            except UserError:
+                fits = False
+            if not fits:
                 raise ValueError(f"merge.baselines: {extra.value} cannot merge these models as a baseline")
         if not spec.genes:
             raise ValueError(f"merge.method {method.value} has no parameter to search (it can be a baseline)")

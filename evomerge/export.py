@@ -22,8 +22,7 @@ from evomerge.merge.methods import TensorParams, merge_tensor
 from evomerge.merge.recipe import PathRecipe, Recipe, parse_recipe
 from evomerge.models.architecture import EMBED, HEAD, Family, merged_names
 from evomerge.models.identity import open_recorded
-from evomerge.report.render import search_fitness, task_cell
-from evomerge.report.view import ExperimentView
+from evomerge.results import ExperimentView, search_fitness, task_cell
 
 
 @dataclass

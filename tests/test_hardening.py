@@ -576,7 +576,7 @@ def test_journal_damage_is_one_line_everywhere(finished, tmp_path, how):
     from evomerge.experiment import run_search
     from evomerge.export import export_candidate
     from evomerge.report.render import write_report
-    from evomerge.report.view import ExperimentView
+    from evomerge.results import ExperimentView
 
     cfg, exp = finished
     damaged = _damaged(exp, tmp_path / "exp", how)
@@ -610,7 +610,7 @@ def test_estimates_are_marked_everywhere(fidelity_runs, tmp_path, mode):
     from evomerge.export import model_card
     from evomerge.merge.recipe import parse_recipe
     from evomerge.report.render import top_rows, write_report
-    from evomerge.report.view import ExperimentView
+    from evomerge.results import ExperimentView
 
     _, exp, _ = fidelity_runs(mode)
     view = ExperimentView.load(exp)
@@ -640,7 +640,7 @@ def test_csv_cells_cannot_be_formulas_and_html_has_no_empty_header(finished, tmp
     import csv
 
     from evomerge.report.render import csv_text, write_report
-    from evomerge.report.view import ExperimentView
+    from evomerge.results import ExperimentView
 
     assert (
         csv_text("=HYPERLINK(1)") == "'=HYPERLINK(1)" and csv_text("@x") == "'@x" and csv_text(-1.5) == -1.5
@@ -674,7 +674,7 @@ def test_report_at_80_columns_keeps_names_whole(finished, tmp_path):
 
 def test_small_heldout_split_is_warned_in_the_report(finished):
     from evomerge.report.render import summary_rows
-    from evomerge.report.view import ExperimentView
+    from evomerge.results import ExperimentView
     from evomerge.store import ItemResults
 
     _, exp = finished

@@ -87,10 +87,7 @@ class MergeEngine:
         spec = method.spec
         if sources not in ("device", "host"):
             raise ValueError(f"sources must be device or host, not {sources!r}")
-        if spec.needs_base and base is None:
-            raise UserError(f"{method.value} needs a base model")
-        if spec.inputs is not None and len(inputs) != spec.inputs:
-            raise UserError(f"{method.value} merges the base with exactly {spec.inputs} other model(s)")
+        spec.check_models(base is not None, len(inputs))
         self.method = method
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:  # "cuda" and "cuda:0" must compare equal

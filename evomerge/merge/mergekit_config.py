@@ -162,30 +162,13 @@ class ConfigPlan:
             spec, self.method.value, [config.parameters or {}], [e.parameters or {} for e in config.models]
         )
         base = config.base_model
-        if spec.needs_base or (spec.optional_base and base is not None):
-            if base is None:
-                raise UserError(f"{self.method.value} needs a base_model")
-            self.base: str | None = base
+        uses_base = spec.needs_base or (spec.optional_base and base is not None)
+        self.base: str | None = base if uses_base else None
+        if uses_base:
             self.inputs = [r for r in refs if r != base]
-            if spec.inputs is not None and len(self.inputs) != spec.inputs:
-                raise UserError(
-                    f"{self.method.value} merges exactly {spec.inputs + 1} models: the base_model and "
-                    f"{'one other' if spec.inputs == 1 else f'{spec.inputs} others'}"
-                )
-            if not self.inputs:
-                raise UserError("no models to merge besides the base_model")
-        else:
-            self.base = None
+        else:  # mergekit merges a listed base_model as one more model
             self.inputs = refs + ([base] if base is not None and base not in refs else [])
-            if spec.inputs is not None and len(self.inputs) != spec.inputs:
-                raise UserError(
-                    f"{self.method.value} takes exactly {spec.inputs} model(s), got {len(self.inputs)}"
-                )
-        if len(self.inputs) < spec.min_inputs:
-            raise UserError(
-                f"{self.method.value} needs at least {spec.min_inputs} models"
-                + (" besides the base_model" if self.base else "")
-            )
+        spec.check_models(self.base is not None, len(self.inputs), base="the base_model")
         self._per_model = {e.model: e.parameters or {} for e in config.models}
 
     @property

@@ -53,18 +53,12 @@ class SlicePlan:
                 raise UserError(f"slices[{k}]: a model is listed twice")
             scopes.append(piece.parameters or {})
             base = self._base(piece)
-            if self.spec.needs_base and base is None:
-                raise UserError(f"slices[{k}]: {self.method.value} needs a base_model")
             if base is not None and base not in refs and (self.spec.needs_base or self.spec.optional_base):
                 raise UserError(f"slices[{k}]: the base_model {base} must be one of the slice's sources")
-            count = len(self._inputs(piece))
-            if self.spec.inputs is not None and count != self.spec.inputs:
-                raise UserError(f"slices[{k}]: {self.method.value} takes exactly {self.spec.inputs} model(s) "
-                                f"besides a base, got {count}")  # fmt: skip
-            if count < self.spec.min_inputs:
-                raise UserError(
-                    f"slices[{k}]: {self.method.value} needs at least {self.spec.min_inputs} models"
-                )
+            try:
+                self.spec.check_models(base is not None, len(self._inputs(piece)), base="a base_model")
+            except UserError as exc:
+                raise UserError(f"slices[{k}]: {exc}") from None
         check_parameter_names(
             self.spec, self.method.value, scopes, [s.parameters or {} for p in slices for s in p.sources]
         )

@@ -15,7 +15,8 @@ import numpy as np
 
 from evomerge.errors import UserError
 from evomerge.files import atomic_write, one_line
-from evomerge.report.view import ExperimentView
+from evomerge.results import ExperimentView, search_fitness, task_cell
+from evomerge.results import fmt as _fmt
 
 TOP = 10
 
@@ -120,10 +121,6 @@ def _png(fig) -> bytes:
 
 
 # -- tables (rows of plain strings, shared by markdown, HTML and the terminal) ----------------------------
-
-
-def _fmt(value: float | None) -> str:
-    return "" if value is None else f"{value:.4f}"
 
 
 def summary_rows(view: ExperimentView) -> list[tuple[str, str]]:
@@ -259,24 +256,6 @@ def top_rows(view: ExperimentView, n: int = TOP) -> tuple[list[str], list[list[s
         for i, c in enumerate(view.ranked()[:n], 1)
     ]  # fmt: skip
     return header, rows
-
-
-def task_cell(view: ExperimentView, c, task: str) -> str:
-    """A candidate's score on one task, every estimate marked `~` as search_fitness marks the fitness."""
-    full, estimate, anchors = view.task_scores(c, task)
-    if estimate is None:
-        return _fmt(full)
-    marked = f"~{estimate:.4f}" + (f" (anchors {anchors:.4f})" if anchors is not None else "")
-    return marked if full is None else f"{full:.4f} (estimate {marked})"
-
-
-def search_fitness(c) -> str:
-    """A full-split fitness as a number; an estimate marked `~` (with the re-score beside it, if any)."""
-    if not c.estimate:
-        return _fmt(c.fitness)
-    if c.rescored is not None:
-        return f"{c.rescored:.4f} (estimate ~{c.fitness:.4f})"
-    return f"~{c.fitness:.4f}"
 
 
 def _scored_on(c) -> str:

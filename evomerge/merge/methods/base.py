@@ -110,6 +110,22 @@ class MergeMethod:
         p = self.param(name)
         return None if p is None else p.default
 
+    def check_models(self, has_base: bool, count: int, *, base: str = "a base model", model: str = "model") -> None:
+        """UserError (for the caller to place) when this method cannot merge `count` models besides the
+        base (`has_base`: a base is given). The one statement of the fact, for the experiment config, the
+        engine, mergekit configs and slices; `base` and `model` are how the caller's config names them."""
+        if self.needs_base and not has_base:
+            raise UserError(f"{self.name} needs {base}")
+        if self.inputs is not None and count != self.inputs:
+            if self.needs_base or (self.optional_base and has_base):
+                n = "one" if self.inputs == 1 else str(self.inputs)
+                raise UserError(f"{self.name} merges {base} with exactly {n} {model}{'s' * (self.inputs != 1)}")
+            raise UserError(f"{self.name} takes exactly {self.inputs} {model}(s), got {count}")
+        if count < self.min_inputs:
+            besides = f" besides {base}" if self.needs_base or (self.optional_base and has_base) else ""
+            plural = "s" * (self.min_inputs != 1)
+            raise UserError(f"{self.name} needs at least {self.min_inputs} {model}{plural}{besides}")
+
     def tensor_params(self, values: Mapping[str, Any], count: int, where: str, seed: int = 0) -> TensorParams:
         """Fill defaults, check every value and the method's own constraints."""
         out: dict[str, Any] = {}

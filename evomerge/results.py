@@ -1,4 +1,6 @@
-"""What a report shows, read from an experiment's store (read-only: a running search is never disturbed)."""
+"""An experiment's results as people see them, read from its store (read-only: a running search is never
+disturbed): what `report` renders and `export` writes into a model card, with every estimate marked `~`
+the same way in both."""
 
 from __future__ import annotations
 
@@ -186,3 +188,28 @@ class ExperimentView:
                 best = max(best, c.fitness)
             out.append(best)
         return out
+
+
+# -- how a result is shown (report and model card alike) ------------------------------------------------
+
+
+def fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
+def task_cell(view: ExperimentView, c, task: str) -> str:
+    """A candidate's score on one task, every estimate marked `~` as search_fitness marks the fitness."""
+    full, estimate, anchors = view.task_scores(c, task)
+    if estimate is None:
+        return fmt(full)
+    marked = f"~{estimate:.4f}" + (f" (anchors {anchors:.4f})" if anchors is not None else "")
+    return marked if full is None else f"{full:.4f} (estimate {marked})"
+
+
+def search_fitness(c) -> str:
+    """A full-split fitness as a number; an estimate marked `~` (with the re-score beside it, if any)."""
+    if not c.estimate:
+        return fmt(c.fitness)
+    if c.rescored is not None:
+        return f"{c.rescored:.4f} (estimate ~{c.fitness:.4f})"
+    return f"~{c.fitness:.4f}"
