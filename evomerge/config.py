@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
+    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
@@ -245,8 +246,9 @@ class RuntimeSpec(_Strict):
     )
     ray: RaySpec = RaySpec()
     compile: Literal["auto", "on", "off"] = "auto"
-    sources: Literal["auto", "device", "host"] = Field(
+    placement: Literal["auto", "device", "host"] = Field(
         "auto",
+        validation_alias=AliasChoices("placement", "sources"),  # `sources` until 2026-12: still read
         description="where base and sources live: device, host (streamed to the device per tensor; see "
         "pin_memory), auto (device when the memory plan fits the device's free memory, else host)",
     )
@@ -419,6 +421,13 @@ def parse_config(data: Any, where: str = "config") -> ExperimentConfig:
     except ValidationError as exc:
         raise UserError(format_validation_error(exc, where)) from None
     _check_gene_bounds(data, config, where)
+    runtime = data.get("runtime")
+    if isinstance(runtime, dict) and "sources" in runtime:
+        import logging
+
+        logging.getLogger("evomerge").warning(
+            "%s: runtime.sources is now runtime.placement (the old name still works)", where
+        )
     return config
 
 

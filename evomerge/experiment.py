@@ -122,6 +122,7 @@ def run_search(
     Order of work: an existing experiment is locked first (a second writer stops at once); then the whole
     config is checked (models, tasks, optimizer...) before anything is created or deleted; then the
     directory is created (or, with --fresh --force, the marked experiment in it deleted) and locked."""
+    from evomerge.runtime.plan import resolve_runtime
     from evomerge.validate import check_config
 
     config, config_dir = load_config(config_path)
@@ -135,12 +136,7 @@ def run_search(
     try:
         checked = check_config(config, config_dir, resolve=True)
         auto_dtype = config.runtime.dtype == "auto"
-        if auto_dtype:  # journaled as chosen
-            config = _with_runtime(config, dtype=checked.dtype)
-        if checked.placement is not None and config.runtime.sources == "auto":  # as the memory plan chose
-            config = _with_runtime(config, sources=checked.placement)
-        if checked.pinned is not None and config.runtime.pin_memory == "auto":
-            config = _with_runtime(config, pin_memory="on" if checked.pinned else "off")
+        config = resolve_runtime(config, checked).apply(config)  # journaled as resolved
         if lock is None and _existing(out, config):  # another search created it while this one validated
             lock = DirectoryLock(out, what)  # refused at once, naming the holder, if it still runs
         if lock is None:

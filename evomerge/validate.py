@@ -23,7 +23,7 @@ class Validation:
     lines: list[str] = field(default_factory=list)
     unchecked: list[str] = field(default_factory=list)
     dtype: str | None = None  # runtime.dtype, `auto` resolved when every model was opened
-    placement: str | None = None  # runtime.sources, `auto` resolved by the memory plan
+    placement: str | None = None  # runtime.placement, `auto` resolved by the memory plan
     pinned: bool | None = None  # runtime.pin_memory, `auto` resolved by the memory plan (host placement)
     memory: list[str] = field(default_factory=list)  # the memory plan's lines (also among `lines`)
 

@@ -149,7 +149,7 @@ def bench_one(args, method, ckpts, paths, device, sync, copy_bw, model_bytes, pl
     """One row: the method's per-candidate merge with its sources in `placement`; returns ms/candidate."""
     base, inputs = models_for(method, ckpts)
     target = load_target(ckpts[0], device=device)
-    engine = MergeEngine(base, inputs, method, target, device=device, compile=True, sources=placement)
+    engine = MergeEngine(base, inputs, method, target, device=device, compile=True, placement=placement)
     groups = engine.family.group_names(engine.num_layers)
     n = len(inputs)
     recipes = []

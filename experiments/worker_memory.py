@@ -45,6 +45,10 @@ def main() -> None:
     args = parser.parse_args()
 
     config, config_dir = load_config(args.config)
+    from evomerge.runtime.plan import resolve_runtime
+    from evomerge.validate import check_config
+
+    config = resolve_runtime(config, check_config(config, config_dir, resolve=True)).apply(config)
     import lm_eval  # noqa: F401  (imported before the baseline, so the baseline holds the libraries)
     import torch
 

@@ -17,7 +17,7 @@ from evomerge.models.checkpoint import Checkpoint
 from evomerge.models.loading import load_target
 
 
-def _engine(paths, method, exact=False, compile=False, sources="device", device=DEVICE):
+def _engine(paths, method, exact=False, compile=False, placement="device", device=DEVICE):
     spec = method.spec
     base, *fts = [Checkpoint.open(p) for p in paths]
     inputs = fts
@@ -27,7 +27,7 @@ def _engine(paths, method, exact=False, compile=False, sources="device", device=
         inputs = inputs[: spec.inputs]
     target = load_target(inputs[0] if base is None else base, device=device)
     engine = MergeEngine(
-        base, inputs, method, target, exact=exact, compile=compile, sources=sources, device=device
+        base, inputs, method, target, exact=exact, compile=compile, placement=placement, device=device
     )
     return engine, target
 
@@ -78,9 +78,9 @@ def test_in_place_equals_functional(zoo, method, split):
 
 @pytest.mark.parametrize("method", list(Method))
 def test_host_sources_merge_bit_identically(zoo, method):
-    """`runtime.sources: host`: every tensor's inputs (and precomputed state) go through the reusable
+    """`runtime.placement: host`: every tensor's inputs (and precomputed state) go through the reusable
     staging buffers; the merged target is the same bits as with the sources resident on the device."""
-    host, host_target = _engine(zoo["qwen2"], method, sources="host")
+    host, host_target = _engine(zoo["qwen2"], method, placement="host")
     device, device_target = _engine(zoo["qwen2"], method)
     assert host._stager is not None and device._stager is None
 

@@ -762,3 +762,29 @@ def test_an_experiment_from_before_this_round_reports_exports_and_resumes(tmp_pa
     db.close()
     assert sums[:6] == [None] * 6 and all(sums[6:]) and len(sums) == 8
     assert cli("export", exp, tmp_path / "model", "--force").returncode == 0
+
+
+# -- issue 24: runtime settings resolved once ----------------------------------------------------------------
+
+
+def test_runtime_is_resolved_once_and_journaled(finished_smoke, tmp_path):
+    """The journaled config holds concrete runtime values (what every worker was given); the old key
+    runtime.sources still works, with one deprecation line; a worker refuses `auto` as a bug."""
+    from evomerge.config import load_config
+    from evomerge.runtime.plan import concrete
+    from evomerge.store import ExperimentStore
+
+    _, exp = finished_smoke
+    store = ExperimentStore.open(exp, readonly=True)
+    runtime = store.meta_json("config")["runtime"]
+    store.close()
+    assert runtime["device"] == "cpu" and runtime["placement"] == "device"
+    assert runtime["pin_memory"] in ("on", "off") and runtime["dtype"] in ("float32", "bfloat16", "float16")
+    cfg = smoke(tmp_path, **{"runtime.sources": "host"})
+    config, _ = load_config(cfg)
+    assert config.runtime.placement == "host"
+    done = cli("validate", cfg)
+    assert done.returncode == 0, done.stderr
+    assert [line for line in done.stderr.splitlines() if "runtime.sources is now runtime.placement" in line]
+    with pytest.raises(RuntimeError, match="unresolved"):
+        concrete(config)

@@ -34,8 +34,8 @@ def _virtual(tmp_path, config, count=4):
     return models[0], models[1:], check_compatible(models)
 
 
-def _plan(shapes, sources, table=0, **kw):
-    args = dict(dtype="bfloat16", device="cuda", sources=sources, batch_size=32, eval_tokens=1024,
+def _plan(shapes, placement, table=0, **kw):
+    args = dict(dtype="bfloat16", device="cuda", placement=placement, batch_size=32, eval_tokens=1024,
                 loglikelihood=False, table_bytes=table, device_free=GPU_24GB, host_free=RAM_64GB,
                 host_total=TOTAL_64GB, fused=True)  # fmt: skip
     return plan_memory(shapes, **(args | kw))
@@ -66,7 +66,7 @@ def test_mistral_7b_three_sources_fit_a_24gb_gpu_only_with_host_sources(tmp_path
     assert (
         "\n" not in line
         and line.startswith("memory plan: a worker needs")
-        and "runtime.sources: host" in line
+        and "runtime.placement: host" in line
     )
     plan = _plan(shapes, "auto", table)
     assert plan.placement == "host" and plan.fits()
@@ -102,7 +102,7 @@ def test_zoo_plan_arithmetic_and_cli(tmp_path):
     zoo = [Checkpoint.open(REPO / "zoo" / n) for n in ("base", "math-en", "lang-x")]
     shapes = shapes_of(zoo[0], zoo[1:], check_compatible(zoo), zoo[0].config)
     numel = sum(math.prod(t.shape) for t in zoo[0].tensors.values())
-    plan = plan_memory(shapes, dtype="float32", device="cpu", sources="auto", batch_size=100, eval_tokens=64,
+    plan = plan_memory(shapes, dtype="float32", device="cpu", placement="auto", batch_size=100, eval_tokens=64,
                        loglikelihood=True, table_bytes=0, device_free=None, host_free=8 * GiB)  # fmt: skip
     assert plan.on_device["target"] == 4 * numel and plan.on_device["sources"] == 3 * 4 * sum(
         shapes.tensor_numels

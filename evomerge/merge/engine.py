@@ -81,12 +81,12 @@ class MergeEngine:
         dtype: torch.dtype | None = None,
         exact: bool = False,
         compile: bool | str = "auto",
-        sources: str = "device",
+        placement: str = "device",
         pin: bool = True,
     ) -> None:
         spec = method.spec
-        if sources not in ("device", "host"):
-            raise ValueError(f"sources must be device or host, not {sources!r}")
+        if placement not in ("device", "host"):
+            raise ValueError(f"placement must be device or host, not {placement!r}")
         spec.check_models(base is not None, len(inputs))
         self.method = method
         self.device = torch.device(device)
@@ -100,9 +100,9 @@ class MergeEngine:
         self.num_layers = first.num_layers
         started = time.perf_counter()
 
-        self.placement = sources
-        home = self.device if sources == "device" else torch.device("cpu")
-        pin = pin and sources == "host" and self.device.type == "cuda"  # page-locked: asynchronous copies
+        self.placement = placement
+        home = self.device if placement == "device" else torch.device("cpu")
+        pin = pin and placement == "host" and self.device.type == "cuda"  # page-locked: asynchronous copies
 
         def load(ckpt: Checkpoint, name: str) -> torch.Tensor:
             raw = ckpt.get(name)  # mmap-backed: copy once into owned memory, so that page-cache eviction
@@ -113,7 +113,7 @@ class MergeEngine:
         self.base = {name: load(base, name) for name in self.names} if base is not None else None
         self.inputs = [{name: load(ckpt, name) for name in self.names} for ckpt in inputs]
         self.targets = self._bind_target(target)
-        self._stager = _Stager(self) if sources == "host" else None
+        self._stager = _Stager(self) if placement == "host" else None
         self.resident_bytes = sum(
             t.numel() * t.element_size()
             for src in ([self.base] if self.base else []) + self.inputs
@@ -198,7 +198,7 @@ class MergeEngine:
 
 
 class _Stager:
-    """`sources: host`: each tensor's inputs (base, models, and what was precomputed for it) are copied
+    """`placement: host`: each tensor's inputs (base, models, and what was precomputed for it) are copied
     into one of two reusable device buffers while the previous tensor is merged from the other. On CUDA the
     copies run on a side stream (asynchronously when the sources are pinned), ordered by events (a buffer
     is refilled only after the merge that read it has run); on a CPU the same path copies synchronously.

@@ -3,7 +3,7 @@
 Per worker the device holds the target model (what is scored), the method's precomputed tables, the
 merge's float32 scratch for the largest tensor, the evaluation's memory (KV cache for
 batch_size x eval_tokens, plus float32 logits over every position when a task scores log-likelihoods),
-and either the base and sources themselves (`runtime.sources: device`) or staging buffers that the
+and either the base and sources themselves (`runtime.placement: device`) or staging buffers that the
 sources stream through from host memory (`host`: two sets of the largest tensor per input, so one copy
 runs while the previous tensor is merged). `auto` keeps sources on the device when all of it fits the
 device's free memory, else in host memory. Host sources are page-locked (pinned) on CUDA, so that their
@@ -88,7 +88,7 @@ def plan_memory(
     *,
     dtype: str,
     device: str,
-    sources: str,
+    placement: str,
     batch_size: int,
     eval_tokens: int,
     loglikelihood: bool,
@@ -99,7 +99,7 @@ def plan_memory(
     pin: str = "auto",
     host_total: int | None = None,
 ) -> MemoryPlan:
-    """The plan for `sources` placement (device | host | auto), refused with a UserError when nothing fits.
+    """The plan for a `placement` of base and sources (device | host | auto), refused with a UserError when nothing fits.
     `fused`: the merge runs compiled (torch.compile: CUDA, or large models on a CPU). `pin` (auto | on |
     off): whether host sources are page-locked; auto: when they take at most half of `host_total`."""
     width = _BYTES[dtype]
@@ -119,15 +119,15 @@ def plan_memory(
     }
     on_cpu = device == "cpu"
 
-    def plan(placement: str) -> MemoryPlan:
-        result = MemoryPlan(device, placement, device_free=device_free, host_free=host_free)
+    def plan(where: str) -> MemoryPlan:
+        result = MemoryPlan(device, where, device_free=device_free, host_free=host_free)
         if on_cpu:  # one memory: sources are where everything else is
             result.on_device = {**common, "sources": source_bytes, "process": _HOST_OVERHEAD}
             result.device_free = host_free if device_free is None else device_free
             return result
         result.on_device = dict(common)
         result.on_host = {"process": _HOST_OVERHEAD}
-        if placement == "device":
+        if where == "device":
             result.on_device["sources"] = source_bytes
         else:
             result.on_device["staging"] = 2 * copies * largest * width
@@ -137,14 +137,14 @@ def plan_memory(
 
     if on_cpu:
         chosen = plan("device")
-    elif sources == "auto":
+    elif placement == "auto":
         chosen = plan("device")
         if not chosen.fits():
             chosen = plan("host")
     else:
-        chosen = plan(sources)
+        chosen = plan(placement)
     if not chosen.fits():
-        raise UserError(_refusal(chosen, source_bytes, sources))
+        raise UserError(_refusal(chosen, source_bytes, placement))
     return chosen
 
 
@@ -153,7 +153,7 @@ def pins_by_default(source_bytes: int, host_total: int | None) -> bool:
     return host_total is None or 2 * source_bytes <= host_total
 
 
-def _refusal(plan: MemoryPlan, source_bytes: int, sources: str) -> str:
+def _refusal(plan: MemoryPlan, source_bytes: int, placement: str) -> str:
     if plan.device_free is not None and plan.device_bytes > plan.device_free:
         where = "host RAM" if plan.device == "cpu" else plan.device
         need = f"a worker needs {_gib(plan.device_bytes)} on {where}, which has {_gib(plan.device_free)} free"
@@ -163,13 +163,13 @@ def _refusal(plan: MemoryPlan, source_bytes: int, sources: str) -> str:
         need = f"a worker needs {_gib(plan.host_bytes)} of host RAM, {_gib(plan.host_free or 0)} is available"
     remedies = []
     if plan.device != "cpu" and plan.placement == "device":
-        remedies.append(f"runtime.sources: host (moves {_gib(source_bytes)} of sources to host RAM)")
+        remedies.append(f"runtime.placement: host (moves {_gib(source_bytes)} of sources to host RAM)")
     remedies += [
         "a smaller evaluation.batch_size or runtime.eval_tokens",
         "fewer sources",
         "a GPU with more memory or more GPUs",
     ]
-    if plan.device == "cpu" or sources == "host":
+    if plan.device == "cpu" or placement == "host":
         remedies = remedies[-3:]
     return f"memory plan: {need}; remedies: " + "; ".join(remedies)
 
@@ -248,7 +248,7 @@ def plan_for_config(
         shapes,
         dtype=dtype,
         device=device,
-        sources="device" if config.dfs is not None else runtime.sources,
+        placement="device" if config.dfs is not None else runtime.placement,
         batch_size=config.evaluation.batch_size,
         eval_tokens=runtime.eval_tokens,
         loglikelihood=loglikelihood,

@@ -18,6 +18,7 @@ from evomerge.errors import UserError, first_line, non_finite_message
 from evomerge.merge.methods import Method
 from evomerge.merge.recipe import PathRecipe, Recipe
 from evomerge.runtime.jobs import Outcome
+from evomerge.runtime.plan import concrete
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +49,16 @@ class Worker(_Runs):
         from evomerge.models.checkpoint import parse_dtype
         from evomerge.models.loading import load_target, load_tokenizer, open_models
 
+        concrete(config)
         device, dtype = resolve_device(config.runtime.device), parse_dtype(config.runtime.dtype)
         self.base, self.sources, _ = open_models(config, config_dir)
         first = self.base or self.sources[0]
         started = time.perf_counter()
         self.target = load_target(first, device=device, dtype=dtype)
         compile_ = {"auto": "auto", "on": True, "off": False}[config.runtime.compile]
-        placement = config.runtime.sources if config.runtime.sources != "auto" else "device"  # auto: planned
-        pin = config.runtime.pin_memory != "off"  # auto: resolved by the memory plan before workers start
-        self._engine_args = dict(device=device, dtype=dtype, compile=compile_, sources=placement, pin=pin)
+        runtime = config.runtime  # resolved once, before workers start (runtime/plan.py)
+        self._engine_args = dict(device=device, dtype=dtype, compile=compile_, placement=runtime.placement,
+                                 pin=runtime.pin_memory == "on")  # fmt: skip
         self.engine = MergeEngine(
             self.base, self.sources, config.merge.method, self.target, **self._engine_args
         )
@@ -106,6 +108,7 @@ class DfsWorker(_Runs):
         from evomerge.models.loading import load_target, load_tokenizer, open_models
 
         started = time.perf_counter()
+        concrete(config)
         device, dtype = resolve_device(config.runtime.device), parse_dtype(config.runtime.dtype)
         _, checkpoints, _ = open_models(config, config_dir)
         self.models = [load_target(c, device=device, dtype=dtype) for c in checkpoints]
