@@ -15,7 +15,7 @@ import yaml
 from evomerge.config import ExperimentConfig, describe_changes, load_config
 from evomerge.errors import UserError
 from evomerge.files import EXPERIMENT, LOCK, STAGED, DirectoryLock, check_deletable, marked_as, open_append
-from evomerge.search.run import Reporter, Search
+from evomerge.search.run import Reporter, Search, SearchInputs
 from evomerge.store import Candidate, ExperimentStore, Final, mark_staged
 
 log = logging.getLogger("evomerge.search")
@@ -85,6 +85,21 @@ def open_experiment(
 
 
 _OPEN_NOTES: list[str] = []  # what open_experiment found worth saying (the caller shows and clears it)
+
+
+def search_inputs(config: ExperimentConfig, config_dir: Path | None) -> SearchInputs:
+    """What the loop needs of the models (their headers) and the tasks, from the modules that own them."""
+    from evomerge.evaluate.evaluator import search_items
+    from evomerge.evaluate.tasks import task_manager
+    from evomerge.models.loading import open_models
+    from evomerge.search.modes import MODES
+
+    manager = task_manager([t.name for t in config.evaluation.tasks], config.evaluation.include_paths)
+    base, sources, _ = open_models(config, config_dir)
+    items = None
+    if MODES[config.evaluation.fidelity.mode].uses_items:
+        items = search_items(config.evaluation, manager)
+    return SearchInputs((base or sources[0]).num_layers, [s.num_layers for s in sources], manager, items)
 
 
 def _comparable(identity: dict) -> dict:
@@ -352,7 +367,7 @@ def _run_one(config: ExperimentConfig, config_dir: Path, out: Path, run: _Run) -
             log.info("%s", note.strip())
             if run.reporter:
                 run.reporter.note(note)
-        search = Search(config, config_dir, store, run.reporter)
+        search = Search(config, config_dir, store, search_inputs(config, config_dir), run.reporter)
         try:
             search.run()
             done = store.count()

@@ -209,7 +209,7 @@ def _search_line(config: ExperimentConfig, num_layers: int | None) -> str:
         else:
             space = Space(config.space, config.merge.method, len(config.models.sources), num_layers)
         from evomerge.search.optimizers import check_replayable, round_size
-        from evomerge.search.run import resolve_overlap
+        from evomerge.search.schedule import resolve_overlap
 
         popsize = round_size(config.optimizer, space.default_popsize())
         _check_round_memory(config, popsize, space.size)
@@ -221,10 +221,10 @@ def _search_line(config: ExperimentConfig, num_layers: int | None) -> str:
         where = "local executor" if runtime.executor == "local" else "Ray executor"
         if runtime.executor == "ray":
             where += f", {runtime.ray.workers or 'auto'} workers"
+        from evomerge.search.modes import MODES
+
         fidelity = config.evaluation.fidelity
-        fitness = "full fitness" if fidelity.mode == "full" else (
-            f"{fidelity.mode} fitness ({fidelity.items or 'auto'} items per task, best {fidelity.rescore_top} re-scored)"
-        )  # fmt: skip
+        fitness = MODES[fidelity.mode].summary(fidelity)
         return (
             f"{space.size} genes ({kind}), {config.optimizer.name} with {popsize} candidates per round "
             f"({overlap} asked ahead), budget {config.optimizer.budget} ({rounds} rounds), {fitness}, {where}"

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from evomerge.config import load_config
-from evomerge.experiment import open_experiment
+from evomerge.experiment import open_experiment, search_inputs
 from evomerge.runtime.jobs import Outcome
 from evomerge.search.run import Search
 
@@ -63,10 +63,11 @@ def run(
     data["runtime"].update(executor="ray", device="cpu", ray={"workers": workers, "cpus_per_worker": 1})
     config = type(config).model_validate(data)
     with tempfile.TemporaryDirectory() as tmp:
-        store, _ = open_experiment(
-            config, "", Path(tmp) / "exp", fresh=False, force=False, config_dir=config_dir
-        )
-        search = Search(config, config_dir, store, worker_factory=lambda: SimulatedWorker(mean, sigma))
+        out = Path(tmp) / "exp"
+        out.mkdir()
+        store, _ = open_experiment(config, "", out, config_dir=config_dir)
+        inputs = search_inputs(config, config_dir)
+        search = Search(config, config_dir, store, inputs, worker_factory=lambda: SimulatedWorker(mean, sigma))
         try:
             search.run()
             usage = search.executor.usage

@@ -155,15 +155,9 @@ def heldout_warnings(view: ExperimentView) -> list[str]:
 
 
 def _fidelity_text(fidelity: dict[str, Any]) -> str:
-    mode = fidelity.get("mode", "full")
-    if mode == "full":
-        return "full: every search item for every candidate"
-    what = {
-        "subsample": f"subsample: {fidelity.get('items')} fresh items per task each round",
-        "anchors": f"anchors: {fidelity.get('items')} anchor items per task, re-chosen every {fidelity.get('refresh')} rounds",
-        "racing": f"racing: first rung {fidelity.get('items') or 'auto'} items per task, 1/{fidelity.get('eta')} go on",
-    }[mode]
-    return f"{what}; search fitness is an estimate (~) unless marked full; top {fidelity.get('rescore_top')} re-scored in full"
+    from evomerge.search.modes import describe_fidelity
+
+    return describe_fidelity(fidelity)
 
 
 def heldout_rows(view: ExperimentView) -> tuple[list[str], list[list[str]]]:

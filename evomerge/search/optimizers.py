@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import importlib.abc
 import sys
-from typing import Protocol
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -21,12 +23,28 @@ from evomerge.config import CmaSpec, NevergradSpec, RandomSpec
 from evomerge.errors import UserError, first_line
 
 
+@dataclass(frozen=True)
+class Feedback:
+    """What an optimizer is told of one candidate. `loss` is what single-objective optimizers minimise;
+    `objectives` the candidate's objective vector (maximised; today its fitness alone), for multi-objective
+    optimizers; `items` loads its per-item results, for optimizers that keep an archive and compare
+    candidates item by item (resource competition). A plain float stands for Feedback(loss)."""
+
+    loss: float
+    objectives: tuple[float, ...] = ()
+    items: Callable[[], Mapping[str, Any]] | None = None
+
+
+def losses_of(told: Sequence[Feedback | float]) -> list[float]:
+    return [t.loss if isinstance(t, Feedback) else float(t) for t in told]
+
+
 class Optimizer(Protocol):
     batch: int
 
     def ask(self, n: int) -> list[np.ndarray]: ...
 
-    def tell(self, genomes: list[np.ndarray], losses: list[float]) -> None: ...
+    def tell(self, genomes: list[np.ndarray], told: Sequence[Feedback | float]) -> None: ...
 
 
 class _Refuse(importlib.abc.MetaPathFinder):
@@ -74,8 +92,8 @@ class CmaOptimizer:
     def ask(self, n: int) -> list[np.ndarray]:
         return [np.asarray(x, dtype=float) for x in self.es.ask(n)] if n else []
 
-    def tell(self, genomes: list[np.ndarray], losses: list[float]) -> None:
-        self.es.tell([list(g) for g in genomes], list(losses))
+    def tell(self, genomes: list[np.ndarray], told: Sequence[Feedback | float]) -> None:
+        self.es.tell([list(g) for g in genomes], losses_of(told))
 
 
 class NevergradOptimizer:
@@ -96,9 +114,9 @@ class NevergradOptimizer:
         self._pending += asked
         return [np.asarray(c.value, dtype=float) for c in asked]
 
-    def tell(self, genomes: list[np.ndarray], losses: list[float]) -> None:
-        told, self._pending = self._pending[: len(genomes)], self._pending[len(genomes) :]
-        for candidate, genome, loss in zip(told, genomes, losses, strict=True):
+    def tell(self, genomes: list[np.ndarray], told: Sequence[Feedback | float]) -> None:
+        asked, self._pending = self._pending[: len(genomes)], self._pending[len(genomes) :]
+        for candidate, genome, loss in zip(asked, genomes, losses_of(told), strict=True):
             if not np.array_equal(np.asarray(candidate.value, dtype=float), genome):
                 raise RuntimeError("nevergrad: rounds must be told in the order they were asked")
             self.opt.tell(candidate, loss)
@@ -112,7 +130,7 @@ class RandomOptimizer:
     def ask(self, n: int) -> list[np.ndarray]:
         return [self.rng.uniform(0.0, 1.0, self.size) for _ in range(n)]
 
-    def tell(self, genomes: list[np.ndarray], losses: list[float]) -> None:
+    def tell(self, genomes: list[np.ndarray], told: Sequence[Feedback | float]) -> None:
         pass
 
 

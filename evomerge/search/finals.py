@@ -1,0 +1,112 @@
+"""The finals: once the budget is spent, the winner (best fitness on every search item), each source
+alone and the default merges are scored on the held-out split, once each, and journaled. The same
+baselines are the anchor evidence of the anchors mode."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+
+from evomerge.config import ExperimentConfig
+from evomerge.errors import UserError
+from evomerge.merge.methods import Method
+from evomerge.merge.recipe import Recipe
+from evomerge.runtime.jobs import Executor, Job, Outcome
+from evomerge.search.schedule import candidate_seed
+from evomerge.search.space import default_params
+from evomerge.store import ExperimentStore, Final
+
+log = logging.getLogger("evomerge.search")
+
+
+class Finals:
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        store: ExperimentStore,
+        source_names: list[str],
+        groups: list[str],
+        executor: Callable[[], Executor],
+        stage: Callable[[str], None],
+        finite: Callable[[Outcome], Outcome],
+    ) -> None:
+        self.config, self.store, self.source_names, self.groups = config, store, source_names, groups
+        self.executor, self.stage, self.finite = executor, stage, finite
+
+    def baselines(self) -> list[tuple[str, dict | None, int | None]]:
+        """(name, recipe, source) of the parents and default merges."""
+        jobs = [(f"parent {label}", None, i) for i, label in enumerate(self.source_names)]
+        if self.config.dfs is not None:
+            return jobs
+        method = self.config.merge.method
+        methods = [method] + [m for m in self.default_methods() if m is not method]
+        return jobs + [(f"default {m.value}", self.default_recipe(m), None) for m in methods]
+
+    def run(self) -> list[Final]:
+        """Score the best recipe, each parent and the default merges on the held-out split (once each)."""
+        best = self.store.winner()
+        if best is None:
+            raise UserError(f"no candidate succeeded; see {self.store.dir / 'search.log'}")
+        have = {f.name: f for f in self.store.finals()}
+        if "evolved" in have and have["evolved"].candidate_id != best.id:
+            self.store.clear_finals("evolved")  # a resumed, longer run found a better recipe
+            have.pop("evolved")
+        jobs = [("evolved", "evolved", best.id, best.recipe)]
+        if self.config.dfs is not None:  # DFS merges no weights: the baselines are the sources themselves
+            jobs += [(f"parent {label}", "parent", i, None) for i, label in enumerate(self.source_names)]
+            return self._run(jobs, have)
+        method = self.config.merge.method
+        methods = [method] + [m for m in self.default_methods() if m is not method]
+        jobs.append((f"default {method.value}", "default", None, self.default_recipe(method)))
+        jobs += [(f"parent {label}", "parent", i, None) for i, label in enumerate(self.source_names)]
+        jobs += [(f"default {m.value}", "default", None, self.default_recipe(m)) for m in methods[1:]]
+        return self._run(jobs, have)
+
+    def _run(self, jobs: list, have: dict) -> list[Final]:
+        todo = [job for job in jobs if job[0] not in have]
+        by_name = {job[0]: job for job in todo}
+        executor = self.executor() if todo else None
+        running = 0
+        while todo or running:
+            while todo and running < executor.capacity:
+                name, kind, ref, recipe = todo.pop(0)
+                self.stage(f"held-out: {name}")
+                source = ref if kind == "parent" else None
+                executor.submit(Job(name, "heldout", recipe=recipe, source=source))
+                running += 1
+            for job, outcome in executor.wait():
+                running -= 1
+                outcome = self.finite(outcome)
+                name, kind, ref, recipe = by_name[job.key]
+                self.store.record_final(
+                    Final(
+                        name, kind, ref if kind == "evolved" else None, recipe, "heldout",
+                        "ok" if outcome.ok else "failed", outcome.reason,
+                        outcome.fitness if outcome.ok else -math.inf, outcome.metrics,
+                        outcome.merge_seconds + outcome.eval_seconds, time.time(),
+                    ),  # fmt: skip
+                    outcome.items if outcome.ok else None,
+                )
+                log.info(
+                    "held-out %s: %s", name, f"{outcome.fitness:.4f}" if outcome.ok else f"failed ({outcome.reason})"
+                )
+        return self.store.finals()
+
+    def default_methods(self) -> list[Method]:
+        """The standard default merges that fit the models (with a base: the task-vector methods and, for
+        one source, SLERP; without: linear), in the methods' `finals` order, then `merge.baselines`."""
+        has_base = self.config.models.base is not None
+        count = len(self.source_names)
+        fits = [
+            m for m in Method
+            if m.spec.finals is not None and m.spec.needs_base == has_base and m.spec.inputs in (None, count)
+        ]  # fmt: skip
+        chosen = sorted(fits, key=lambda m: m.spec.finals)
+        return chosen + [m for m in self.config.merge.baselines if m not in chosen]
+
+    def default_recipe(self, method: Method) -> dict:
+        params = default_params(method, len(self.source_names))
+        groups = {g: params for g in self.groups}
+        return Recipe(method, groups, seed=candidate_seed(self.config.optimizer.seed, -1, 0)).to_dict()
