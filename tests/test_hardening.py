@@ -788,3 +788,17 @@ def test_runtime_is_resolved_once_and_journaled(finished_smoke, tmp_path):
     assert [line for line in done.stderr.splitlines() if "runtime.sources is now runtime.placement" in line]
     with pytest.raises(RuntimeError, match="unresolved"):
         concrete(config)
+
+
+def test_the_old_experiment_reports_as_it_did_before_the_loop_was_rebuilt(tmp_path):
+    """issue 24: `evomerge report` on tests/data/experiment-aec93e7 gives, to the character, what the code
+    before the loop's rebuild (e591d7e) gave: tests/data/experiment-aec93e7-report (paths replaced)."""
+    golden = OLD.parent / "experiment-aec93e7-report"
+    exp = tmp_path / "exp"
+    shutil.copytree(OLD, exp)
+    done = cli("report", exp, "--out", tmp_path / "report", env_extra={"COLUMNS": "100"})
+    assert done.returncode == 0, done.stderr
+    for name in ("leaderboard.md", "leaderboard.csv"):
+        assert (tmp_path / "report" / name).read_text().replace(str(exp), "<exp>") == (golden / name).read_text()
+    out = done.stdout.replace(str(tmp_path / "report"), "<out>").replace(str(exp), "<exp>")
+    assert out == (golden / "stdout.txt").read_text()
