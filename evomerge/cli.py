@@ -240,11 +240,17 @@ def _print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
     from evomerge.files import one_line
 
     cells = [[one_line(c) for c in header]] + [[one_line(c) for c in row] for row in rows]
-    longest = [max((len(w) for row in cells for w in row[i].split()), default=1) for i in range(len(header))]
-    if sum(longest) + 3 * len(header) + 1 <= console.width:
+    columns = range(len(header))
+    longest = [max((len(w) for row in cells for w in row[i].split()), default=1) for i in columns]
+    room = console.width - (3 * len(header) + 1)  # borders and padding
+    if sum(longest) <= room:
+        widths = [max((len(row[i]) for row in cells), default=1) for i in columns]
+        while sum(widths) > room:  # narrow the column with the most room above its longest word
+            i = max(columns, key=lambda k: widths[k] - longest[k])
+            widths[i] -= 1
         table = Table(title=Text(one_line(title)))
-        for column, width in zip(cells[0], longest, strict=True):
-            table.add_column(Text(column), overflow="fold", min_width=width)
+        for column, width in zip(cells[0], widths, strict=True):
+            table.add_column(Text(column), overflow="fold", width=width)
         for row in cells[1:]:
             table.add_row(*(Text(cell) for cell in row))
         console.print(table)

@@ -667,6 +667,7 @@ def test_report_at_80_columns_keeps_names_whole(finished, tmp_path):
     assert done.returncode == 0, done.stderr
     table = [line for line in done.stdout.splitlines() if line[:1] in "┏┃┡│└┗╇╷╵━"]
     assert table and max(len(line) for line in table) <= 80
+    assert all(line[-1] in "┓┃┩│┘" for line in table)  # whole tables: none cropped at the right edge
     words = {w for line in done.stdout.splitlines() for w in line.replace("│", " ").replace("┃", " ").split()}
     for name in ("task_arithmetic", "dare_ties", "math-en", "lang-x", "evolved"):
         assert name in words, (name, done.stdout)
@@ -791,8 +792,9 @@ def test_runtime_is_resolved_once_and_journaled(finished_smoke, tmp_path):
 
 
 def test_the_old_experiment_reports_as_it_did_before_the_loop_was_rebuilt(tmp_path):
-    """issue 24: `evomerge report` on tests/data/experiment-aec93e7 gives, to the character, what the code
-    before the loop's rebuild (e591d7e) gave: tests/data/experiment-aec93e7-report (paths replaced)."""
+    """issue 24: `evomerge report` on tests/data/experiment-aec93e7 writes, to the character, the
+    leaderboard.md and leaderboard.csv the code before the loop's rebuild (e591d7e) wrote, and prints the
+    terminal tables as they were once uncropped column widths came in (stdout.txt; paths replaced)."""
     golden = OLD.parent / "experiment-aec93e7-report"
     exp = tmp_path / "exp"
     shutil.copytree(OLD, exp)
