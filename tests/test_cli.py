@@ -68,6 +68,7 @@ def _bad_configs(tmp_path, zoo):
     }  # fmt: skip
 
 
+@pytest.mark.slow
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path, zoo):
     for case, (overrides, expected) in _bad_configs(tmp_path, zoo).items():
         out = tmp_path / f"out-{case.replace(' ', '-')}"

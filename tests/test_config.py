@@ -60,6 +60,7 @@ def test_validate_points_a_merge_config_to_evomerge_merge():
     )
 
 
+@pytest.mark.slow
 def test_validate_unknown_task_suggests(tmp_path):
     done = _cli(
         "validate",

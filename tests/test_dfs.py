@@ -190,6 +190,7 @@ def test_dfs_matrix_scales_are_indexed_by_previous_and_current_layer():
 # -- a real DFS search ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_dfs_search_report_and_export(tmp_path):
 
     import yaml
@@ -254,6 +255,7 @@ def test_stage_config_errors():
         parse_config({**base, "stages": [{"name": "a"}, {"name": "b", "merge": {"method": "slerp"}}]})
 
 
+@pytest.mark.slow
 def test_ps_then_dfs_stages_resume_and_report(tmp_path):
 
     import yaml

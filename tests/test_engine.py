@@ -176,6 +176,7 @@ def test_memory_flat_over_50_candidates(zoo, method):
     assert all(math.isfinite(v) for v in target.state_dict()["model.norm.weight"].tolist())
 
 
+@pytest.mark.slow
 def test_compiled_kernels_match_eager(zoo):
     """torch.compile path (what large models and GPUs use) gives the same tensors as the eager path."""
 

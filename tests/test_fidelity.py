@@ -207,6 +207,7 @@ def test_racing_candidate_through_every_rung_scores_as_full(tmp_path, mode_run):
         assert r[4] == pytest.approx(plain[(0, r[2])], abs=1e-9)
 
 
+@pytest.mark.slow
 def test_raised_budget_finishes_a_race_cut_short(tmp_path):
     """A budget that ends inside a round races only the candidates within it; raising the budget adds
     racers to that round, and the search still journals every candidate and scores the finalists."""

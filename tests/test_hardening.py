@@ -362,6 +362,7 @@ def _swap_two_tokens(model: Path) -> None:
     (model / "tokenizer.json").write_text(json.dumps(data))
 
 
+@pytest.mark.slow
 def test_export_and_resume_use_what_the_experiment_recorded(tmp_path):
     """Relative model paths resolve where the search resolved them, whatever the working directory is at
     export; export refuses weights or tokenizers that changed since; resume refuses a changed tokenizer
@@ -405,6 +406,7 @@ def test_export_and_resume_use_what_the_experiment_recorded(tmp_path):
     assert "tokenizer" in _meta(exp, "models")["sources"][0]
 
 
+@pytest.mark.slow
 def test_stage_hand_off_follows_the_stage_best(tmp_path):
     """A stage whose best changes after it was handed on (a longer run found a better recipe) is exported
     again; the later stage that ran on the old best is kept aside and starts over on the new one."""
@@ -737,6 +739,7 @@ def test_slices_rebuild_only_per_layer_keys(tmp_path, zoo):
 OLD = Path(__file__).resolve().parent / "data" / "experiment-aec93e7"
 
 
+@pytest.mark.slow
 def test_an_experiment_from_before_this_round_reports_exports_and_resumes(tmp_path):
     """tests/data/experiment-aec93e7: a finished 6-evaluation smoke search written by the code before this
     round (no row checksums, no tokenizer records, made in another directory). It reports and exports as

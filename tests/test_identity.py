@@ -6,6 +6,7 @@ import json
 import shutil
 import sqlite3
 
+import pytest
 from helpers import REPO, cli, smoke
 
 ZOO = REPO / "zoo"
@@ -19,6 +20,7 @@ def _models(exp):
     return json.loads(value)
 
 
+@pytest.mark.slow
 def test_resume_with_other_weights_under_the_same_name_is_refused(tmp_path):
     paths = {n: tmp_path / "models" / n for n in NAMES}
     for n, p in paths.items():
@@ -63,6 +65,7 @@ def _hub_cache(root):
     return cache
 
 
+@pytest.mark.slow
 def test_hub_ids_resolve_offline_through_the_cache(tmp_path):
     cache = _hub_cache(tmp_path)
     env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}

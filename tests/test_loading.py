@@ -112,6 +112,7 @@ def test_auto_dtype_rules():
     assert auto_dtype(zoo, "cpu") == "float32"  # no fast float16 arithmetic on a CPU
 
 
+@pytest.mark.slow
 def test_auto_dtype_chosen_from_headers_printed_and_journaled(tmp_path):
     """bfloat16 checkpoints: validate says so, the search holds the models in bfloat16 and journals the
     choice; one float32 model among them makes it float32."""

@@ -59,6 +59,7 @@ def test_fresh_force_on_staged_config_keeps_unrelated_files(tmp_path):
     assert sorted(p.name for p in victim.iterdir()) == ["thesis.tex"]  # nothing created either
 
 
+@pytest.mark.slow
 def test_fresh_force_refuses_unmarked_and_cwd(tiny, tmp_path):
     cfg, exp = tiny
     old = _copy(exp, tmp_path / "old")
@@ -191,6 +192,7 @@ def _fewshot_task(tmp_path: Path) -> Path:
     return fewshot_task(tmp_path / "tasks", "fewshot_ppl")
 
 
+@pytest.mark.slow
 def test_fewshot_fitness_is_a_function_of_model_and_config(tmp_path):
     from evomerge.evaluate.run import evaluate_model
 
@@ -261,6 +263,7 @@ def test_bad_config_is_one_line_and_creates_nothing(tmp_path, command, changes, 
     assert not (tmp_path / "exp").exists()
 
 
+@pytest.mark.slow
 def test_missing_task_data_duplicate_keys_and_eval_options(tmp_path):
     cfg = smoke(tmp_path, **{"evaluation.include_paths": [str(_bad_task_dir(tmp_path))]})
     data = yaml.safe_load(cfg.read_text())
@@ -310,6 +313,7 @@ def test_overflowing_fitness_fails_the_candidate():
 # -- terminal output ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_markup_in_names_and_reasons_is_printed_literally(tmp_path):
     odd = tmp_path / "math[dpo]"
     shutil.copytree(ZOO / "math-en", odd)

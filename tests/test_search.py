@@ -76,6 +76,7 @@ def test_resume_refuses_changed_config_and_fresh_needs_force(straight, tmp_path)
     assert len(_journal(exp)[0]) == 24
 
 
+@pytest.mark.slow
 def test_budget_raise_extends(straight, tmp_path):
     cfg, exp, _ = straight
     out = tmp_path / "short"
@@ -98,6 +99,7 @@ class _Payload:
         return (os.system, (f"touch {self.flag}",))
 
 
+@pytest.mark.slow
 def test_planted_pickle_in_an_experiment_is_never_run(straight, tmp_path):
     """The optimizer is rebuilt by replaying the journal: a pickle planted where older versions kept the
     optimizer's state is never loaded, and the resumed run still ends exactly like the uninterrupted one."""
@@ -157,6 +159,7 @@ def test_killed_and_resumed_ends_like_uninterrupted(straight, tmp_path):
     assert best(out) == best(exp)
 
 
+@pytest.mark.slow
 def test_failed_candidates_are_journaled_then_stop(tmp_path):
     # weights of 1e38 overflow float32: every candidate's logits are non-finite
     cfg = _smoke(tmp_path, **{"space.weight": {"min": 1e38, "max": 1e38}, "runtime.stop_after_failures": 3})
@@ -217,6 +220,7 @@ def test_ctrl_c_saves_and_exits_130(tmp_path):
         {"name": "random", "budget": 10, "batch": 4},
     ],
 )
+@pytest.mark.slow
 def test_other_optimizers_run_and_resume(tmp_path, optimizer):
     cfg = _smoke(tmp_path, optimizer={**optimizer, "seed": 3})
     first = _cli("search", cfg, "--budget", 6)
