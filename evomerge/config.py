@@ -106,16 +106,20 @@ class _SpaceBase(_Strict):
     embeddings: bool = Field(
         True, description="genes for the embeddings and the head; false: they take the default merge"
     )
-    weight: Bounds = Bounds(min=0.0, max=1.0)
-    density: DensityBounds = DensityBounds()
-    t: UnitBounds = UnitBounds()
+    weight: Bounds | None = None
+    density: DensityBounds | None = None
+    t: UnitBounds | None = None
 
     def range(self, param) -> tuple[float, float]:
-        """The gene range of a method parameter: the config's `space.<name>` when given, else the method's
-        default (SpaceSpec's own defaults for weight, density and t stand for the methods that had them)."""
-        given = getattr(self, param.name) if param.name in self.model_fields_set else None
+        """The gene range of a method parameter: the config's `space.<name>` when given (an override,
+        checked against the method's limits), else the method's own (`Param.gene`, the one source)."""
+        given = getattr(self, param.name, None)
         return param.gene if given is None else (given.min, given.max)
 
+
+# What schemas before gene ranges came from the method records wrote for unset weight, density and t: an
+# unset range still identifies an experiment this way, so those experiments resume.
+_LEGACY_BOUNDS = {"weight": {"min": 0.0, "max": 1.0}, "density": {"min": 0.1, "max": 1.0}, "t": {"min": 0.0, "max": 1.0}}
 
 # The searchable parameters of the registered methods beyond weight, density and t (gamma, epsilon, ...):
 # each an optional `space.<name>: {min, max}`, checked against the experiment's method.
@@ -336,12 +340,14 @@ class ExperimentConfig(_Strict):
         if not spec.genes:
             raise ValueError(f"merge.method {method.value} has no parameter to search (it can be a baseline)")
         searchable = ", ".join(p.name for p in spec.genes)
-        for name in METHOD_GENES:
+        for name in [*METHOD_GENES, "weight", "density", "t"]:
             bounds = getattr(self.space, name)
             if bounds is None:
                 continue
             param = spec.param(name)
             if param is None or param.gene is None:
+                if name in _LEGACY_BOUNDS:  # a snapshot of an older config holds all three (parse_config
+                    continue  # refuses them for a method without the gene, where the user wrote them)
                 raise ValueError(f"space.{name}: not a searchable parameter of {method.value} ({searchable})")
             low_ok = param.low is None or (
                 bounds.min > param.low if param.open_low else bounds.min >= param.low
@@ -362,6 +368,9 @@ class ExperimentConfig(_Strict):
         for name in METHOD_GENES:  # unset: as before these existed (older experiments resume)
             if data["space"].get(name, 0) is None:
                 data["space"].pop(name)
+        for name, legacy in _LEGACY_BOUNDS.items():  # unset: the values older schemas wrote (same identity)
+            if data["space"].get(name) is None:
+                data["space"][name] = dict(legacy)
         data["merge"].pop("baselines")  # more finals change no candidate
         if data["merge"]["rescale"] is None:  # the method's own; older configs dumped rescale: true
             own = self.merge.method.spec.default("rescale")

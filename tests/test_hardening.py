@@ -804,6 +804,30 @@ def test_the_old_experiment_reports_as_it_did_before_the_loop_was_rebuilt(tmp_pa
     done = cli("report", exp, "--out", tmp_path / "report", env_extra={"COLUMNS": "100"})
     assert done.returncode == 0, done.stderr
     for name in ("leaderboard.md", "leaderboard.csv"):
-        assert (tmp_path / "report" / name).read_text().replace(str(exp), "<exp>") == (golden / name).read_text()
+        assert (tmp_path / "report" / name).read_text().replace(str(exp), "<exp>") == (
+            golden / name
+        ).read_text()
     out = done.stdout.replace(str(tmp_path / "report"), "<out>").replace(str(exp), "<exp>")
     assert out == (golden / "stdout.txt").read_text()
+
+
+def test_gene_ranges_come_from_the_method_records():
+    """issue 24: one source of truth. An unset `space.<gene>` is the method's own range (Param.gene), also
+    after a config snapshot is read back (the schema used to dump weight/density/t defaults, which then
+    counted as set: nearswap's t would have been searched over [0, 1]); a set one is an override, and the
+    identity of an unset range is what older schemas wrote, so their experiments resume."""
+    from helpers import minimal_config
+
+    from evomerge.config import ExperimentConfig, SpaceSpec
+    from evomerge.merge.methods import Method
+
+    t = Method.nearswap.spec.param("t")
+    assert SpaceSpec().range(t) == t.gene == (0.0, 0.001)
+    assert SpaceSpec.model_validate(SpaceSpec().model_dump(mode="json")).range(t) == t.gene
+    assert SpaceSpec.model_validate({"t": {"min": 0.0, "max": 0.0005}}).range(t) == (0.0, 0.0005)
+    identity = ExperimentConfig.model_validate(minimal_config()).identity()
+    assert identity["space"]["weight"] == {"min": 0.0, "max": 1.0}
+    assert identity["space"]["density"] == {"min": 0.1, "max": 1.0} and identity["space"]["t"] == {
+        "min": 0.0,
+        "max": 1.0,
+    }
