@@ -70,13 +70,14 @@ def make_executor(
         if factory is None:
             factory = partial(build_worker, config, config_dir, manager)
         return LocalExecutor(factory, on_load=lambda: say("loading models"))
-    from evomerge.runtime.ray_executor import RayExecutor, plan_workers, start_ray
+    from evomerge.runtime.plan import ray_workers
+    from evomerge.runtime.ray_executor import RayExecutor
 
-    start_ray(runtime.ray.address)
-    workers, gpus = plan_workers(runtime.ray.workers, runtime.ray.cpus_per_worker, runtime.device)
+    planned = ray_workers(runtime)
+    workers, gpus = planned.workers, planned.gpus_per_worker
     if factory is None:
         data = config.model_dump(mode="json")
-        data["runtime"]["device"] = "cuda" if gpus else "cpu"  # each actor sees its own GPU as cuda:0
+        data["runtime"]["device"] = planned.device
         factory = partial(build_worker, data, str(config_dir) if config_dir is not None else None)
     per = "1 GPU" if gpus else f"{runtime.ray.cpus_per_worker:g} CPU"
     return RayExecutor(

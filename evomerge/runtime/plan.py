@@ -3,8 +3,11 @@
 `runtime.dtype`, `placement` and `pin_memory` may say `auto` in a config; `validate.check_config` works
 out what `auto` means here (the checkpoints' stored dtype; the memory plan's placement and pinning), and
 `RuntimePlan.apply` writes the answers into the config the search journals and its workers receive. A
-worker or the engine never sees `auto`: they take the plan's values. The device stays as written for the
-Ray executor, whose actors may sit on other machines and pick cuda or cpu on their own node.
+worker or the engine never sees `auto`: they take the plan's values.
+
+The Ray executor's part (how many workers, with a GPU each or CPU slots) depends on the cluster it joins,
+so `ray_workers` resolves it when the executor starts, before any actor loads a model; the actors are
+then given `cuda` (their own GPU, seen as cuda:0) or `cpu`, never `auto`.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class RuntimePlan:
-    device: str  # cpu | cuda | cuda:N; `auto` only for Ray actors (resolved on their node)
+    device: str  # cpu | cuda | cuda:N; for the Ray executor as written (see ray_workers)
     dtype: str  # float32 | bfloat16 | float16
     placement: str  # device | host
     pin_memory: str  # on | off
@@ -51,6 +54,24 @@ def resolve_runtime(config: ExperimentConfig, checked: Validation) -> RuntimePla
     if pin == "auto":
         pin = "on" if checked.pinned else "off"
     return RuntimePlan(device, dtype, placement, pin)
+
+
+@dataclass(frozen=True)
+class RayWorkers:
+    workers: int
+    gpus_per_worker: int  # 1: one GPU per actor; 0: CPU slots
+    device: str  # what each actor's worker is told: cuda (its own GPU) or cpu
+
+
+def ray_workers(runtime) -> RayWorkers:
+    """Join (or start) the Ray cluster `runtime.ray` names and size the workers to it: one per GPU when
+    the device is cuda (or auto on a cluster with GPUs), else one per `cpus_per_worker` CPUs, unless
+    `runtime.ray.workers` says; UserError when the cluster cannot hold them."""
+    from evomerge.runtime.ray_executor import plan_workers, start_ray
+
+    start_ray(runtime.ray.address)
+    workers, gpus = plan_workers(runtime.ray.workers, runtime.ray.cpus_per_worker, runtime.device)
+    return RayWorkers(workers, gpus, "cuda" if gpus else "cpu")
 
 
 def concrete(config: ExperimentConfig) -> None:
