@@ -59,3 +59,28 @@ def test_workers_never_see_auto():
     for module in ("runtime/worker.py", "merge/engine.py"):  # resolved once, in runtime/plan.py
         text = (PACKAGE / module).read_text()
         assert not re.search(r"(placement|pin_memory|dtype|device)[^\n]*\"auto\"", text), module
+
+
+def test_no_import_circles():
+    """No module reaches back, directly or round about, into one that imports it (lazy imports count)."""
+    modules = {_module(p): p for p in PACKAGE.rglob("*.py")}
+
+    def known(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rsplit(".", 1)[0] if "." in name else ""
+        return name or None
+
+    graph = {m: {d for d in map(known, _imports(p)) if d and d != m} for m, p in modules.items()}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for dep in sorted(graph[module]):
+            assert state.get(dep) != 1, " -> ".join(path + [module, dep])
+            if dep not in state:
+                visit(dep, path + [module])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [])
