@@ -33,9 +33,10 @@ class SearchResult:
 
 def open_experiment(
     config: ExperimentConfig, config_text: str, out: Path, *, config_dir: Path | None = None
-) -> tuple[ExperimentStore, bool]:
-    """The experiment store at `out` (created and locked by the caller): opened to resume after checking
-    that the config still defines the same search, or created."""
+) -> tuple[ExperimentStore, bool, list[str]]:
+    """(store, resumed, notes): the experiment store at `out` (created and locked by the caller), opened
+    to resume after checking that the config still defines the same search, or created; the notes are
+    what the resume found worth saying (models whose tokenizer an older evomerge did not record)."""
     from evomerge.models.identity import check_same_models, describe_models
     from evomerge.models.loading import open_models
 
@@ -64,16 +65,13 @@ def open_experiment(
         except UserError:
             store.close()
             raise
-        for note in notes:  # shown with the run's other notes once its log is open
-            log.info("%s", note)
-            _OPEN_NOTES.append(note)
         if recorded is None or notes:  # made before models (or tokenizers) were recorded: from now on they are
             store.set_meta("models", json.dumps(models, sort_keys=True))
         if store.meta("config") != snapshot:
             store.set_meta("config", snapshot)
         if config_dir is not None and store.meta("config_dir") != str(config_dir):
             store.set_meta("config_dir", str(config_dir))
-        return store, True
+        return store, True, notes
     meta = {
         "identity": json.dumps(identity, sort_keys=True),
         "identity_hash": config.identity_hash(),
@@ -81,10 +79,7 @@ def open_experiment(
         "config_dir": str(config_dir or Path.cwd()),  # where relative model paths may resolve (export)
         "models": json.dumps(models, sort_keys=True),
     }
-    return ExperimentStore.create(out, meta, config_text=config_text), False
-
-
-_OPEN_NOTES: list[str] = []  # what open_experiment found worth saying (the caller shows and clears it)
+    return ExperimentStore.create(out, meta, config_text=config_text), False, []
 
 
 def search_inputs(config: ExperimentConfig, config_dir: Path | None) -> SearchInputs:
@@ -346,14 +341,13 @@ def _run_one(config: ExperimentConfig, config_dir: Path, out: Path, run: _Run) -
         if journaled not in (None, "auto", config.runtime.dtype):
             notes.append(f"runtime.dtype auto: resuming with the journaled {journaled}")
             config = _with_runtime(config, dtype=journaled)
-    store, resumed = open_experiment(
+    store, resumed, opened = open_experiment(
         config,
         yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False),
         out,
         config_dir=config_dir,
     )
-    notes += _OPEN_NOTES
-    _OPEN_NOTES.clear()
+    notes += opened  # shown with the run's other notes once its log is open
     handler = logging.StreamHandler(open_append(out / "search.log"))
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("evomerge")

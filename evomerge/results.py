@@ -4,16 +4,25 @@ the same way in both."""
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from evomerge.config import source_labels
 from evomerge.errors import UserError
-from evomerge.store import Candidate, ExperimentStore, Final, ItemResults, Score, item_evaluations, rank_key
+from evomerge.store import (
+    Candidate,
+    ExperimentStore,
+    Final,
+    ItemResults,
+    Score,
+    item_evaluations,
+    rank_key,
+    rescore_owner,
+)
 
 
 @dataclass
@@ -36,11 +45,7 @@ class ExperimentView:
             raise UserError(f"not a directory: {path}")
         store = ExperimentStore.open(path, readonly=True)
         try:
-            try:
-                config = json.loads(store.meta("config") or "{}")
-                models = json.loads(store.meta("models") or "null")
-            except ValueError:
-                raise UserError(f"{path}: the journal's config or model record is damaged (not JSON)") from None
+            config, models = store.meta_json("config", {}), store.meta_json("models")
             if not isinstance(config, dict):
                 raise UserError(f"{path}: the journal's config record is damaged")
             config_dir = store.meta("config_dir")
@@ -160,7 +165,7 @@ class ExperimentView:
         anchors, also the anchors' own score (the estimate is their weighted extrapolation)."""
         if not c.estimate:
             return self.metric(c.metrics, task), None, None
-        rescored = self.rescores.get(f"rescore:{c.generation}.{c.idx}")
+        rescored = self.rescores.get(rescore_owner(c))
         full = self.metric(rescored.metrics, task) if rescored is not None and rescored.ok else None
         if "estimate" in c.metrics and isinstance(c.metrics.get("estimate"), dict):  # anchors
             value = c.metrics["estimate"].get(task)
@@ -177,7 +182,7 @@ class ExperimentView:
                 sizes[task] = max(sizes.get(task, 0), len(results.ids))
         return sizes
 
-    @property
+    @cached_property
     def rescores(self) -> dict[str, Score]:
         return {s.owner: s for s in self.scores if s.owner.startswith("rescore:")}
 

@@ -65,7 +65,7 @@ def run(
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "exp"
         out.mkdir()
-        store, _ = open_experiment(config, "", out, config_dir=config_dir)
+        store, _, _ = open_experiment(config, "", out, config_dir=config_dir)
         inputs = search_inputs(config, config_dir)
         search = Search(config, config_dir, store, inputs, worker_factory=lambda: SimulatedWorker(mean, sigma))
         try:

@@ -65,4 +65,3 @@ def merge_tensor(
 ) -> torch.Tensor:
     """Exact merge of one tensor (float32 result). `models` excludes the base for base-using methods."""
     return method.spec.exact(name, base, models, p)
-
