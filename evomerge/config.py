@@ -16,6 +16,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import (
     AliasChoices,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -137,6 +138,31 @@ class ScaleBounds(Bounds):
     max: float = 2.0
 
 
+SEARCH = "search"
+ENDS = ("embeddings", "head")
+EndRef = int | str  # a source: its index, its reference as listed, or its directory name; or "search"
+
+
+class DfsEnds(_Strict):
+    """Which source gives a path model its embeddings, and which its final norm and lm_head: a source
+    (index from 0, its reference as listed in the sources, or its directory name) or `search` (a gene)."""
+
+    embeddings: EndRef = Field(0, description="the source of the token embeddings, or search")
+    head: EndRef = Field(0, description="the source of the final norm and lm_head, or search")
+
+    @field_validator("embeddings", "head")
+    @classmethod
+    def _non_negative(cls, value: EndRef) -> EndRef:
+        if isinstance(value, int) and value < 0:
+            raise ValueError("a source index is 0 or more")
+        return value
+
+
+def _ends(value: Any) -> Any:
+    """`ends: X` is short for `ends: {embeddings: X, head: X}`."""
+    return value if isinstance(value, dict | DfsEnds) else {"embeddings": value, "head": value}
+
+
 class DfsSpec(_Strict):
     """Data-flow space: which layers of the sources (A first) a token passes through, and with what scale.
     The slots are all layers of the sources in order, repeated `repeats` times."""
@@ -150,6 +176,11 @@ class DfsSpec(_Strict):
     init_a_path: bool = Field(True, description="start where model A's own path is the most likely")
     min_layers: int = Field(1, ge=1)
     max_layers: int | None = Field(None, ge=1)
+    ends: Annotated[DfsEnds, BeforeValidator(_ends)] = Field(
+        DfsEnds(),
+        description="where embeddings and final norm + lm_head come from: a source (index, reference or "
+        "directory name) or search, for both or as {embeddings: ..., head: ...}; default model A",
+    )
 
     @model_validator(mode="after")
     def _lengths(self) -> DfsSpec:
@@ -311,6 +342,13 @@ class ExperimentConfig(_Strict):
             value = getattr(stage, key)
             if value is not None:
                 data[key] = value.model_dump(mode="json", exclude_unset=True)
+        if stage.dfs is not None and "ends" in stage.dfs.model_fields_set:
+            written = stage.sources if stage.sources is not None else self.models.sources
+            try:
+                indices = resolve_ends(stage.dfs.ends, written)
+            except UserError as exc:
+                raise ValueError(f"stages[{index}] ({stage.name}): {exc}") from None
+            data["dfs"]["ends"] = dict(zip(ENDS, (SEARCH if i is None else i for i in indices), strict=True))
         data["name"] = f"{self.name or 'experiment'}/{stage.name}"
         data["output"] = {"dir": str(Path(self.output.dir) / stage.name)}
         try:
@@ -318,9 +356,18 @@ class ExperimentConfig(_Strict):
         except ValidationError as exc:
             raise ValueError(format_validation_error(exc, f"stages[{index}] ({stage.name})")) from None
 
+    def dfs_ends(self) -> tuple[int | None, int | None]:
+        """The source indices of a path's embeddings and head (None: searched)."""
+        ends = self.dfs.ends if self.dfs is not None else DfsEnds()
+        return resolve_ends(ends, self.models.sources)
+
     @model_validator(mode="after")
     def _method_fits_models(self) -> ExperimentConfig:
         if self.dfs is not None:
+            try:
+                self.dfs_ends()
+            except UserError as exc:
+                raise ValueError(str(exc)) from None
             return self  # DFS merges no weights: models.base and merge are not used
         method = self.merge.method
         spec = method.spec
@@ -375,6 +422,12 @@ class ExperimentConfig(_Strict):
         if data["merge"]["rescale"] is None:  # the method's own; older configs dumped rescale: true
             own = self.merge.method.spec.default("rescale")
             data["merge"]["rescale"] = True if own is None else own
+        if data.get("dfs") is not None:  # ends as indices (a renamed reference is the same search); model A's
+            ends = self.dfs_ends()  # ends, the only ones before ends existed, are left out: those resume
+            if ends == (0, 0):
+                data["dfs"].pop("ends")
+            else:
+                data["dfs"]["ends"] = [SEARCH if e is None else e for e in ends]
         runtime = data.pop("runtime")
         data["dtype"] = runtime["dtype"]
         return data
@@ -382,6 +435,34 @@ class ExperimentConfig(_Strict):
     def identity_hash(self) -> str:
         text = json.dumps(self.identity(), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def end_index(value: EndRef, sources: list[str]) -> int | None:
+    """A `dfs.ends` entry as a source index (None for search); the error names the entry's problem."""
+    if value == SEARCH:
+        return None
+    if isinstance(value, int):
+        if value >= len(sources):
+            raise UserError(f"{value}: there are {len(sources)} sources (indices 0 to {len(sources) - 1})")
+        return value
+    matches = [i for i, ref in enumerate(sources) if value == ref]
+    if not matches:
+        labels = [Path(ref.rstrip("/")).name for ref in sources]
+        matches = [i for i, label in enumerate(labels) if value == label]
+    if len(matches) != 1:
+        why = "names two sources" if matches else "is not one of the sources"
+        raise UserError(f"{value!r} {why} ({', '.join(sources)}); give an index, a source or {SEARCH}")
+    return matches[0]
+
+
+def resolve_ends(ends: DfsEnds, sources: list[str]) -> tuple[int | None, int | None]:
+    indices = []
+    for part in ENDS:
+        try:
+            indices.append(end_index(getattr(ends, part), sources))
+        except UserError as exc:
+            raise UserError(f"dfs.ends.{part}: {exc}") from None
+    return indices[0], indices[1]
 
 
 def source_labels(refs: list[str]) -> list[str]:

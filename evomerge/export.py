@@ -187,13 +187,19 @@ def _export_path(
     if config.get("layer_types"):
         config["layer_types"] = [sources[s].config["layer_types"][layer] for s, layer in path]
     config[HOP_SCALES] = [float(x) for x in scales]
+    ends = _end_tensors(sources, recipe.ends, family, dtype)
+    tied = bool(config.get("tie_word_embeddings")) and recipe.ends[0] == recipe.ends[1] and (
+        sources[recipe.ends[1]].ties_embeddings(family)
+    )
+    if tied:  # one tensor, as the scored model held it
+        for name, _ in family.tied:
+            ends.pop(name, None)
     count = 0
     with staged_directory(out_dir, force, keep) as stage:
         writer = ShardWriter(stage)
-        for name in a.tensors:
-            if family.layer_index(name) is None:
-                writer.add(name, a.get(name, dtype=dtype))
-                count += 1
+        for name, tensor in ends.items():
+            writer.add(name, tensor)
+            count += 1
         for hop, (s, layer) in enumerate(path):
             prefix = f"model.layers.{layer}."
             for name in sources[s].tensors:
@@ -203,10 +209,28 @@ def _export_path(
                     )
                     count += 1
         writer.finish()
-        write_config(stage, config, dtype)
+        write_config(stage, config, dtype, tied)
         copy_tokenizer(a.path, stage)
         atomic_write(stage / "README.md", _path_card(view, candidate, recipe, rank))
     return ExportSummary(out_dir, candidate.id, rank, count)
+
+
+def _end_tensors(sources, ends: tuple[int, int], family, dtype) -> dict:
+    """The tensors outside the layers: the embeddings from source ends[0], final norm and lm_head from
+    source ends[1]. A head that a source ties to its embeddings is that source's embedding matrix, which is
+    what its lm_head computed with when the candidate was scored."""
+    out = {}
+    embed, head = sources[ends[0]], sources[ends[1]]
+    for name in family.embed:
+        if name in embed.tensors:
+            out[name] = embed.get(name, dtype=dtype)
+    shared = dict(family.tied)
+    for name in family.head:
+        if name in shared and (name not in head.tensors or head.ties_embeddings(family)):
+            out[name] = head.get(shared[name], dtype=dtype)
+        elif name in head.tensors:
+            out[name] = head.get(name, dtype=dtype)
+    return out
 
 
 def _path_card(view: ExperimentView, candidate, recipe: PathRecipe, rank: int) -> str:
@@ -221,6 +245,7 @@ def _path_card(view: ExperimentView, candidate, recipe: PathRecipe, rank: int) -
         f"(`{HOP_SCALES}`); plain `AutoModelForCausalLM.from_pretrained` loads the layers without them.",
         "",
         f"- sources: {', '.join(f'`{one_line(s)}`' for s in view.config['models']['sources'])}",
+        f"- embeddings from {names[recipe.ends[0]]}; final norm and lm_head from {names[recipe.ends[1]]}",
         f"- search-split fitness: {search_fitness(candidate)}",
         "",
         "| hop | source | layer | scale |",

@@ -205,7 +205,7 @@ def _search_line(config: ExperimentConfig, num_layers: int | None) -> str:
         if config.dfs is not None:
             from evomerge.search.dfs_space import DfsSpace
 
-            space = DfsSpace(config.dfs, [num_layers] * len(config.models.sources))
+            space = DfsSpace(config.dfs, [num_layers] * len(config.models.sources), config.dfs_ends())
         else:
             space = Space(config.space, config.merge.method, len(config.models.sources), num_layers)
         from evomerge.search.optimizers import check_replayable, round_size

@@ -13,6 +13,7 @@ from helpers import DEVICE, REPO
 from helpers import cli as _cli
 from transformers import AutoModelForCausalLM
 
+from evomerge.errors import UserError
 from evomerge.merge.dfs import path_model
 
 FAMILIES = ("llama", "mistral", "qwen2")
@@ -22,11 +23,14 @@ def _load(path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def _hand_built(sources, path, embed_scale=1.0):
-    """A standard model of A's class with the path's layers copied in (what the path must equal)."""
+def _hand_built(sources, path, embed_scale=1.0, ends=(0, 0)):
+    """A standard model of A's class with the path's layers copied in (what the path must equal), its
+    embeddings from sources[ends[0]] and its final norm and lm_head from sources[ends[1]]."""
     a = sources[0]
     config = a.config.__class__.from_dict(a.config.to_dict())
     config.num_hidden_layers = len(path)
+    if ends != (0, 0):
+        config.tie_word_embeddings = False
     if getattr(config, "layer_types", None) is not None:
         config.layer_types = [sources[s].config.layer_types[i] for s, i in path]
     model = type(a)(config).to(a.device).eval()
@@ -39,8 +43,11 @@ def _hand_built(sources, path, embed_scale=1.0):
         for key, value in sources[s].state_dict().items():
             if key.startswith(prefix):
                 state[f"model.layers.{hop}." + key[len(prefix) :]] = value
-    state["model.embed_tokens.weight"] = a.state_dict()["model.embed_tokens.weight"] * embed_scale
-    model.load_state_dict(state)
+    embed, head = sources[ends[0]], sources[ends[1]]
+    state["model.embed_tokens.weight"] = embed.state_dict()["model.embed_tokens.weight"] * embed_scale
+    state["model.norm.weight"] = head.state_dict()["model.norm.weight"]
+    state["lm_head.weight"] = head.lm_head.weight.detach()  # a tied head is its model's embeddings
+    model.load_state_dict(state, strict=False)
     return model
 
 
@@ -75,6 +82,36 @@ def test_repeated_and_mixed_layers_equal_a_hand_built_model(zoo, family):
         ours.model.layers[2].layer.self_attn.q_proj.weight
         is sources[0].model.layers[1].self_attn.q_proj.weight
     )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_three_sources_and_chosen_ends_equal_a_hand_built_model(zoo, family, tmp_path):
+    from evomerge.models.synthetic import make_family
+
+    base, ft1, ft2 = zoo[family]
+    sources = [_load(ft1), _load(ft2), _load(base)]
+    path = [(2, 0), (0, 1), (1, 1), (2, 2), (0, 2)]
+    for ends in ((1, 2), (2, 2), (0, 1)):
+        ours, hand = path_model(sources, path, ends=ends), _hand_built(sources, path, ends=ends)
+        with torch.no_grad():
+            assert torch.allclose(ours(IDS).logits, hand(IDS).logits, atol=1e-5)
+        assert torch.equal(_greedy(ours), _greedy(hand))
+        assert ours.model.embed_tokens is sources[ends[0]].model.embed_tokens
+        assert ours.lm_head is sources[ends[1]].lm_head and ours.model.norm is sources[ends[1]].model.norm
+    with torch.no_grad():  # the ends matter: other ends, other logits
+        assert not torch.allclose(path_model(sources, path, ends=(1, 2))(IDS).logits,
+                                  path_model(sources, path)(IDS).logits, atol=1e-3)  # fmt: skip
+    tied = [_load(m) for m in make_family(tmp_path, family, seed=9, layers=3, tie="equal")]
+    assert tied[0].lm_head.weight is tied[0].model.embed_tokens.weight
+    ours, hand = path_model(tied, path, ends=(0, 1)), _hand_built(tied, path, ends=(0, 1))
+    with torch.no_grad():  # A's embeddings, B's head (tied to B's embeddings)
+        assert torch.allclose(ours(IDS).logits, hand(IDS).logits, atol=1e-5)
+    config = sources[0].config.__class__.from_dict({**sources[0].config.to_dict(), "vocab_size": 40})
+    small = type(sources[0])(config).eval()
+    with pytest.raises(UserError, match="different vocabularies"):
+        path_model([sources[0], small], [(0, 0)], ends=(1, 0))
+    with pytest.raises(UserError, match="path end 3"):
+        path_model(sources, path, ends=(3, 0))
 
 
 def test_scale_multiplies_the_hidden_state_into_its_hop(zoo):
@@ -141,11 +178,11 @@ def test_evaluator_scores_path_candidates_like_models():
 # -- the DFS genome ---------------------------------------------------------------------------------
 
 
-def _space(**spec):
+def _space(layers=(4, 3), ends=(0, 0), **spec):
     from evomerge.config import DfsSpec
     from evomerge.search.dfs_space import DfsSpace
 
-    return DfsSpace(DfsSpec(**spec), [4, 3])
+    return DfsSpace(DfsSpec(**spec), list(layers), ends)
 
 
 def test_dfs_genome_layout_and_start():
@@ -185,6 +222,76 @@ def test_dfs_matrix_scales_are_indexed_by_previous_and_current_layer():
     x[0] = x[5] = 0.9  # A.0 then B.1 (global layer indices 0 and 5)
     x[7 + 0 * 7 + 5] = 0.75  # W[0, 5]
     assert space.decode(x).to_dict()["scales"] == [1.0, 1.5]
+
+
+def test_dfs_ends_fixed_or_searched_by_a_gene_per_end():
+    from evomerge.merge.recipe import PathRecipe
+
+    fixed = _space(layers=(4, 3, 2), ends=(1, 2), repeats=1)
+    assert fixed.size == 9 + 9  # no gene for fixed ends
+    start = fixed.decode(fixed.start())
+    assert start.ends == (1, 2) and start.to_dict()["ends"] == [1, 2]
+    searched = _space(layers=(4, 3, 2), ends=(None, None), repeats=1)
+    assert searched.size == 9 + 9 + 2
+    x = searched.start()
+    assert searched.decode(x).ends == (0, 0)  # starts in model A's bin
+    assert "ends" not in searched.decode(x).to_dict()  # model A's ends: the recipe of older journals
+    for gene, source in ((0.0, 0), (0.34, 1), (0.66, 1), (0.67, 2), (1.0, 2), (1.7, 2)):
+        x[-2], x[-1] = gene, 1 - min(gene, 1)
+        assert searched.decode(x).ends[0] == source
+    half = _space(layers=(4, 3, 2), ends=(2, None), repeats=1)
+    x = half.start()
+    x[-1] = 0.5
+    assert half.size == 19 and half.decode(x).ends == (2, 1)
+    recipe = PathRecipe(((0, 1), (2, 0)), (1.0, 0.5), (2, 1))
+    assert PathRecipe.from_dict(recipe.to_dict()) == recipe
+    assert PathRecipe.from_dict({"kind": "dfs", "path": [[0, 1]], "scales": [1.0]}).ends == (0, 0)
+
+
+def test_dfs_ends_config_names_indices_search_and_errors():
+    from evomerge.config import parse_config
+    from evomerge.errors import UserError
+
+    def config(ends, **extra):
+        return parse_config(
+            {
+                "models": {"sources": ["zoo/math-en", "zoo/lang-x", "other/compare-en"]},
+                "dfs": {"ends": ends},
+                "evaluation": {"tasks": [{"name": "zoo_math_x"}]},
+                "output": {"dir": "x"},
+                **extra,
+            }
+        )
+
+    assert config("lang-x").dfs_ends() == (1, 1) and config("other/compare-en").dfs_ends() == (2, 2)
+    assert config({"embeddings": "lang-x", "head": "search"}).dfs_ends() == (1, None)
+    assert config("search").dfs_ends() == (None, None) and config({"head": 2}).dfs_ends() == (0, 2)
+    # names resolve to indices in the identity: the same search whichever way it is written
+    assert config("lang-x").identity_hash() == config(1).identity_hash()
+    assert config(0).identity_hash() == config({}).identity_hash()
+    assert "ends" not in config(0).identity()["dfs"]  # model A's ends: as before ends existed
+    for ends, message in (
+        (3, r"dfs\.ends\.embeddings: 3: there are 3 sources"),
+        ({"head": "nope"}, r"dfs\.ends\.head: 'nope' is not one of the sources"),
+        ({"embeddings": -1}, "a source index is 0 or more"),
+        ({"tail": 1}, r"dfs\.ends\.tail: unknown key"),
+    ):
+        with pytest.raises(UserError, match=message):
+            config(ends)
+    staged = {
+        "models": {"base": "b", "sources": ["s1", "zoo/lang-x"]},
+        "evaluation": {"tasks": [{"name": "zoo_math_x"}]},
+        "output": {"dir": "x"},
+        "stages": [
+            {"name": "ps"},
+            {"name": "dfs", "sources": ["previous", "zoo/lang-x"], "dfs": {"ends": {"embeddings": "lang-x", "head": "previous"}}},
+        ],
+    }  # fmt: skip
+    stage = parse_config(staged).stage_config(1, Path("/tmp/ps-best"))
+    assert stage.dfs_ends() == (1, 0)
+    staged["stages"][1]["dfs"]["ends"] = "s1"  # not a source of that stage
+    with pytest.raises(UserError, match=r"stages\[1\] \(dfs\): dfs\.ends\.embeddings: 's1' is not one"):
+        parse_config(staged)
 
 
 # -- a real DFS search ------------------------------------------------------------------------------

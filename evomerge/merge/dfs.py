@@ -2,7 +2,8 @@
 
 No weight is copied per candidate. Each hop of the path points at a source layer (shared parameters),
 multiplies the hidden state it receives by its scale, and has its own attention-cache slot, so a layer used
-twice in a path keeps two caches. Embeddings, final norm and lm_head come from the first source (model A).
+twice in a path keeps two caches. The embeddings come from one source and the final norm + lm_head from
+one source (`ends`; model A's by default); the model's config and class are model A's.
 Works for the Llama-like families of the architecture table (Llama, Mistral, Qwen2/3).
 """
 
@@ -44,9 +45,13 @@ def _with_cache_slot(layer: nn.Module, index: int) -> nn.Module:
 
 
 def path_model(
-    sources: Sequence[nn.Module], path: Sequence[Slot], scales: Sequence[float] | None = None
+    sources: Sequence[nn.Module],
+    path: Sequence[Slot],
+    scales: Sequence[float] | None = None,
+    ends: tuple[int, int] = (0, 0),
 ) -> nn.Module:
-    """A causal LM of model A's class running `path` (with per-hop input `scales`, default 1)."""
+    """A causal LM of model A's class running `path` (with per-hop input `scales`, default 1), its
+    embeddings from source `ends[0]` and its final norm + lm_head from source `ends[1]`."""
     if not path:
         raise UserError("a data-flow path needs at least one layer")
     scales = [1.0] * len(path) if scales is None else list(scales)
@@ -56,16 +61,23 @@ def path_model(
     for s, layer in path:
         if not (0 <= s < len(sources) and 0 <= layer < len(sources[s].model.layers)):
             raise UserError(f"path slot ({s}, {layer}) is not a layer of the sources")
+    for e in ends:
+        if not 0 <= e < len(sources):
+            raise UserError(f"path end {e} is not one of the {len(sources)} sources")
+    embed, head = sources[ends[0]], sources[ends[1]]
+    vocab = a.model.embed_tokens.weight.shape[0]
+    if embed.model.embed_tokens.weight.shape[0] != vocab or head.lm_head.weight.shape[0] != vocab:
+        raise UserError("the path's ends come from models with different vocabularies")
     config = copy.deepcopy(a.config)
     config.num_hidden_layers = len(path)
     if getattr(config, "layer_types", None) is not None:
         config.layer_types = [sources[s].config.layer_types[layer] for s, layer in path]
     with torch.device("meta"):
         model = type(a)(config)
-    model.model.embed_tokens = a.model.embed_tokens
-    model.model.norm = a.model.norm
+    model.model.embed_tokens = embed.model.embed_tokens
+    model.model.norm = head.model.norm
     model.model.rotary_emb = a.model.rotary_emb
-    model.lm_head = a.lm_head
+    model.lm_head = head.lm_head
     model.model.layers = nn.ModuleList(
         Hop(sources[s].model.layers[layer], i, scale)
         for i, ((s, layer), scale) in enumerate(zip(path, scales, strict=True))

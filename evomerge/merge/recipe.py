@@ -121,23 +121,29 @@ class Recipe:
 @dataclass(frozen=True)
 class PathRecipe:
     """A data-flow candidate: the layers a token passes through, as (model, layer) slots in order, and the
-    scale applied to the hidden state at each hop. Journaled with `"kind": "dfs"`, which is how a stored
-    recipe says it is one (parameter-space recipes have no kind)."""
+    scale applied to the hidden state at each hop; `ends`: the sources of the embeddings and of the final
+    norm + lm_head. Journaled with `"kind": "dfs"`, which is how a stored recipe says it is one
+    (parameter-space recipes have no kind); ends are written only when they are not model A's."""
 
     path: tuple[tuple[int, int], ...]
     scales: tuple[float, ...]
+    ends: tuple[int, int] = (0, 0)
 
     def __post_init__(self) -> None:
         if len(self.path) != len(self.scales):
             raise UserError(f"data-flow recipe: {len(self.path)} layers but {len(self.scales)} scales")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": "dfs", "path": [list(slot) for slot in self.path], "scales": list(self.scales)}
+        data = {"kind": "dfs", "path": [list(slot) for slot in self.path], "scales": list(self.scales)}
+        if self.ends != (0, 0):
+            data["ends"] = list(self.ends)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PathRecipe:
         path = tuple((int(model), int(layer)) for model, layer in data["path"])
-        return cls(path, tuple(float(s) for s in data["scales"]))
+        embeddings, head = data.get("ends", (0, 0))
+        return cls(path, tuple(float(s) for s in data["scales"]), (int(embeddings), int(head)))
 
 
 def parse_recipe(data: dict[str, Any]) -> Recipe | PathRecipe:

@@ -98,7 +98,8 @@ def _path_plot(plt, view: ExperimentView, candidate_id: int, recipe) -> bytes:
     names = view.sources
     handles = [plt.Rectangle((0, 0), 1, 1, color=f"C{i}") for i in range(len(names))]
     ax.legend(handles, names, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)
-    ax.set_title(f"best path (candidate {candidate_id}): source, layer, scale", fontsize=9)
+    ends = f"; embeddings from {names[recipe.ends[0]]}, head from {names[recipe.ends[1]]}"
+    ax.set_title(f"best path (candidate {candidate_id}): source, layer, scale{ends}", fontsize=9)
     return _png(fig)
 
 

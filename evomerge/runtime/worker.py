@@ -121,7 +121,7 @@ class DfsWorker(_Runs):
         started = time.perf_counter()
         try:
             parsed = PathRecipe.from_dict(recipe)
-            model = path_model(self.models, list(parsed.path), list(parsed.scales))
+            model = path_model(self.models, list(parsed.path), list(parsed.scales), parsed.ends)
         except Exception as exc:
             return Outcome(
                 False, -math.inf, reason=f"path: {_reason(exc)}", merge_seconds=time.perf_counter() - started

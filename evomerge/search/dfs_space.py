@@ -4,6 +4,8 @@ The slots are every layer of the sources in order (model A's, then B's, ...), re
 A gene per slot is its inclusion indicator (on the unit box: included above 0.5); the scales are a gene
 per slot, or Sakana's M x M matrix indexed by (global index of the previous hop's layer, this hop's
 layer), the first hop taking scale 1. Genes map linearly onto the scale bounds (0.5 -> the middle).
+Last, one gene per searched end (`dfs.ends: search`): the unit interval cut into one bin per source,
+starting in model A's bin.
 """
 
 from __future__ import annotations
@@ -22,8 +24,14 @@ A_PATH_START = 0.75  # indicator start for model A's own layers (others start at
 
 
 class DfsSpace:
-    def __init__(self, spec: DfsSpec, layers: list[int]) -> None:
+    def __init__(
+        self, spec: DfsSpec, layers: list[int], ends: tuple[int | None, int | None] = (0, 0)
+    ) -> None:
+        """`ends`: the source of the embeddings and of the head, None where a gene chooses it."""
         self.spec = spec
+        self.ends = ends
+        self.sources = len(layers)
+        self.end_genes = sum(e is None for e in ends)
         self.layout = [(s, i) for s, count in enumerate(layers) for i in range(count)]
         self.m = len(self.layout)
         self.slots = self.layout * spec.repeats
@@ -35,7 +43,7 @@ class DfsSpace:
 
     @property
     def size(self) -> int:
-        return self.t + self.scale_genes
+        return self.t + self.scale_genes + self.end_genes
 
     def default_popsize(self) -> int:
         return 4 + int(3 * np.log(self.size))
@@ -49,14 +57,19 @@ class DfsSpace:
             x[: self.t] = 0.5
         lo, hi = self.spec.scale_bounds.min, self.spec.scale_bounds.max
         if hi > lo and lo <= 1.0 <= hi:
-            x[self.t :] = (1.0 - lo) / (hi - lo)  # scales start at 1
+            x[self.t : self.t + self.scale_genes] = (1.0 - lo) / (hi - lo)  # scales start at 1
+        x[self.t + self.scale_genes :] = 0.5 / self.sources  # the middle of model A's bin
         return x
 
     def decode(self, genome, **_: Any) -> PathRecipe:
         x = np.clip(np.asarray(genome, dtype=float), 0.0, 1.0)
         if x.shape != (self.size,):
             raise ValueError(f"genome has {x.shape} genes, space has {self.size}")
-        ind, sc = x[: self.t], x[self.t :]
+        ind, sc = x[: self.t], x[self.t : self.t + self.scale_genes]
+        end_genes = iter(x[self.t + self.scale_genes :])
+        ends = tuple(
+            min(int(next(end_genes) * self.sources), self.sources - 1) if e is None else e for e in self.ends
+        )
         chosen = [k for k in range(self.t) if ind[k] > INCLUDE]
         spec = self.spec
         if spec.max_layers is not None and len(chosen) > spec.max_layers:
@@ -83,4 +96,4 @@ class DfsSpace:
                 hops.insert(0, (first, 1.0))
             if hops[-1][0] != last:
                 hops.append((last, 1.0))
-        return PathRecipe(tuple(slot for slot, _ in hops), tuple(s for _, s in hops))
+        return PathRecipe(tuple(slot for slot, _ in hops), tuple(s for _, s in hops), ends)

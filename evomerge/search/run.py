@@ -79,7 +79,7 @@ class Search:
         self.num_layers = inputs.num_layers
         self.source_names = source_labels(config.models.sources)
         if config.dfs is not None:
-            self.space = DfsSpace(config.dfs, inputs.source_layers)
+            self.space = DfsSpace(config.dfs, inputs.source_layers, config.dfs_ends())
         else:
             self.space = Space(
                 config.space, config.merge.method, len(inputs.source_layers), self.num_layers,

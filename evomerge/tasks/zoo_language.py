@@ -1,5 +1,5 @@
 """The zoo's toy world: a templated English ("language 1"), its word-for-word cipher ("language 2"),
-and generators for plain text, equations, word problems and verb-meaning questions.
+and generators for plain text, equations, word problems, verb-meaning questions and comparisons.
 
 Used by experiments/train_zoo.py to train the zoo and to write the bundled tasks; kept in the package so
 the tasks can be regenerated and the vocabulary is one definition.
@@ -23,6 +23,7 @@ PLACES = ["park", "shop", "school", "home"]
 FUNCTION = [
     "he", "she", "has", "have", "now", "more", "fewer", "the", "same", "how", "many", "does", "likes",
     "goes", "to", "with", "is", "in", "box", "bag", "today", "happy", "sad", "and", "then", "a", "day",
+    "who", "or",
 ]  # fmt: skip
 LANG1 = NAMES_HE + NAMES_SHE + OBJECTS + PLUS + MINUS + SAME + COLORS + PLACES + FUNCTION
 
@@ -125,3 +126,17 @@ def verb_question(rng: random.Random) -> tuple[str, list[str], int]:
     context = f"{name} has {a} {obj} . {pro} {verb} {b} {obj} . now {pro} has"
     choices = [f"more {obj} .", f"fewer {obj} .", f"the same {obj} ."]
     return context, choices, {"+": 0, "-": 1, "=": 2}[op]
+
+
+def compare_question(rng: random.Random) -> tuple[str, list[str], int]:
+    """(context, choices, gold index): of two people holding different counts, who has more (or fewer)?
+    A third skill, next to arithmetic and language 2: comparing two numbers read from a text."""
+    (first, _), (second, _) = _person(rng), _person(rng)
+    while second == first:
+        second, _ = _person(rng)
+    obj = rng.choice(OBJECTS)
+    a, b = rng.sample(range(41), 2)
+    word = rng.choice(["more", "fewer"])
+    context = f"{first} has {a} {obj} . {second} has {b} {obj} . who has {word} {obj} : {first} or {second} ?"
+    bigger = 0 if a > b else 1
+    return context, [f"{first} .", f"{second} ."], bigger if word == "more" else 1 - bigger
