@@ -6,7 +6,8 @@ A miniature of Sakana's setting (a Japanese-language model + an English math mod
 - base:       Llama (hidden 128, 8 layers, MLP 384, untied, 178-token vocabulary) trained on language-1
               text, bare equations (15%) and a little pure language-2 text (4%): its vocabulary and
               embeddings cover both languages, as a multilingual base model's do;
-- math-en:    word problems in language 1 (loss on the answer), embeddings frozen: owns the math;
+- math-en:    word problems in language 1 (loss on the answer), embeddings frozen: owns the math, and
+              solves few language-2 problems (it keys on the language-1 template words);
 - lang-x:     fluent language 2: first the language-2 rows of the embeddings and lm_head on mostly
               code-switched text, then a short continued pretraining of the layers (embeddings frozen)
               in which the upper half (layers 4-7) learns at a tenth of the rate. The assumption, as the
@@ -171,7 +172,7 @@ def greedy_accuracy(model, tok, problems) -> float:
     return correct / len(problems)
 
 
-def write_tasks(seed: int) -> set:
+def write_tasks(seed: int, write: bool = True) -> set:
     """Bundled task data (fixed examples, independent of training). Returns the questions training must
     avoid (every evaluation item of every task)."""
     rng = random.Random(10_000 + seed)
@@ -195,6 +196,8 @@ def write_tasks(seed: int) -> set:
     def verb_x(context: str) -> str:  # code-switched: only the verb is language 2
         return " ".join(zl.CIPHER[w] if w in zl.PLUS + zl.MINUS + zl.SAME else w for w in context.split())
 
+    if not write:
+        return seen
     TASK_DIR.mkdir(parents=True, exist_ok=True)
     for name, rows in (("zoo_math_en", en), ("zoo_math_x", x)):
         _jsonl(name, [{"question": q, "answer": a} for q, a, _ in rows])
@@ -223,6 +226,23 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=REPO / "zoo")
+    # the design choices docs/zoo.md compares (defaults: the shipped zoo)
+    parser.add_argument(
+        "--lang2-share", type=float, default=LANG2_SHARE, help="pure language-2 share of the base's text"
+    )
+    parser.add_argument(
+        "--math-noise",
+        type=float,
+        default=0.0,
+        help="share of math-en's template words replaced by random words (0: clean problems)",
+    )
+    parser.add_argument(
+        "--upper-rate",
+        type=float,
+        default=0.1,
+        help="learning-rate multiplier of lang-x's layers 4-7 in its layer stage",
+    )
+    parser.add_argument("--no-tasks", action="store_true", help="leave the bundled task files as they are")
     parser.add_argument(
         "--quick", action="store_true", help="a tenth of the steps (smoke test of the script)"
     )
@@ -232,20 +252,23 @@ def main() -> None:
     steps = lambda n: max(10, int(n * k))  # noqa: E731
     started = time.time()
     tok = build_tokenizer()
-    avoid = write_tasks(args.seed)
+    avoid = write_tasks(args.seed, write=not args.no_tasks)
     rng = random.Random(args.seed)
 
-    keep = set(zl.PLUS + zl.MINUS) | set(zl.NUMBERS) | {".", "?"}
-
     def problem_en():
-        """A word problem with half of its other words replaced by random language-1 words: math-en must
-        read the numbers and the verb, not the template around them."""
+        """A language-1 word problem not among the evaluation items, its answer the completion. (Trained
+        on problems whose template words were half replaced by random words, math-en read the numbers and
+        the verb alone and solved 82-92% of the language-2 problems by itself: no headroom for a merge.)"""
         while True:
             q, a, _ = zl.word_problem(rng)
             if q not in avoid:
                 break
-        words = [w if w in keep or rng.random() >= 0.5 else rng.choice(zl.LANG1) for w in q.split()]
-        return " ".join(words), a + " </s>"
+        if args.math_noise:
+            keep = set(zl.PLUS + zl.MINUS) | set(zl.NUMBERS) | {".", "?"}
+            q = " ".join(
+                w if w in keep or rng.random() >= args.math_noise else rng.choice(zl.LANG1) for w in q.split()
+            )
+        return q, a + " </s>"
 
     def compare_en():
         while True:
@@ -258,9 +281,9 @@ def main() -> None:
 
     def plain():
         r = rng.random()
-        if r < LANG2_SHARE:
+        if r < args.lang2_share:
             return "", zl.translate(sentences()) + " </s>"
-        if r < LANG2_SHARE + EQUATIONS:
+        if r < args.lang2_share + EQUATIONS:
             return "", zl.equation(rng) + " " + zl.equation(rng) + " </s>"
         return "", sentences() + " </s>"
 
@@ -300,7 +323,7 @@ def main() -> None:
     train(lang_x, Batches(tok, lambda: lang2_text(0.0, 0.9)), steps(600), 3e-3, rows=lang2, label="lang-x/rows",
           seed=args.seed + 2)  # fmt: skip
     train(lang_x, Batches(tok, lambda: lang2_text(0.3, 0.5)), steps(300), 5e-4, frozen=("embed_tokens", "lm_head"),
-          layer_lr=lambda i: 1.0 if i < 4 else 0.1, label="lang-x/layers", seed=args.seed + 3)  # fmt: skip
+          layer_lr=lambda i: 1.0 if i < 4 else args.upper_rate, label="lang-x/layers", seed=args.seed + 3)  # fmt: skip
 
     models = dict(zip(MODELS, (base, math_en, lang_x, compare), strict=True))
     args.out.mkdir(parents=True, exist_ok=True)

@@ -28,11 +28,14 @@ TASKS = {
     "zoo_math_en": "exact_match,strict-match",
     "zoo_math_x": "exact_match,strict-match",
     "zoo_verbs_x": "acc,none",
+    "zoo_compare_en": "acc,none",
+    "zoo_compare_x": "acc,none",
 }
-MERGES = [  # (label, method, weights, densities)
-    ("task_arithmetic (w 1, 1)", Method.task_arithmetic, [1.0, 1.0], []),
-    ("ties (w 1, 1; density 0.5)", Method.ties, [1.0, 1.0], [0.5, 0.5]),
-    ("dare_ties (w 1, 1; density 0.5)", Method.dare_ties, [1.0, 1.0], [0.5, 0.5]),
+MODELS = ("base", "math-en", "lang-x", "compare-en")
+MERGES = [  # (label, method, weights, densities), over the three fine-tunes
+    ("task_arithmetic (w 1)", Method.task_arithmetic, [1.0] * 3, []),
+    ("ties (w 1; density 0.5)", Method.ties, [1.0] * 3, [0.5] * 3),
+    ("dare_ties (w 1; density 0.5)", Method.dare_ties, [1.0] * 3, [0.5] * 3),
 ]
 
 
@@ -43,13 +46,13 @@ def main() -> None:
     model, tok = load_model_and_tokenizer(str(ZOO / "base"), device="cpu", dtype="float32")
     evaluator = Evaluator(model, tok, spec)
     rows = []
-    for name in ("base", "math-en", "lang-x"):
+    for name in MODELS:
         other, _ = load_model_and_tokenizer(str(ZOO / name), device="cpu", dtype="float32")
         model.load_state_dict(other.state_dict())
         rows.append((name, evaluator.evaluate("heldout")))
-    base, a, b = (Checkpoint.open(ZOO / n) for n in ("base", "math-en", "lang-x"))
+    base, *tunes = (Checkpoint.open(ZOO / n) for n in MODELS)
     for label, method, weights, densities in MERGES:
-        engine = MergeEngine(base, [a, b], method, model, dtype=torch.float32)
+        engine = MergeEngine(base, tunes, method, model, dtype=torch.float32)
         engine.apply(
             Recipe.uniform(method, engine.family.group_names(engine.num_layers), weights, densities, seed=0)
         )

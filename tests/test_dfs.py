@@ -166,9 +166,9 @@ def test_evaluator_scores_path_candidates_like_models():
     )
     evaluator = Evaluator(a, tok, spec)
     plain = evaluator.evaluate("search")
-    evaluator.set_model(path_model([a, b], [(0, i) for i in range(4)]))
+    evaluator.set_model(path_model([a, b], [(0, i) for i in range(a.config.num_hidden_layers)]))
     assert evaluator.evaluate("search").metrics == plain.metrics
-    path = [(0, 0), (1, 1), (1, 2), (0, 3)]
+    path = [(0, 0), (1, 1), (1, 2), (0, 3), (0, 6), (0, 7)]
     evaluator.set_model(path_model([a, b], path))
     mixed = evaluator.evaluate("search")
     reference = Evaluator(_hand_built([a, b], path), tok, spec).evaluate("search")
@@ -303,7 +303,9 @@ def test_dfs_search_report_and_export(tmp_path):
     import yaml
 
     cfg = yaml.safe_load((REPO / "configs" / "smoke-dfs.yaml").read_text())
-    cfg["models"] = {"sources": [str(REPO / "zoo" / "math-en"), str(REPO / "zoo" / "lang-x")]}
+    names = ("math-en", "lang-x", "compare-en")
+    cfg["models"] = {"sources": [str(REPO / "zoo" / n) for n in names]}
+    cfg["dfs"]["ends"] = "search"
     cfg["output"]["dir"] = str(tmp_path / "exp")
     path = tmp_path / "dfs.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -313,10 +315,12 @@ def test_dfs_search_report_and_export(tmp_path):
     db = sqlite3.connect(tmp_path / "exp" / "experiment.sqlite")
     recipes = [json.loads(r[0]) for r in db.execute("SELECT recipe FROM candidates")]
     assert len(recipes) == 24 and all(r["kind"] == "dfs" for r in recipes)
-    assert any(len(r["path"]) != 4 or any(s != 1.0 for s in r["scales"]) for r in recipes)
+    assert any(len(r["path"]) != 8 or any(s != 1.0 for s in r["scales"]) for r in recipes)
     assert all(len(r["path"]) <= 10 for r in recipes)  # max_layers 8, plus the two kept ends
+    assert {s for r in recipes for s, _ in r["path"]} == {0, 1, 2}  # three models in the paths
+    assert {tuple(r.get("ends", (0, 0))) for r in recipes} - {(0, 0)}  # the ends genes move
     finals = {r[0] for r in db.execute("SELECT name FROM finals")}
-    assert finals == {"evolved", "parent math-en", "parent lang-x"}
+    assert finals == {"evolved", "parent math-en", "parent lang-x", "parent compare-en"}
     report = _cli("report", tmp_path / "exp")
     assert report.returncode == 0, report.stderr
     assert (tmp_path / "exp" / "recipe.png").stat().st_size > 0
@@ -330,14 +334,39 @@ def test_dfs_search_report_and_export(tmp_path):
     assert any(scale != 1.0 for scale in best["scales"])  # so the stored scales matter below
     import evomerge
 
-    exported = evomerge.load_model(tmp_path / "out", dtype=torch.float32).eval()
-    assert exported.config.num_hidden_layers == len(best["path"])
-    sources = [_load(REPO / "zoo" / "math-en"), _load(REPO / "zoo" / "lang-x")]
-    live = path_model(sources, [tuple(p) for p in best["path"]], best["scales"])
+    _export_matches_live(tmp_path / "out", [REPO / "zoo" / n for n in names], best)
+    assert "| hop | source | layer | scale |" in (tmp_path / "out" / "README.md").read_text()
+    # any candidate, its ends included: the one with other ends than model A's
+    other = _exported_recipe(tmp_path / "exp", tmp_path / "other", lambda r: r.get("ends", [0, 0]) != [0, 0])
+    _export_matches_live(tmp_path / "other", [REPO / "zoo" / n for n in names], other)
+    ends = other["ends"]
+    card = (tmp_path / "other" / "README.md").read_text()
+    assert f"embeddings from {names[ends[0]]}; final norm and lm_head from {names[ends[1]]}" in card
+
+
+def _exported_recipe(exp, out, wanted):
+    """Export the best-ranked successful candidate whose recipe is `wanted`; returns its recipe."""
+    from evomerge.results import ExperimentView
+
+    ranked = ExperimentView.load(exp).ranked()
+    rank, recipe = next((i + 1, c.recipe) for i, c in enumerate(ranked) if wanted(c.recipe))
+    done = _cli("export", exp, out, "--rank", rank)
+    assert done.returncode == 0, done.stderr
+    return recipe
+
+
+def _export_matches_live(out, source_dirs, recipe):
+    """The exported model (through evomerge.load_model, scales applied) computes what the in-memory
+    path model of `recipe` computed: same logits, same greedy generation."""
+    import evomerge
+
+    exported = evomerge.load_model(out, dtype=torch.float32).eval()
+    assert exported.config.num_hidden_layers == len(recipe["path"])
+    sources = [_load(d) for d in source_dirs]
+    live = path_model(sources, [tuple(p) for p in recipe["path"]], recipe["scales"], tuple(recipe.get("ends", (0, 0))))
     with torch.no_grad():
         assert torch.allclose(exported(IDS).logits, live(IDS).logits, atol=1e-5)
     assert torch.equal(_greedy(exported), _greedy(live))
-    assert "| hop | source | layer | scale |" in (tmp_path / "out" / "README.md").read_text()
 
 
 # -- PS + DFS stages --------------------------------------------------------------------------------
@@ -372,7 +401,7 @@ def test_ps_then_dfs_stages_resume_and_report(tmp_path):
         "base": str(REPO / "zoo" / "base"),
         "sources": [str(REPO / "zoo" / n) for n in ("math-en", "lang-x")],
     }
-    cfg["stages"][1]["sources"] = ["previous", str(REPO / "zoo" / "lang-x")]
+    cfg["stages"][1]["sources"] = ["previous", str(REPO / "zoo" / "lang-x"), str(REPO / "zoo" / "compare-en")]
     cfg["output"]["dir"] = str(tmp_path / "exp")
     path = tmp_path / "stages.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -392,6 +421,11 @@ def test_ps_then_dfs_stages_resume_and_report(tmp_path):
     assert (
         dfs_config["models"]["sources"][0] == str(best_model.resolve()) and dfs_config["dfs"]["repeats"] == 2
     )
+    assert dfs_config["dfs"]["ends"] == {"embeddings": "search", "head": "search"}
+    assert dfs_config["evaluation"]["fidelity"]["mode"] == "subsample"  # cheap fitness in every stage
+    recipes = [json.loads(r[0]) for r in sqlite3.connect(tmp_path / "exp" / "dfs" / "experiment.sqlite").execute(
+        "SELECT recipe FROM candidates")]  # fmt: skip
+    assert {s for r in recipes for s, _ in r["path"]} == {0, 1, 2}
     assert (best_model / "model.safetensors").is_file()
     # model A of the DFS stage is the PS winner: its identity path scores what the PS winner scored
     db = sqlite3.connect(tmp_path / "exp" / "dfs" / "experiment.sqlite")
