@@ -332,8 +332,6 @@ def test_dfs_search_report_and_export(tmp_path):
         ).fetchone()[0]
     )
     assert any(scale != 1.0 for scale in best["scales"])  # so the stored scales matter below
-    import evomerge
-
     _export_matches_live(tmp_path / "out", [REPO / "zoo" / n for n in names], best)
     assert "| hop | source | layer | scale |" in (tmp_path / "out" / "README.md").read_text()
     # any candidate, its ends included: the one with other ends than model A's
