@@ -3,7 +3,9 @@
     python experiments/zoo_scores.py
 
 Parents are scored as they are; merges are written in memory into one resident model by the merge engine
-(the search's inner loop, without the search). Prints a markdown table for the README.
+(the search's inner loop, without the search). The last row is the data-flow ablation the README cites:
+math-en's own eight layers, unscaled, under lang-x's embeddings (a layer path whose only change is its
+embeddings end). Prints a markdown table for the README.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch  # noqa: E402
 
 from evomerge.evaluate import EvaluationSpec, Evaluator  # noqa: E402
 from evomerge.evaluate.run import load_model_and_tokenizer  # noqa: E402
+from evomerge.merge.dfs import path_model  # noqa: E402
 from evomerge.merge.engine import MergeEngine  # noqa: E402
 from evomerge.merge.methods import Method  # noqa: E402
 from evomerge.merge.recipe import Recipe  # noqa: E402
@@ -57,6 +60,12 @@ def main() -> None:
             Recipe.uniform(method, engine.family.group_names(engine.num_layers), weights, densities, seed=0)
         )
         rows.append((label, evaluator.evaluate("heldout")))
+    math_en, lang_x = (
+        load_model_and_tokenizer(str(ZOO / n), device="cpu", dtype="float32")[0] for n in MODELS[1:3]
+    )
+    own_layers = [(0, i) for i in range(len(math_en.model.layers))]
+    evaluator.set_model(path_model([math_en, lang_x], own_layers, ends=(1, 0)))
+    rows.append(("math-en under lang-x's embeddings (path, ends [1, 0])", evaluator.evaluate("heldout")))
     print("| model | " + " | ".join(TASKS) + " |")
     print("|---|" + "---:|" * len(TASKS))
     for label, result in rows:

@@ -38,12 +38,13 @@ def _rows(task):
 
 def test_generation_scores_match_independent_greedy_decode(math_en):
     model, tok = math_en
-    evaluator = Evaluator(model, tok, _spec("zoo_math_en"))
+    # the target task: math-en solves some of its language-2 problems, not all (its own task it solves ~all)
+    evaluator = Evaluator(model, tok, _spec("zoo_math_x", limit=60))
     result = evaluator.evaluate("search")
     assert result.ok, result.error
-    rows = _rows("zoo_math_en")
-    indices = evaluator.indices("zoo_math_en", "search")
-    assert result.examples["zoo_math_en"] == len(indices) == 40
+    rows = _rows("zoo_math_x")
+    indices = evaluator.indices("zoo_math_x", "search")
+    assert result.examples["zoo_math_x"] == len(indices) == 60
     correct = 0
     for i in indices:
         ids = tok(rows[i]["question"], return_tensors="pt").input_ids.to(model.device)
@@ -54,7 +55,7 @@ def test_generation_scores_match_independent_greedy_decode(math_en):
         match = re.search(r"#### (\-?[0-9\.\,]+)", text)
         gold = rows[i]["answer"].split("#### ")[-1]
         correct += bool(match) and match.group(1).rstrip(".") == gold
-    assert result.metrics["zoo_math_en"]["exact_match,strict-match"] == pytest.approx(correct / len(indices))
+    assert result.metrics["zoo_math_x"]["exact_match,strict-match"] == pytest.approx(correct / len(indices))
     assert 0 < correct < len(indices)  # a trained model with something left to gain: not a vacuous check
 
 

@@ -281,16 +281,18 @@ def test_declared_layers_must_all_be_stored(tmp_path):
 
     model = _model_copy(tmp_path)
     config = json.loads((model / "config.json").read_text())
+    stored = config["num_hidden_layers"]
     config["num_hidden_layers"] += 4
     (model / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UserError, match="declares 8 layers but the weights lack model.layers.4."):
+    lack = f"declares {stored + 4} layers but the weights lack model.layers.{stored}."
+    with pytest.raises(UserError, match=lack):
         check_compatible([Checkpoint.open(model)])
     config["num_hidden_layers"] = 3
     (model / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="declares 3 layers but the weights also hold layer 3"):
         check_compatible([Checkpoint.open(model)])
     tensors = load_file(ZOO / "math-en" / "model.safetensors")
-    config["num_hidden_layers"] = 4
+    config["num_hidden_layers"] = stored
     (model / "config.json").write_text(json.dumps(config))
     del tensors["model.layers.2.mlp.gate_proj.weight"]
     save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
@@ -416,6 +418,7 @@ def test_stage_hand_off_follows_the_stage_best(tmp_path):
     cfg = yaml.safe_load((REPO / "configs" / "smoke-stages.yaml").read_text())
     cfg["models"] = {"base": str(ZOO / "base"), "sources": [str(ZOO / n) for n in ("math-en", "lang-x")]}
     cfg["stages"][1]["sources"] = ["previous", str(ZOO / "lang-x")]
+    del cfg["evaluation"]["fidelity"]  # full fitness: the journaled fitness below is what ranks the stage
     for stage in cfg["stages"]:
         stage["optimizer"]["budget"] = 6
     cfg["output"]["dir"] = str(tmp_path / "exp")
@@ -737,6 +740,9 @@ def test_slices_rebuild_only_per_layer_keys(tmp_path, zoo):
 
 
 OLD = Path(__file__).resolve().parent / "data" / "experiment-aec93e7"
+# the models it was made with (zoo v1, before the 8-layer zoo v2), where its journal's relative "zoo/base"
+# finds them when evomerge runs in tests/data/zoo-v1
+V1_DIR = OLD.parent / "zoo-v1"
 
 
 @pytest.mark.slow
@@ -750,22 +756,23 @@ def test_an_experiment_from_before_this_round_reports_exports_and_resumes(tmp_pa
     cfg = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
     cfg.update(name="made-by-aec93e7", output={"dir": str(exp)})
     cfg["models"] = {"base": "zoo/base", "sources": ["zoo/math-en", "zoo/lang-x"]}
+    cfg["space"]["layers_per_group"] = 2  # as smoke.yaml was for the 4-layer zoo v1
     cfg["optimizer"]["budget"] = 6
     path = tmp_path / "old.yaml"
     path.write_text(yaml.safe_dump(cfg))
     done = cli("report", exp, "--out", tmp_path / "report")
     assert done.returncode == 0, done.stderr
     assert "made-by-aec93e7: held-out" in done.stdout
-    done = cli("export", exp, tmp_path / "model")
+    done = cli("export", exp, tmp_path / "model", cwd=V1_DIR)
     assert done.returncode == 0, done.stderr
-    done = cli("search", path, "--budget", 8)
+    done = cli("search", path, "--budget", 8, cwd=V1_DIR)
     assert done.returncode == 0, done.stderr
     assert "its tokenizer was not recorded" in done.stdout
     db = sqlite3.connect(exp / "experiment.sqlite")
     sums = [r[0] for r in db.execute("SELECT checksum FROM candidates ORDER BY id")]
     db.close()
     assert sums[:6] == [None] * 6 and all(sums[6:]) and len(sums) == 8
-    assert cli("export", exp, tmp_path / "model", "--force").returncode == 0
+    assert cli("export", exp, tmp_path / "model", "--force", cwd=V1_DIR).returncode == 0
 
 
 # -- issue 24: runtime settings resolved once ----------------------------------------------------------------

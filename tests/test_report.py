@@ -153,7 +153,7 @@ def test_export_loads_and_mergekit_rebuilds_it(ties_experiment, tmp_path):
     done = _cli("export", ties_experiment, out, "--rank", 2)
     assert done.returncode == 0, done.stderr
     model = AutoModelForCausalLM.from_pretrained(out)
-    assert model.config.num_hidden_layers == 4
+    assert model.config.num_hidden_layers == 8
     card = (out / "README.md").read_text()
     assert "rank 2" in card and "| layers.3.mlp |" in card
     config = yaml.safe_load((out / "mergekit_config.yml").read_text())
