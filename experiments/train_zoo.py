@@ -296,11 +296,13 @@ def main() -> None:
         return "", zl.translate(sentences(), p, rng) + " </s>"
 
     print("base: language 1, equations, a little language 2")
+    rng.seed(f"{args.seed}/base")  # each model's data a function of the seed and the model alone
     base = new_model(args.seed)
     train(base, Batches(tok, plain), steps(1500), 2e-3, label="base", seed=args.seed)
     base_state = {k: v.clone() for k, v in base.state_dict().items()}
 
     def tune(make, n: int, lr: float, label: str):
+        rng.seed(f"{args.seed}/{label}")
         model = new_model(args.seed)
         model.load_state_dict(base_state)
         train(
@@ -311,9 +313,10 @@ def main() -> None:
     print("math-en: word problems in language 1, loss on the answer")
     math_en = tune(problem_en, 1000, 7e-4, "math-en")
     print("compare-en: who has more, in language 1, loss on the answer")
-    compare = tune(compare_en, 300, 5e-4, "compare-en")
+    compare = tune(compare_en, 1000, 7e-4, "compare-en")
 
     print("lang-x: language-2 rows, then the layers (upper half at a tenth of the rate)")
+    rng.seed(f"{args.seed}/lang-x")
     lang_x = new_model(args.seed)
     lang_x.load_state_dict(base_state)
     lang2 = torch.zeros(len(zl.VOCAB), dtype=torch.bool)

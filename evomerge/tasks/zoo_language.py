@@ -129,14 +129,14 @@ def verb_question(rng: random.Random) -> tuple[str, list[str], int]:
 
 
 def compare_question(rng: random.Random) -> tuple[str, list[str], int]:
-    """(context, choices, gold index): of two people holding different counts, who has more (or fewer)?
-    A third skill, next to arithmetic and language 2: comparing two numbers read from a text."""
+    """(context, choices, gold index): of two people holding different counts, who has more? A third
+    skill, next to arithmetic and language 2: comparing two numbers read from a text. (Asking for
+    "more" or "fewer" at random, a one-bit flip of the answer, stayed at chance after 2000 steps of this
+    zoo's fine-tune; "more" alone is learnt in 1000.)"""
     (first, _), (second, _) = _person(rng), _person(rng)
     while second == first:
         second, _ = _person(rng)
     obj = rng.choice(OBJECTS)
     a, b = rng.sample(range(41), 2)
-    word = rng.choice(["more", "fewer"])
-    context = f"{first} has {a} {obj} . {second} has {b} {obj} . who has {word} {obj} : {first} or {second} ?"
-    bigger = 0 if a > b else 1
-    return context, [f"{first} .", f"{second} ."], bigger if word == "more" else 1 - bigger
+    context = f"{first} has {a} {obj} . {second} has {b} {obj} . who has more {obj} : {first} or {second} ?"
+    return context, [f"{first} .", f"{second} ."], 0 if a > b else 1
