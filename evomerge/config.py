@@ -120,7 +120,11 @@ class _SpaceBase(_Strict):
 
 # What schemas before gene ranges came from the method records wrote for unset weight, density and t: an
 # unset range still identifies an experiment this way, so those experiments resume.
-_LEGACY_BOUNDS = {"weight": {"min": 0.0, "max": 1.0}, "density": {"min": 0.1, "max": 1.0}, "t": {"min": 0.0, "max": 1.0}}
+_LEGACY_BOUNDS = {
+    "weight": {"min": 0.0, "max": 1.0},
+    "density": {"min": 0.1, "max": 1.0},
+    "t": {"min": 0.0, "max": 1.0},
+}
 
 # The searchable parameters of the registered methods beyond weight, density and t (gamma, epsilon, ...):
 # each an optional `space.<name>: {min, max}`, checked against the experiment's method.
@@ -203,7 +207,6 @@ class _OptimizerSpec(_Strict):
         "of the executor: every executor runs the same candidates",
     )
 
-
     @model_validator(mode="after")
     def _round_within_budget(self) -> _OptimizerSpec:
         key = "popsize" if self.name == "cma" else "batch"
@@ -235,7 +238,55 @@ class RandomSpec(_OptimizerSpec):
     batch: int | None = Field(None, ge=1)
 
 
-OptimizerSpec = Annotated[CmaSpec | NevergradSpec | RandomSpec, Field(discriminator="name")]
+class OptunaSpec(_OptimizerSpec):
+    """One of Optuna's samplers: NSGA-II for several objectives (the default), TPE, CMA-ES, GP or random."""
+
+    name: Literal["optuna"]
+    sampler: Literal["nsga2", "tpe", "cmaes", "gp", "random"] = "nsga2"
+    batch: int | None = Field(None, ge=2, description="candidates per round (NSGA-II's population)")
+
+    @model_validator(mode="after")
+    def _no_overlap(self) -> OptunaSpec:
+        if self.overlap:
+            raise ValueError("overlap: optuna's rounds are asked whole before they are told (overlap 0)")
+        return self
+
+
+OptimizerSpec = Annotated[CmaSpec | NevergradSpec | RandomSpec | OptunaSpec, Field(discriminator="name")]
+MULTI_OBJECTIVE_SAMPLERS = ("nsga2", "tpe", "gp", "random")
+
+
+class ObjectiveSpec(_Strict):
+    """One objective of a multi-objective search: a task's metric, or the mean number of tokens a
+    generation task's answers take (`generation_length: <task>`, minimised by default)."""
+
+    task: str | None = None
+    generation_length: str | None = None
+    metric: str | None = Field(None, description="default: the task's configured metric")
+    direction: Literal["max", "min"] | None = Field(
+        None, description="default max; min for generation_length"
+    )
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ObjectiveSpec:
+        if (self.task is None) == (self.generation_length is None):
+            raise ValueError("an objective names a task (task: NAME) or a length (generation_length: NAME)")
+        if self.generation_length is not None and self.metric is not None:
+            raise ValueError("metric: generation_length is a metric of its own")
+        return self
+
+    @property
+    def task_name(self) -> str:
+        return self.task if self.task is not None else self.generation_length
+
+    @property
+    def maximize(self) -> bool:
+        default = "min" if self.generation_length is not None else "max"
+        return (self.direction or default) == "max"
+
+    @property
+    def label(self) -> str:
+        return self.task if self.task is not None else f"generation_length {self.generation_length}"
 
 
 class StageSpec(_Strict):
@@ -317,6 +368,42 @@ class ExperimentConfig(_Strict):
     stages: list[StageSpec] | None = Field(
         None, min_length=1, description="run these searches in turn (e.g. PS, then DFS over its best)"
     )
+    objectives: list[ObjectiveSpec] | None = Field(
+        None, min_length=1, description="optimise these at once (a Pareto front) instead of one weighted sum"
+    )
+
+    @model_validator(mode="after")
+    def _objectives_fit(self) -> ExperimentConfig:
+        if not self.objectives:
+            return self
+        names = [t.name for t in self.evaluation.tasks]
+        seen = set()
+        for i, objective in enumerate(self.objectives):
+            key = "task" if objective.task is not None else "generation_length"
+            if objective.task_name not in names:
+                raise ValueError(
+                    f"objectives[{i}].{key}: {objective.task_name!r} is not one of evaluation.tasks ({', '.join(names)})"
+                )
+            if objective.label in seen:
+                raise ValueError(f"objectives[{i}]: {objective.label} is listed twice")
+            seen.add(objective.label)
+        mode = self.evaluation.fidelity.mode
+        if mode in ("anchors", "racing"):
+            raise ValueError(
+                f"objectives: evaluation.fidelity {mode} ranks candidates by one fitness, which a front has "
+                "not; use full or subsample"
+            )
+        spec = self.optimizer
+        if (
+            isinstance(spec, OptunaSpec)
+            and spec.sampler not in MULTI_OBJECTIVE_SAMPLERS
+            and len(self.objectives) > 1
+        ):
+            raise ValueError(
+                f"optimizer.sampler: optuna's {spec.sampler} optimises one objective; for several use "
+                f"{', '.join(MULTI_OBJECTIVE_SAMPLERS)}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _stages_fit(self) -> ExperimentConfig:
@@ -355,6 +442,12 @@ class ExperimentConfig(_Strict):
             return ExperimentConfig.model_validate(data)
         except ValidationError as exc:
             raise ValueError(format_validation_error(exc, f"stages[{index}] ({stage.name})")) from None
+
+    def length_tasks(self) -> frozenset[str]:
+        """Generation tasks whose answers' lengths an objective reads."""
+        return frozenset(
+            o.generation_length for o in self.objectives or [] if o.generation_length is not None
+        )
 
     def dfs_ends(self) -> tuple[int | None, int | None]:
         """The source indices of a path's embeddings and head (None: searched)."""
@@ -407,6 +500,8 @@ class ExperimentConfig(_Strict):
         """The part of the config a resumed run must share: what defines the search and its fitness."""
         data = self.model_dump(mode="json")
         data["optimizer"].pop("budget")
+        if data.get("objectives") is None:  # single-objective: as before objectives existed
+            data.pop("objectives", None)
         data["evaluation"].pop("batch_size")  # how many at once changes no score (lower it after an OOM)
         if data["evaluation"]["fidelity"]["mode"] == "full":  # as before fidelity existed: older runs resume
             data["evaluation"].pop("fidelity")

@@ -40,7 +40,7 @@ def check_config(config: ExperimentConfig, config_dir: Path, *, resolve: bool) -
     `resolve`: hub ids must resolve (the search needs them); otherwise an unreachable hub id is reported
     as unchecked (an offline machine can validate a config meant for a GPU cluster). Creates nothing."""
     from evomerge.config import PREVIOUS
-    from evomerge.evaluate.evaluator import TaskDataUnreachable, build_tasks
+    from evomerge.evaluate.evaluator import TaskDataUnreachable, build_tasks, check_length_tasks
     from evomerge.evaluate.tasks import task_manager
     from evomerge.models.checkpoint import Checkpoint
     from evomerge.models.compat import check_compatible
@@ -89,6 +89,7 @@ def check_config(config: ExperimentConfig, config_dir: Path, *, resolve: bool) -
     try:
         task_dict, splits = build_tasks(config.evaluation, manager)
         _check_fidelity(config, task_dict, splits)
+        check_length_tasks(config.length_tasks(), task_dict)
         sizes = ", ".join(
             f"{name} ({len(split['search'])} search / {len(split['heldout'])} held-out)"
             for name, split in splits.items()
@@ -98,7 +99,10 @@ def check_config(config: ExperimentConfig, config_dir: Path, *, resolve: bool) -
 
         limits = {t.name: t.limit for t in config.evaluation.tasks}
         report.lines += small_heldout_warnings(
-            {n: len(split["heldout"][: limits.get(n)] if limits.get(n) else split["heldout"]) for n, split in splits.items()}
+            {
+                n: len(split["heldout"][: limits.get(n)] if limits.get(n) else split["heldout"])
+                for n, split in splits.items()
+            }
         )
         if local and len(local) == len(refs):
             report.lines += _memory_lines(config, config_dir, task_dict, report)

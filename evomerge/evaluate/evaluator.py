@@ -163,16 +163,32 @@ def check_gen_kwargs(kwargs: dict[str, Any], where: str) -> None:
             )
             want = "a string or a list of strings"
         elif key in _GEN_INTS:
-            ok, want = isinstance(value, int) and not isinstance(value, bool) and value >= 0, "a whole number >= 0"
+            ok, want = (
+                isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                "a whole number >= 0",
+            )
         elif key in _GEN_BOOLS:
             ok, want = isinstance(value, bool), "true or false"
         elif key in _GEN_FLOATS:
-            ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+            ok = (
+                isinstance(value, int | float)
+                and not isinstance(value, bool)
+                and math.isfinite(value)
+                and value >= 0
+            )
             want = "a finite number >= 0"
         else:
             continue
         if not ok:
             raise UserError(f"{where}: {key} must be {want}, got {value!r}")
+
+
+def check_length_tasks(lengths: frozenset[str], task_dict: dict[str, Any]) -> None:
+    """A `generation_length` objective reads a generation task's answers: refuse any other kind."""
+    for name in sorted(lengths):
+        kind = getattr(task_dict.get(name), "OUTPUT_TYPE", None)
+        if name in task_dict and kind != "generate_until":
+            raise UserError(f"objectives: generation_length needs a generation task; {name} is {kind}")
 
 
 def limited(chosen: list[int], limit: int | None) -> list[int]:
@@ -214,15 +230,25 @@ def _exc_line(exc: BaseException) -> str:
 class Evaluator:
     """Built once per worker around the resident model; `evaluate()` per candidate."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, spec: EvaluationSpec, manager=None) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        spec: EvaluationSpec,
+        manager=None,
+        lengths: frozenset[str] = frozenset(),
+    ) -> None:
         """`manager`: a TaskManager from `task_manager()` for these tasks, when the caller already has one
-        (building one can mean indexing lm-eval's registry, ~10 s)."""
+        (building one can mean indexing lm-eval's registry, ~10 s). `lengths`: generation tasks whose answers'
+        lengths in tokens are also reported (`generation_length,none`: an objective's)."""
         from lm_eval.models.huggingface import HFLM
 
         self.spec = spec
         self.model = model
         self.task_dict, self.splits = build_tasks(spec, manager)
         self.specs: dict[str, TaskSpec] = {t.name: t for t in spec.tasks}
+        check_length_tasks(lengths, self.task_dict)
+        self.lengths = frozenset(lengths)
         self._requests: dict[str, RequestSet] = {}
         self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=spec.batch_size)
         memoize_encoding(self.lm)
@@ -293,7 +319,7 @@ class Evaluator:
             if items is not None:
                 requests = requests.subset(samples)
             self.reseed()
-            scores = requests.score(self.lm)
+            scores = requests.score(self.lm, self.lengths)
             metrics = {name: scores[name].metrics for name in samples}
             fitness, per_item = 0.0, {}
             for name, task_metrics in metrics.items():

@@ -83,8 +83,9 @@ class RequestSet:
                 view.by_type[request_type] = kept
         return view
 
-    def score(self, lm) -> dict[str, TaskScore]:
-        """Run the model (as it is now) on every request and score each task."""
+    def score(self, lm, lengths: frozenset[str] = frozenset()) -> dict[str, TaskScore]:
+        """Run the model (as it is now) on every request and score each task; for the tasks in `lengths`,
+        also the number of tokens each generated answer took (`generation_length,none`, per item)."""
         for instances in self.instances.values():
             for instance in instances:
                 instance.resps = []
@@ -93,7 +94,14 @@ class RequestSet:
             cloned = [req for req in requests for _ in range(req.repeats)]
             for response, req in zip(getattr(lm, request_type)(cloned), cloned, strict=True):
                 req.resps.append(response)
-        return {name: self._score_task(name, self.task_dict[name]) for name in self.instances}
+        scores = {name: self._score_task(name, self.task_dict[name]) for name in self.instances}
+        for name in lengths & scores.keys():
+            values = [
+                float(_generated_tokens(lm, self.by_doc[name][doc_id])) for doc_id, _ in self.docs[name]
+            ]
+            scores[name].metrics[LENGTH_KEY] = float(np.mean(values)) if values else math.nan
+            scores[name].items[LENGTH_KEY] = values
+        return scores
 
     def _score_task(self, name: str, task) -> TaskScore:
         from lm_eval.api.metrics import mean
@@ -117,6 +125,17 @@ class RequestSet:
             if len(values) == len(self.docs[name]) and all(_is_number(v) for v in values):
                 items[key] = [float(v) for v in values]
         return TaskScore(metrics, items)
+
+
+LENGTH_KEY = "generation_length,none"
+
+
+def _generated_tokens(lm, requests: list) -> int:
+    """Tokens of a document's generated answer (its first generation request's raw response)."""
+    for req in requests:
+        if req.request_type == "generate_until":
+            return len(lm.tok_encode(req.resps[0]))
+    raise ValueError("not a generation task")
 
 
 def _memoize_targets(task) -> None:

@@ -62,7 +62,9 @@ class Worker(_Runs):
         self.engine = MergeEngine(
             self.base, self.sources, config.merge.method, self.target, **self._engine_args
         )
-        self.evaluator = Evaluator(self.target, load_tokenizer(first), config.evaluation, manager)
+        self.evaluator = Evaluator(
+            self.target, load_tokenizer(first), config.evaluation, manager, config.length_tasks()
+        )
         self.load_seconds = time.perf_counter() - started
 
     def evaluate(self, recipe: dict[str, Any], split: str = "search", items: dict | None = None) -> Outcome:
@@ -112,7 +114,9 @@ class DfsWorker(_Runs):
         device, dtype = resolve_device(config.runtime.device), parse_dtype(config.runtime.dtype)
         _, checkpoints, _ = open_models(config, config_dir)
         self.models = [load_target(c, device=device, dtype=dtype) for c in checkpoints]
-        self.evaluator = Evaluator(self.models[0], load_tokenizer(checkpoints[0]), config.evaluation, manager)
+        self.evaluator = Evaluator(
+            self.models[0], load_tokenizer(checkpoints[0]), config.evaluation, manager, config.length_tasks()
+        )
         self.load_seconds = time.perf_counter() - started
 
     def evaluate(self, recipe: dict[str, Any], split: str = "search", items: dict | None = None) -> Outcome:

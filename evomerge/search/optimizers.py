@@ -12,14 +12,16 @@ global RNG state (lm-eval reseeds numpy's global generator; cma draws from it by
 from __future__ import annotations
 
 import importlib.abc
+import math
 import sys
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
-from evomerge.config import CmaSpec, NevergradSpec, RandomSpec
+from evomerge.config import CmaSpec, NevergradSpec, OptunaSpec, RandomSpec
 from evomerge.errors import UserError, first_line
 
 
@@ -222,9 +224,92 @@ def round_size(spec, default: int) -> int:
     return (spec.popsize if isinstance(spec, CmaSpec) else spec.batch) or default
 
 
-def make_optimizer(spec, x0: np.ndarray, default_batch: int, overlap: int = 0) -> Optimizer:
+def make_optimizer(
+    spec, x0: np.ndarray, default_batch: int, overlap: int = 0, objectives: int = 1
+) -> Optimizer:
+    """`objectives`: the length of the objective vectors the optimizer is told (multi-objective ones use it)."""
+    if isinstance(spec, OptunaSpec):
+        return OptunaOptimizer(spec, len(x0), default_batch, objectives)
     if isinstance(spec, CmaSpec):
         return CmaOptimizer(spec, x0, default_batch, overlap)
     if isinstance(spec, NevergradSpec):
         return NevergradOptimizer(spec, x0, default_batch, overlap)
     return RandomOptimizer(spec, len(x0), default_batch, overlap)
+
+
+# -- Optuna ---------------------------------------------------------------------------------------------
+
+
+class OptunaOptimizer:
+    """Optuna's samplers behind this ask/tell: NSGA-II (several objectives), TPE, CMA-ES, GP, random.
+    Optuna rather than pymoo because its ask/tell interface takes one candidate at a time with no loop of its
+    own (pymoo's ask/tell works on whole populations and owns the termination), its NSGA-II is seeded and a
+    pure function of what it is told (tested: two studies told the same values ask the same genomes), and the
+    same adapter gives the other samplers for free. The study lives in memory and is never saved: a resumed
+    run replays the journal through a new one, as for every optimizer here.
+
+    Rounds are the sampler's population (NSGA-II's generation); a round is asked whole before it is told, so
+    overlap is 0 (NSGA-II reads a trial's generation from the trials complete when it is asked). A failed
+    candidate is told as failed, and NSGA-II then never picks it as a parent.
+    """
+
+    def __init__(self, spec, size: int, default_batch: int, objectives: int) -> None:
+        import optuna
+        from optuna.distributions import FloatDistribution
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.batch = spec.batch or default_batch
+        self.objectives = max(1, objectives)
+        with warnings.catch_warnings():  # "experimental" notices for samplers' options
+            warnings.simplefilter("ignore")
+            sampler = _sampler(spec, self.batch)
+        self.study = optuna.create_study(directions=["maximize"] * self.objectives, sampler=sampler)
+        self.space = {f"x{i:03d}": FloatDistribution(0.0, 1.0) for i in range(size)}
+        self._pending: list = []
+
+    def ask(self, n: int) -> list[np.ndarray]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trials = [self.study.ask(self.space) for _ in range(n)]
+        self._pending += trials
+        return [np.array([t.params[k] for k in self.space], dtype=float) for t in trials]
+
+    def tell(self, genomes: list[np.ndarray], told: Sequence[Feedback | float]) -> None:
+        from optuna.trial import TrialState
+
+        trials, self._pending = self._pending[: len(genomes)], self._pending[len(genomes) :]
+        for trial, genome, feedback in zip(trials, genomes, told, strict=True):
+            if not np.array_equal(np.array([trial.params[k] for k in self.space]), genome):
+                raise RuntimeError("optuna: rounds must be told in the order they were asked")
+            values = _values(feedback, self.objectives)
+            if values is None:
+                self.study.tell(trial, state=TrialState.FAIL)
+            else:
+                self.study.tell(trial, values)
+
+
+def _values(feedback: Feedback | float, count: int) -> list[float] | None:
+    """What the study maximises: the objective vector, or minus the loss for one objective."""
+    if isinstance(feedback, Feedback) and count > 1:
+        values = [float(v) for v in feedback.objectives]
+        if len(values) != count:
+            return None
+    else:
+        loss = feedback.loss if isinstance(feedback, Feedback) else float(feedback)
+        values = [-loss]
+    return values if all(math.isfinite(v) for v in values) else None
+
+
+def _sampler(spec, batch: int):
+    import optuna.samplers as samplers
+
+    seed = spec.seed
+    if spec.sampler == "nsga2":
+        return samplers.NSGAIISampler(population_size=batch, seed=seed)
+    if spec.sampler == "tpe":
+        return samplers.TPESampler(seed=seed, multivariate=True)
+    if spec.sampler == "cmaes":
+        return samplers.CmaEsSampler(seed=seed, popsize=batch)
+    if spec.sampler == "gp":
+        return samplers.GPSampler(seed=seed)
+    return samplers.RandomSampler(seed=seed)

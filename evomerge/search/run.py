@@ -30,12 +30,21 @@ from evomerge.search.fidelity import ItemPlan
 from evomerge.search.finals import Finals
 from evomerge.search.modes import MODES, Loop, make_mode
 from evomerge.search.modes.base import FAILED_LOSS, owner, rescore_jobs
+from evomerge.search.objectives import objectives_of, vector
 from evomerge.search.optimizers import make_optimizer, round_size
 from evomerge.search.schedule import Schedule, candidate_seed, resolve_overlap
 from evomerge.search.space import Space
 from evomerge.store import Candidate, ExperimentStore, Final, Score, item_evaluations
 
-__all__ = ["FAILED_LOSS", "Reporter", "Schedule", "Search", "SearchInputs", "candidate_seed", "resolve_overlap"]
+__all__ = [
+    "FAILED_LOSS",
+    "Reporter",
+    "Schedule",
+    "Search",
+    "SearchInputs",
+    "candidate_seed",
+    "resolve_overlap",
+]
 
 log = logging.getLogger("evomerge.search")
 
@@ -93,6 +102,7 @@ class Search:
             self.plan = ItemPlan(
                 self.fidelity, config.evaluation.tasks, inputs.search_items, config.evaluation.split.seed
             )
+        self.objectives = objectives_of(config)
         self._journal: dict[tuple[int, int], Candidate] = {}
         self._scores: dict[str, Score] = {}
         groups = getattr(self.space, "all_groups", [])
@@ -102,7 +112,16 @@ class Search:
         self.mode = make_mode(
             self.fidelity,
             self.plan,
-            Loop(store, self._journal, self._scores, self._round_size, self.recipe, self.finals.baselines, self._add),
+            Loop(
+                store,
+                self._journal,
+                self._scores,
+                self._round_size,
+                self.recipe,
+                self.finals.baselines,
+                self._add,
+                self._objective_vector if self.objectives else None,
+            ),
         )
         self.optimizer_batch = 0
         self._best: Candidate | None = None  # by the fitness the search saw (progress only)
@@ -120,6 +139,9 @@ class Search:
         if self._executor is not None:
             self._executor.close()
             self._executor = None
+
+    def _objective_vector(self, metrics: dict) -> tuple[float, ...]:
+        return vector(self.objectives, metrics)
 
     def _stage(self, text: str) -> None:
         log.info(text)
@@ -140,7 +162,7 @@ class Search:
         """A new schedule; `run` replays the journal through it (a resumed run continues exactly)."""
         spec, popsize = self.config.optimizer, self.space.default_popsize()
         overlap = resolve_overlap(spec, round_size(spec, popsize))
-        optimizer = make_optimizer(spec, self.space.start(), popsize, overlap)
+        optimizer = make_optimizer(spec, self.space.start(), popsize, overlap, max(1, len(self.objectives)))
         return Schedule.start(optimizer, overlap)
 
     def run(self) -> None:
@@ -166,7 +188,9 @@ class Search:
             self.mode.settle(schedule.rounds)
             while self._round_complete(schedule, self._journal):
                 generation = schedule.told + 1
-                schedule.tell(self.mode.feedback([self._journal[(generation, i)] for i in range(schedule.batch)]))
+                schedule.tell(
+                    self.mode.feedback([self._journal[(generation, i)] for i in range(schedule.batch)])
+                )
             for job, genome in self._ready(schedule, in_flight):
                 if self._executor is None:
                     self._warn_round_size(schedule.batch)

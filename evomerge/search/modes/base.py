@@ -35,8 +35,11 @@ class Loop:
     scores: dict[str, Score]
     round_size: Callable[[int], int]  # candidates of a round within the budget
     recipe: Callable[[np.ndarray, int, int], dict]  # a genome's recipe at (generation, idx)
-    baselines: Callable[[], list[tuple[str, dict | None, int | None]]]  # (name, recipe, source) of the finals'
+    baselines: Callable[
+        [], list[tuple[str, dict | None, int | None]]
+    ]  # (name, recipe, source) of the finals'
     add: Callable[..., Candidate]  # journal a candidate (racing journals a racer once its race is over)
+    objectives: Callable[[dict], tuple[float, ...]] | None = None  # a candidate's vector, from its metrics
 
 
 class FidelityMode:
@@ -83,9 +86,13 @@ class FidelityMode:
     def feedback(self, results: list[Candidate]) -> list[Feedback]:
         """What the optimizer is told of a complete round: each candidate's loss (as `losses` orders
         them), its objective vector and a loader of its per-item results."""
-        store = self.loop.store
+        store, objectives = self.loop.store, self.loop.objectives
         return [
-            Feedback(loss, (c.fitness,), (lambda c=c: store.items(f"candidate:{c.id}")) if c.ok else None)
+            Feedback(
+                loss,
+                objectives(c.metrics) if objectives is not None and c.ok else (c.fitness,),
+                (lambda c=c: store.items(f"candidate:{c.id}")) if c.ok else None,
+            )
             for loss, c in zip(self.losses(results), results, strict=True)
         ]
 
@@ -121,7 +128,9 @@ class CheapMode(FidelityMode):
 
     @staticmethod
     def summary(spec) -> str:
-        return f"{spec.mode} fitness ({spec.items or 'auto'} items per task, best {spec.rescore_top} re-scored)"
+        return (
+            f"{spec.mode} fitness ({spec.items or 'auto'} items per task, best {spec.rescore_top} re-scored)"
+        )
 
     @staticmethod
     def cheap(what: str, fidelity: dict[str, Any]) -> str:

@@ -1,0 +1,185 @@
+"""Objectives, Pareto fronts and hypervolume (issue 26), with Optuna's own hypervolume as the oracle."""
+
+import json
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from helpers import DEVICE, cli, journal
+
+from evomerge.search.objectives import Objective, dominates, hypervolume, pareto_front, vector
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3, 4])
+def test_hypervolume_equals_optunas(dims):
+    from optuna._hypervolume import compute_hypervolume
+
+    rng = np.random.default_rng(dims)
+    for _ in range(5):
+        reference = rng.uniform(-1.5, -0.5, dims)
+        points = reference + rng.uniform(0, 2, (25, dims))  # optuna takes only points that dominate it
+        ours = hypervolume(points.tolist(), reference.tolist())
+        # optuna minimises: negate both
+        assert ours == pytest.approx(compute_hypervolume(-points, -reference), rel=1e-12)
+        assert ours > 0
+
+
+def test_hypervolume_ignores_points_that_do_not_dominate_the_reference():
+    assert hypervolume([(0.5, 0.5)], (0.0, 0.0)) == pytest.approx(0.25)
+    assert hypervolume([(0.5, 0.5), (-0.1, 2.0)], (0.0, 0.0)) == pytest.approx(0.25)
+    assert hypervolume([], (0.0, 0.0)) == 0.0
+
+
+def test_pareto_front_keeps_the_non_dominated_and_skips_failures():
+    points = [(1.0, 0.0), (0.0, 1.0), (0.5, 0.5), (0.4, 0.4), (1.0, 0.0), (float("-inf"), 9.0)]
+    assert pareto_front(points) == [0, 1, 2, 4]
+    assert dominates((1, 1), (1, 0)) and not dominates((1, 0), (1, 0)) and not dominates((1, 0), (0, 1))
+
+
+def test_objective_vectors_are_signed_so_higher_is_better():
+    metrics = {"a": {"acc,none": 0.7}, "g": {"exact_match,strict-match": 0.4, "generation_length,none": 12.0}}
+    objectives = [
+        Objective("a", "a", None, True),
+        Objective("g", "g", "exact_match,strict-match", True),
+        Objective("length g", "g", "generation_length,none", False),
+    ]
+    assert vector(objectives, metrics) == (0.7, 0.4, -12.0)
+    assert np.isnan(Objective("x", "missing", None, True).raw(metrics))
+
+
+# -- the multi-objective search, end to end (real Optuna, real lm-eval, the zoo) ------------------------------
+
+ZOO = Path(__file__).resolve().parent.parent / "zoo"
+TASKS = Path(__file__).resolve().parent.parent / "evomerge" / "tasks" / "zoo"
+PARETO = Path(__file__).resolve().parent.parent / "configs" / "smoke-pareto.yaml"
+
+
+def _pareto(tmp_path, name="exp", **changes):
+    cfg = yaml.safe_load(PARETO.read_text())
+    cfg["models"] = {"base": str(ZOO / "base"), "sources": [str(ZOO / n) for n in ("math-en", "lang-x")]}
+    cfg["output"]["dir"] = str(tmp_path / name)
+    cfg["runtime"]["device"] = DEVICE
+    for task in cfg["evaluation"]["tasks"]:
+        task["limit"] = 8
+    cfg["evaluation"]["split"]["heldout"] = 8
+    for dotted, value in changes.items():
+        node = cfg
+        *parents, last = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = value
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_nsga2_is_told_the_objective_vectors_and_resumes_exactly(tmp_path):
+    """A run extended with --budget replays the journal through a new NSGA-II study and asks exactly the
+    candidates of the uninterrupted run; each candidate's objectives are its journaled task metrics."""
+    whole = _pareto(tmp_path, "whole", **{"optimizer.budget": 18})
+    assert cli("search", whole).returncode == 0
+    parts = _pareto(tmp_path, "parts", **{"optimizer.budget": 6})
+    assert cli("search", parts).returncode == 0
+    done = cli("search", parts, "--budget", 18)
+    assert done.returncode == 0, done.stderr
+    a, _ = journal(tmp_path / "whole")
+    b, _ = journal(tmp_path / "parts")
+    assert len(a) == len(b) == 18
+    assert [x[2] for x in a] == [y[2] for y in b]  # the same genomes, to the last digit
+    db = sqlite3.connect(tmp_path / "whole" / "experiment.sqlite")
+    metrics = [json.loads(m) for (m,) in db.execute("SELECT metrics FROM candidates WHERE status='ok'")]
+    points = [
+        (m["zoo_math_x"]["exact_match,strict-match"], m["zoo_math_en"]["exact_match,strict-match"])
+        for m in metrics
+    ]
+    assert len(set(points)) > 1  # the objectives move: a front to find
+
+
+def test_optuna_nsga2_improves_a_two_objective_front():
+    """The adapter on a known problem (maximise -(x-0.2)^2 and -(x-0.8)^2 summed over genes): the front of
+    the last generations dominates more volume than the first generation's."""
+    from evomerge.config import OptunaSpec
+    from evomerge.search.optimizers import Feedback, make_optimizer
+
+    spec = OptunaSpec(name="optuna", sampler="nsga2", budget=200, seed=3, batch=10)
+    opt = make_optimizer(spec, np.full(4, 0.5), 10, 0, objectives=2)
+    points = []
+    for _ in range(10):
+        genomes = opt.ask(opt.batch)
+        vectors = [(-float(np.sum((g - 0.2) ** 2)), -float(np.sum((g - 0.8) ** 2))) for g in genomes]
+        opt.tell(genomes, [Feedback(0.0, v) for v in vectors])
+        points.append(vectors)
+    reference = (-3.0, -3.0)
+    first = hypervolume(points[0], reference)
+    last = hypervolume([p for gen in points[-3:] for p in gen], reference)
+    assert last > first * 1.1
+
+
+@pytest.mark.parametrize(
+    ("changes", "needle"),
+    [
+        (
+            {"objectives": [{"task": "zoo_nope"}]},
+            "objectives[0].task: 'zoo_nope' is not one of evaluation.tasks",
+        ),
+        ({"objectives": [{"task": "zoo_math_x", "direction": "up"}]}, "objectives"),
+        ({"objectives": [{"task": "zoo_math_x", "weight": 2}]}, "objectives"),
+        ({"objectives": [{"task": "zoo_math_x"}, {"task": "zoo_math_x"}]}, "listed twice"),
+        ({"objectives": [{}]}, "an objective names a task"),
+        ({"evaluation.fidelity": {"racing": {"items": 3}}}, "ranks candidates by one fitness"),
+        ({"optimizer.sampler": "cmaes"}, "optimises one objective"),
+        ({"optimizer.overlap": 2}, "overlap"),
+        ({"optimizer.sampler": "nsga3"}, "optimizer"),
+        (
+            {
+                "objectives": [{"generation_length": "zoo_verbs_x"}],
+                "evaluation.tasks": [{"name": "zoo_math_x", "limit": 8}, {"name": "zoo_verbs_x", "limit": 8}],
+            },
+            "generation_length needs a generation task; zoo_verbs_x is multiple_choice",
+        ),
+        ({"objectives": [{"generation_length": "zoo_math_x", "metric": "acc"}]}, "metric"),
+    ],
+)
+def test_bad_objectives_are_one_line_and_create_nothing(tmp_path, changes, needle):
+    path = _pareto(tmp_path, **changes)
+    done = cli("search", path)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], done.stderr
+    assert not (tmp_path / "exp").exists()
+
+
+def test_generation_length_is_each_answers_tokens(tmp_path):
+    """`generation_length: TASK` is the mean number of tokens the candidate generated per item, journaled
+    per item beside the task's metric; a shorter answer is better by default."""
+    from evomerge.evaluate import EvaluationSpec, Evaluator
+    from evomerge.evaluate.run import load_model_and_tokenizer
+
+    path = _pareto(tmp_path, **{"objectives": [{"task": "zoo_math_x"}, {"generation_length": "zoo_math_x"}],
+                                "optimizer.budget": 6})  # fmt: skip
+    done = cli("search", path)
+    assert done.returncode == 0, done.stderr
+    db = sqlite3.connect(tmp_path / "exp" / "experiment.sqlite")
+    metrics = [json.loads(m) for (m,) in db.execute("SELECT metrics FROM candidates WHERE status='ok'")]
+    assert metrics and all(m["zoo_math_x"]["generation_length,none"] > 0 for m in metrics)
+    # the oracle: math-en's answers decoded independently, their tokens counted
+    model, tok = load_model_and_tokenizer(str(ZOO / "math-en"), device=DEVICE, dtype="float32")
+    spec = EvaluationSpec.model_validate(
+        {"tasks": [{"name": "zoo_math_x", "limit": 8}], "split": {"heldout": 8}}
+    )
+    result = Evaluator(model, tok, spec, lengths=frozenset({"zoo_math_x"})).evaluate("search")
+    rows = [json.loads(line) for line in (TASKS / "zoo_math_x.jsonl").read_text().splitlines()]
+    evaluator = Evaluator(model, tok, spec)
+    counts = []
+    for i in evaluator.indices("zoo_math_x", "search"):
+        ids = tok(rows[i]["question"], return_tensors="pt").input_ids.to(model.device)
+        out = model.generate(
+            ids, max_new_tokens=16, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=0
+        )
+        text = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        counts.append(len(tok(text, add_special_tokens=False).input_ids))
+    assert result.items["zoo_math_x"]["ids"]
+    assert result.metrics["zoo_math_x"]["generation_length,none"] == pytest.approx(np.mean(counts))
+    assert "generation_length" not in json.dumps(evaluator.evaluate("search").metrics)  # only when asked
