@@ -217,7 +217,7 @@ def _say(text: str) -> None:
 
 def _print_view(view) -> None:
     """An experiment's leaderboard: held-out finalists when it has them, else its best candidates."""
-    from evomerge.report.render import heldout_rows, heldout_warnings, paired_rows, top_rows
+    from evomerge.report.render import front_rows, heldout_rows, heldout_warnings, paired_rows, top_rows
 
     if view.finals:
         _print_table(f"{view.name}: held-out ({len(view.candidates)} evaluations)", *heldout_rows(view))
@@ -226,6 +226,10 @@ def _print_view(view) -> None:
         header, rows = paired_rows(view)
         if rows:
             _print_table(f"{view.name}: held-out, item by item", header, rows)
+        header, rows, volume = front_rows(view)
+        if rows:
+            _print_table(f"{view.name}: Pareto front, held-out", header, rows)
+            _say(volume)
     else:
         _print_table(f"{view.name}: search split (unfinished)", *top_rows(view))
 
@@ -270,12 +274,15 @@ def export(
     experiment: Path = typer.Argument(..., help="Experiment directory."),
     out_dir: Path = typer.Argument(..., help="Directory to write the Hugging Face model into."),
     rank: int = typer.Option(1, help="Which candidate: 1 = the best on the search split."),
+    candidate: int | None = typer.Option(
+        None, help="Which candidate by id (a Pareto front member, as the report names it); overrides --rank."
+    ),
     force: bool = typer.Option(False, help="Replace OUT_DIR if it is not empty."),
 ) -> None:
     """Write a candidate as a model dir with a model card and a mergekit config that rebuilds it."""
     from evomerge.export import export_candidate
 
-    summary = export_candidate(experiment, out_dir, rank=rank, force=force)
+    summary = export_candidate(experiment, out_dir, rank=rank, force=force, candidate_id=candidate)
     _say(
         f"exported candidate {summary.candidate} (rank {summary.rank}, {summary.tensors} tensors) to {summary.out_dir}"
     )

@@ -96,7 +96,12 @@ def recipe_to_mergekit(
 
 
 def export_candidate(
-    exp_dir: str | Path, out_dir: str | Path, *, rank: int = 1, force: bool = False
+    exp_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    rank: int = 1,
+    force: bool = False,
+    candidate_id: int | None = None,
 ) -> ExportSummary:
     from evomerge.merge.mergekit_config import ConfigPlan, MergeConfig
     from evomerge.models.checkpoint import parse_dtype
@@ -113,6 +118,11 @@ def export_candidate(
     check_destination(out_dir, force, keep)
     view = ExperimentView.load(exp_dir)
     ranked = view.ranked()
+    if candidate_id is not None:  # a front member, or any candidate the report names
+        place = next((i for i, c in enumerate(ranked) if c.id == candidate_id), None)
+        if place is None:
+            raise UserError(f"--candidate {candidate_id}: {exp_dir} has no successful candidate with that id")
+        rank = place + 1
     if not 1 <= rank <= len(ranked):
         raise UserError(f"--rank {rank}: {exp_dir} has {len(ranked)} successful candidates")
     candidate = ranked[rank - 1]
@@ -188,8 +198,10 @@ def _export_path(
         config["layer_types"] = [sources[s].config["layer_types"][layer] for s, layer in path]
     config[HOP_SCALES] = [float(x) for x in scales]
     ends = _end_tensors(sources, recipe.ends, family, dtype)
-    tied = bool(config.get("tie_word_embeddings")) and recipe.ends[0] == recipe.ends[1] and (
-        sources[recipe.ends[1]].ties_embeddings(family)
+    tied = (
+        bool(config.get("tie_word_embeddings"))
+        and recipe.ends[0] == recipe.ends[1]
+        and (sources[recipe.ends[1]].ties_embeddings(family))
     )
     if tied:  # one tensor, as the scored model held it
         for name, _ in family.tied:

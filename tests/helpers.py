@@ -36,6 +36,17 @@ def minimal_config(**changes) -> dict:
     return cfg
 
 
+def set_dotted(cfg: dict, changes: dict) -> dict:
+    """Set config keys given as dotted paths ("optimizer.budget": 6), making sections as needed."""
+    for dotted, value in changes.items():
+        node = cfg
+        *parents, last = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = value
+    return cfg
+
+
 def smoke(tmp_path: Path, **changes) -> Path:
     """configs/smoke.yaml with sections updated (dotted keys), models as absolute paths."""
     cfg = yaml.safe_load(SMOKE.read_text())
@@ -45,12 +56,7 @@ def smoke(tmp_path: Path, **changes) -> Path:
     }
     cfg["output"]["dir"] = str(tmp_path / "exp")
     cfg.setdefault("runtime", {})["device"] = DEVICE
-    for dotted, value in changes.items():
-        node = cfg
-        *parents, last = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[last] = value
+    set_dotted(cfg, changes)
     path = tmp_path / f"exp-{len(list(tmp_path.glob('exp-*.yaml')))}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

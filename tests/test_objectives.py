@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from helpers import DEVICE, cli, journal
+from helpers import DEVICE, cli, journal, set_dotted
 
 from evomerge.search.objectives import Objective, dominates, hypervolume, pareto_front, vector
 
@@ -64,12 +64,7 @@ def _pareto(tmp_path, name="exp", **changes):
     for task in cfg["evaluation"]["tasks"]:
         task["limit"] = 8
     cfg["evaluation"]["split"]["heldout"] = 8
-    for dotted, value in changes.items():
-        node = cfg
-        *parents, last = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[last] = value
+    set_dotted(cfg, changes)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -95,6 +90,38 @@ def test_nsga2_is_told_the_objective_vectors_and_resumes_exactly(tmp_path):
         for m in metrics
     ]
     assert len(set(points)) > 1  # the objectives move: a front to find
+    # the finals score the search's front on held-out: every non-dominated objective vector once
+    rows = db.execute("SELECT id, fitness, metrics FROM candidates WHERE status='ok'").fetchall()
+    vectors = [
+        (
+            json.loads(m)["zoo_math_x"]["exact_match,strict-match"],
+            json.loads(m)["zoo_math_en"]["exact_match,strict-match"],
+        )
+        for _, _, m in rows
+    ]
+    front = {vectors[i] for i in pareto_front(vectors)}
+    finals = {
+        name: cid for name, cid in db.execute("SELECT name, candidate_id FROM finals WHERE kind='evolved'")
+    }
+    by_id = {r[0]: v for r, v in zip(rows, vectors, strict=True)}
+    assert {by_id[cid] for cid in finals.values()} == front  # one member per vector, the winner among them
+    assert all(name == "evolved" or name == f"front candidate {cid}" for name, cid in finals.items())
+    report = cli("report", tmp_path / "whole", "--out", tmp_path / "report")
+    assert report.returncode == 0, report.stderr
+    assert "hypervolume of the held-out front" in report.stdout
+    md = (tmp_path / "report" / "leaderboard.md").read_text()
+    assert "## Pareto front, held-out split (hypervolume of the held-out front: " in md
+    assert (tmp_path / "report" / "front.png").stat().st_size > 0
+    # any front member exports by its id, with its held-out scores on the card
+    member = max(finals.values(), key=lambda cid: by_id[cid][1])  # the one best at keeping math_en
+    done = cli("export", tmp_path / "whole", tmp_path / "member", "--candidate", member)
+    assert done.returncode == 0, done.stderr
+    assert f"exported candidate {member} " in done.stdout
+    card = (tmp_path / "member" / "README.md").read_text()
+    assert card.startswith(f"# smoke-pareto: evolved merge (candidate {member}, rank ")
+    assert (tmp_path / "member" / "mergekit_config.yml").stat().st_size > 0
+    missing = cli("export", tmp_path / "whole", tmp_path / "none", "--candidate", 9999)
+    assert missing.returncode == 2 and "--candidate 9999" in missing.stderr
 
 
 def test_optuna_nsga2_improves_a_two_objective_front():

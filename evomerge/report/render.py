@@ -7,6 +7,7 @@ import base64
 import csv
 import html
 import io
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from evomerge.errors import UserError
 from evomerge.files import atomic_write, one_line
 from evomerge.results import ExperimentView, search_fitness, task_cell
 from evomerge.results import fmt as _fmt
+from evomerge.search.objectives import LENGTH_METRIC, Objective, hypervolume, pareto_front, vector
 
 TOP = 10
 
@@ -189,7 +191,7 @@ def paired_rows(view: ExperimentView) -> tuple[list[str], list[list[str]]]:
         "gain",
         "95% interval",
     ]
-    evolved = next((f for f in view.finals if f.kind == "evolved" and f.status == "ok"), None)
+    evolved = next((f for f in view.finals if f.name == "evolved" and f.status == "ok"), None)
     rows: list[list[str]] = []
     if evolved is None:
         return header, rows
@@ -229,6 +231,108 @@ def paired_rows(view: ExperimentView) -> tuple[list[str], list[list[str]]]:
                 [label, "fitness (weighted)", "", "", "", f"{gain:+.4f}", f"[{low:+.4f}, {high:+.4f}]"]
             )
     return header, rows
+
+
+def view_objectives(view: ExperimentView) -> list[Objective]:
+    """The journaled experiment's objectives (none for a single-objective one)."""
+    out = []
+    for o in view.config.get("objectives") or []:
+        length = o.get("generation_length")
+        task = o.get("task") or length
+        metric = LENGTH_METRIC if length else (o.get("metric") or view.tasks.get(task))
+        maximize = (o.get("direction") or ("min" if length else "max")) == "max"
+        out.append(Objective(f"generation_length {task}" if length else task, task, metric, maximize))
+    return out
+
+
+def front_rows(view: ExperimentView) -> tuple[list[str], list[list[str]], str]:
+    """The Pareto front on the held-out split: each front member's (and each parent's) held-out value of
+    every objective, and the held-out items of the objectives' tasks that it alone among the front solves;
+    then the front's hypervolume against the reference point (stated)."""
+    objectives = view_objectives(view)
+    members = [f for f in view.finals if f.kind == "evolved" and f.status == "ok"]
+    parents = [f for f in view.finals if f.kind == "parent" and f.status == "ok"]
+    if not objectives or not members:
+        return [], [], ""
+    header = ["model", "candidate", *(f"{o.label} ({'max' if o.maximize else 'min'})" for o in objectives)]
+    header.append("items only it solves")
+    vectors = {f.name: vector(objectives, f.metrics) for f in members}
+    on_front = {members[i].name for i in pareto_front([vectors[f.name] for f in members])}
+    solved = {f.name: _solved(view, f.name, objectives) for f in members}
+    rows = []
+    for f in [*members, *parents]:
+        values = [o.raw(f.metrics) for o in objectives]
+        alone = ""
+        if f.name in solved:
+            others = set().union(*(v for n, v in solved.items() if n != f.name))
+            alone = str(len(solved[f.name] - others))
+        name = f.name + ("" if f.kind != "evolved" or f.name in on_front else " (dominated on held-out)")
+        rows.append(
+            [name, "" if f.candidate_id is None else str(f.candidate_id), *(_num(v) for v in values), alone]
+        )
+    reference = front_reference(objectives, [*members, *parents])
+    volume = hypervolume(
+        [vectors[n] for n in on_front],
+        [r if o.maximize else -r for o, r in zip(objectives, reference, strict=True)],
+    )
+    shown = ", ".join(f"{o.label} {r:g}" for o, r in zip(objectives, reference, strict=True))
+    return header, rows, f"hypervolume of the held-out front: {volume:.4f} (reference point: {shown})"
+
+
+def front_reference(objectives: list[Objective], finals: list) -> list[float]:
+    """The reference point: 0 for an objective maximised (a score no model is worse than), and for one
+    minimised the worst value any finalist or parent reached."""
+    worst = [
+        max((o.raw(f.metrics) for f in finals if math.isfinite(o.raw(f.metrics))), default=0.0)
+        for o in objectives
+    ]
+    return [0.0 if o.maximize else w for o, w in zip(objectives, worst, strict=True)]
+
+
+def _solved(view: ExperimentView, name: str, objectives: list[Objective]) -> set[tuple[str, int]]:
+    items = view.final_items.get(name, {})
+    out = set()
+    for task in {o.task for o in objectives if o.metric != LENGTH_METRIC}:
+        if task in items:
+            out |= {(task, int(i)) for i, v in zip(items[task].ids, items[task].values, strict=True) if v > 0}
+    return out
+
+
+def _num(value: float) -> str:
+    return f"{value:.4f}" if math.isfinite(value) else ""
+
+
+def front_plot(view: ExperimentView) -> bytes | None:
+    """The first two objectives on the held-out split: the front's members, the winner and the parents."""
+    objectives = view_objectives(view)
+    members = [f for f in view.finals if f.kind == "evolved" and f.status == "ok"]
+    if len(objectives) < 2 or not members:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    x, y = objectives[0], objectives[1]
+    for group, style, label in (
+        ([f for f in members if f.name != "evolved"], dict(marker="o", color="tab:blue"), "front member"),
+        (
+            [f for f in members if f.name == "evolved"],
+            dict(marker="*", s=160, color="tab:red"),
+            "winner (fitness)",
+        ),
+        (
+            [f for f in view.finals if f.kind == "parent" and f.status == "ok"],
+            dict(marker="s", color="tab:gray"),
+            "parent",
+        ),
+    ):
+        if group:
+            ax.scatter(
+                [x.raw(f.metrics) for f in group], [y.raw(f.metrics) for f in group], label=label, **style
+            )
+    ax.set_xlabel(f"{x.label} ({'max' if x.maximize else 'min'})")
+    ax.set_ylabel(f"{y.label} ({'max' if y.maximize else 'min'})")
+    ax.set_title("Pareto front, held-out split")
+    ax.legend(loc="best", fontsize=8)
+    return _png(fig)
 
 
 def _bootstrap(diffs: list[np.ndarray], weights: list[float]) -> tuple[float, float]:
@@ -273,7 +377,7 @@ def cross_rows(views: list[ExperimentView]) -> tuple[list[str], list[list[str]]]
     ]
     rows = []
     for v in views:
-        evolved = next((f for f in v.finals if f.kind == "evolved"), None)
+        evolved = next((f for f in v.finals if f.name == "evolved"), None)
         parent = v.best_parent()
         gain = f"{evolved.fitness - parent.fitness:+.4f}" if evolved and parent else ""
         best = v.best
@@ -317,11 +421,22 @@ def write_report(view: ExperimentView, out: Path, cross: list[ExperimentView] | 
     """Writes leaderboard.md, fitness.png, recipe.png, report.html and leaderboard.csv into `out`."""
     if out.exists() and not out.is_dir():
         raise UserError(f"report directory {out} exists and is not a directory; choose another --out")
-    for name in ("leaderboard.md", "report.html", "leaderboard.csv", "fitness.png", "recipe.png"):
+    for name in (
+        "leaderboard.md",
+        "report.html",
+        "leaderboard.csv",
+        "fitness.png",
+        "recipe.png",
+        "front.png",
+    ):
         if (out / name).is_dir() and not (out / name).is_symlink():  # checked before anything is written
             raise UserError(f"{out / name} is a directory; the report writes a file there: move it aside")
     out.mkdir(parents=True, exist_ok=True)
-    plots = {"fitness.png": fitness_plot(view), "recipe.png": recipe_plot(view)}
+    plots = {
+        "fitness.png": fitness_plot(view),
+        "recipe.png": recipe_plot(view),
+        "front.png": front_plot(view),
+    }
     written = []
     for name, data in plots.items():
         if data is not None:
@@ -335,6 +450,9 @@ def write_report(view: ExperimentView, out: Path, cross: list[ExperimentView] | 
             sections.append(
                 ("Held-out split, item by item: the winner against the best parent and default", header, rows)
             )
+        header, rows, volume = front_rows(view)
+        if rows:
+            sections.append((f"Pareto front, held-out split ({volume})", header, rows))
     sections.append((f"Top {TOP} candidates (search split)", *top_rows(view)))
     if view.failures:
         sections.append(
@@ -347,8 +465,10 @@ def write_report(view: ExperimentView, out: Path, cross: list[ExperimentView] | 
     md = [f"# evomerge report: {html.escape(name, quote=False)}", ""]  # Markdown renders raw HTML
     for title, header, rows in sections:
         md += [f"## {title}", "", _md_table(header, rows), ""]
-    md += ["## Plots", "", "![fitness](fitness.png)", ""] + (
-        ["![best recipe](recipe.png)", ""] if plots["recipe.png"] else []
+    md += (
+        ["## Plots", "", "![fitness](fitness.png)", ""]
+        + (["![best recipe](recipe.png)", ""] if plots["recipe.png"] else [])
+        + (["![Pareto front](front.png)", ""] if plots["front.png"] else [])
     )
     atomic_write(out / "leaderboard.md", "\n".join(md).encode())
 

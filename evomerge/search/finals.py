@@ -14,11 +14,14 @@ from evomerge.errors import UserError
 from evomerge.merge.methods import Method
 from evomerge.merge.recipe import Recipe
 from evomerge.runtime.jobs import Executor, Job, Outcome
+from evomerge.search.objectives import objectives_of, pareto_front, vector
 from evomerge.search.schedule import candidate_seed
 from evomerge.search.space import default_params
 from evomerge.store import ExperimentStore, Final
 
 log = logging.getLogger("evomerge.search")
+FRONT = "front candidate "  # the finals of the Pareto front's members (kind "evolved")
+MAX_FRONT = 16
 
 
 class Finals:
@@ -52,8 +55,13 @@ class Finals:
         have = {f.name: f for f in self.store.finals()}
         if "evolved" in have and have["evolved"].candidate_id != best.id:
             self.store.clear_finals("evolved")  # a resumed, longer run found a better recipe
-            have.pop("evolved")
+            have = {f.name: f for f in self.store.finals()}
         jobs = [("evolved", "evolved", best.id, best.recipe)]
+        front = self.front(exclude=best.id)
+        if {n for n in have if n.startswith(FRONT)} - {name for name, *_ in front}:
+            self.store.clear_finals("evolved")  # the front moved (a longer run): score it again
+            have = {f.name: f for f in self.store.finals()}
+        jobs += front
         if self.config.dfs is not None:  # DFS merges no weights: the baselines are the sources themselves
             jobs += [(f"parent {label}", "parent", i, None) for i, label in enumerate(self.source_names)]
             return self._run(jobs, have)
@@ -63,6 +71,23 @@ class Finals:
         jobs += [(f"parent {label}", "parent", i, None) for i, label in enumerate(self.source_names)]
         jobs += [(f"default {m.value}", "default", None, self.default_recipe(m)) for m in methods[1:]]
         return self._run(jobs, have)
+
+    def front(self, exclude: int | None = None) -> list[tuple[str, str, int, dict]]:
+        """Final jobs for the search's Pareto front (objective vectors from the journaled search-split
+        metrics: estimates under cheap fitness), at most MAX_FRONT members by fitness, the winner left out
+        (its `evolved` final is one). Empty for a single-objective experiment."""
+        objectives = objectives_of(self.config)
+        if not objectives:
+            return []
+        ok = [c for c in self.store.candidates() if c.ok]
+        members = [ok[i] for i in pareto_front([vector(objectives, c.metrics) for c in ok])]
+        seen, unique = set(), []
+        for c in sorted(members, key=lambda c: (-c.fitness, c.id)):  # one member per objective vector
+            key = vector(objectives, c.metrics)
+            if key not in seen:
+                seen.add(key)
+                unique.append(c)
+        return [(f"{FRONT}{c.id}", "evolved", c.id, c.recipe) for c in unique[:MAX_FRONT] if c.id != exclude]
 
     def _run(self, jobs: list, have: dict) -> list[Final]:
         todo = [job for job in jobs if job[0] not in have]
@@ -82,15 +107,24 @@ class Finals:
                 name, kind, ref, recipe = by_name[job.key]
                 self.store.record_final(
                     Final(
-                        name, kind, ref if kind == "evolved" else None, recipe, "heldout",
-                        "ok" if outcome.ok else "failed", outcome.reason,
-                        outcome.fitness if outcome.ok else -math.inf, outcome.metrics,
-                        outcome.merge_seconds + outcome.eval_seconds, time.time(),
+                        name,
+                        kind,
+                        ref if kind == "evolved" else None,
+                        recipe,
+                        "heldout",
+                        "ok" if outcome.ok else "failed",
+                        outcome.reason,
+                        outcome.fitness if outcome.ok else -math.inf,
+                        outcome.metrics,
+                        outcome.merge_seconds + outcome.eval_seconds,
+                        time.time(),
                     ),  # fmt: skip
                     outcome.items if outcome.ok else None,
                 )
                 log.info(
-                    "held-out %s: %s", name, f"{outcome.fitness:.4f}" if outcome.ok else f"failed ({outcome.reason})"
+                    "held-out %s: %s",
+                    name,
+                    f"{outcome.fitness:.4f}" if outcome.ok else f"failed ({outcome.reason})",
                 )
         return self.store.finals()
 
