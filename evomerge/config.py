@@ -252,7 +252,23 @@ class OptunaSpec(_OptimizerSpec):
         return self
 
 
-OptimizerSpec = Annotated[CmaSpec | NevergradSpec | RandomSpec | OptunaSpec, Field(discriminator="name")]
+class M2n2Spec(_OptimizerSpec):
+    """M2N2 (Sakana, "Competition and Attraction Improve Model Fusion", GECCO 2025): an archive of recipes
+    whose fitness is shared per search item; parents chosen by fitness and by attraction; split-point
+    crossover of recipes. Defaults as the paper's code: archive 20, alpha 1."""
+
+    name: Literal["m2n2"]
+    archive_size: int = Field(20, ge=2, description="recipes kept (P)")
+    alpha: float = Field(1.0, ge=0, allow_inf_nan=False, description="how strongly an item's value is shared")
+    mutation: float = Field(0.01, ge=0, le=1, description="sd of the Gaussian added to each child gene")
+    batch: int | None = Field(
+        None, ge=1, description="children asked per round; default the space's round size"
+    )
+
+
+OptimizerSpec = Annotated[
+    CmaSpec | NevergradSpec | RandomSpec | OptunaSpec | M2n2Spec, Field(discriminator="name")
+]
 MULTI_OBJECTIVE_SAMPLERS = ("nsga2", "tpe", "gp", "random")
 
 
@@ -371,6 +387,15 @@ class ExperimentConfig(_Strict):
     objectives: list[ObjectiveSpec] | None = Field(
         None, min_length=1, description="optimise these at once (a Pareto front) instead of one weighted sum"
     )
+
+    @model_validator(mode="after")
+    def _archive_fits(self) -> ExperimentConfig:
+        if isinstance(self.optimizer, M2n2Spec) and self.evaluation.fidelity.mode != "full":
+            raise ValueError(
+                "optimizer m2n2 compares archive members item by item, so every candidate must be scored on "
+                f"the same items: evaluation.fidelity {self.evaluation.fidelity.mode} cannot be used (full only)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _objectives_fit(self) -> ExperimentConfig:

@@ -210,3 +210,88 @@ def test_generation_length_is_each_answers_tokens(tmp_path):
     assert result.items["zoo_math_x"]["ids"]
     assert result.metrics["zoo_math_x"]["generation_length,none"] == pytest.approx(np.mean(counts))
     assert "generation_length" not in json.dumps(evaluator.evaluate("search").metrics)  # only when asked
+
+
+# -- M2N2 --------------------------------------------------------------------------------------------------
+
+
+def _told(values_by_task):
+    from evomerge.search.optimizers import Feedback
+    from evomerge.store import ItemResults
+
+    items = {
+        t: ItemResults("acc,none", np.arange(len(v)), np.asarray(v, dtype=float))
+        for t, v in values_by_task.items()
+    }
+    return Feedback(0.0, (0.0,), lambda: items)
+
+
+@pytest.mark.parametrize(("alpha", "survivor"), [(1.0, "specialist"), (0.0, "child")])
+def test_m2n2_shares_each_item_among_the_members_that_solve_it(alpha, survivor):
+    """Archive of two: a generalist (items 0-3) and a specialist (items 4-5, which nobody else solves).
+    A child solving items 0-2 adds nothing new: with competition (alpha 1) it is the worst and is dropped;
+    without (alpha 0) it outscores the specialist (3 items to 2) and replaces it."""
+    from evomerge.config import M2n2Spec
+    from evomerge.search.optimizers import make_optimizer
+
+    spec = M2n2Spec(name="m2n2", archive_size=2, alpha=alpha, seed=0, budget=10)
+    opt = make_optimizer(spec, np.full(3, 0.5), 3, seeds=[np.zeros(3), np.ones(3)])
+    generalist, specialist, child = np.zeros(3), np.ones(3), np.full(3, 0.25)
+    opt.tell([generalist, specialist], [_told({"t": [1, 1, 1, 1, 0, 0]}), _told({"t": [0, 0, 0, 0, 1, 1]})])
+    opt.tell([child], [_told({"t": [1, 1, 1, 0, 0, 0]})])
+    kept = {tuple(g) for g in opt.genomes}
+    assert tuple(generalist) in kept
+    assert (tuple(specialist) in kept) == (survivor == "specialist")
+    assert (tuple(child) in kept) == (survivor == "child")
+
+
+def test_m2n2_starts_from_the_sources_and_mixes_parents_at_a_split_point():
+    from evomerge.config import M2n2Spec
+    from evomerge.search.optimizers import make_optimizer
+
+    spec = M2n2Spec(name="m2n2", archive_size=4, mutation=0.0, seed=1, budget=10)
+    seeds = [np.zeros(6), np.ones(6)]
+    opt = make_optimizer(spec, np.full(6, 0.5), 2, seeds=seeds)
+    first = opt.ask(2)
+    assert [list(g) for g in first] == [list(s) for s in seeds]
+    opt.tell(first, [_told({"t": [1, 0]}), _told({"t": [0, 1]})])
+    for child in opt.ask(20):
+        # each gene is w or 1 - w of the second parent: one value left of the split, its mirror right of it
+        values = sorted(set(np.round(child, 12)))
+        assert len(values) <= 2 and (len(values) == 1 or values[0] + values[1] == pytest.approx(1.0))
+
+
+def test_m2n2_search_resumes_exactly_and_its_first_round_is_the_sources(tmp_path):
+    m2n2 = {"name": "m2n2", "budget": 12, "seed": 0, "batch": 4, "archive_size": 4}
+    whole = _pareto(tmp_path, "whole", optimizer=m2n2, objectives=None)
+    assert cli("search", whole).returncode == 0
+    parts = _pareto(tmp_path, "parts", optimizer={**m2n2, "budget": 4}, objectives=None)
+    assert cli("search", parts).returncode == 0
+    done = cli("search", parts, "--budget", 12)
+    assert done.returncode == 0, done.stderr
+    a, _ = journal(tmp_path / "whole")
+    b, _ = journal(tmp_path / "parts")
+    assert len(a) == 12 and [x[2] for x in a] == [y[2] for y in b]
+    db = sqlite3.connect(tmp_path / "whole" / "experiment.sqlite")
+    recipes = [json.loads(r) for (r,) in db.execute("SELECT recipe FROM candidates ORDER BY generation, idx")]
+    embed = [r["groups"]["embed"]["weight"] for r in recipes[:3]]
+    assert embed[:2] == [[1.0, 0.0], [0.0, 1.0]]  # math-en alone, lang-x alone, then the default merge
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "fidelity", "needle"),
+    [
+        ({"name": "m2n2", "archive_size": 1}, None, "archive_size"),
+        ({"name": "m2n2"}, {"subsample": {"items": 4}}, "m2n2 compares archive members item by item"),
+        ({"name": "m2n2", "alpha": -1}, None, "alpha"),
+    ],
+)
+def test_bad_m2n2_settings_are_one_line(tmp_path, optimizer, fidelity, needle):
+    changes = {"optimizer": {"budget": 12, **optimizer}, "objectives": None}
+    if fidelity:
+        changes["evaluation.fidelity"] = fidelity
+    done = cli("search", _pareto(tmp_path, **changes))
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], done.stderr
+    assert not (tmp_path / "exp").exists()

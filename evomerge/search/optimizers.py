@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from evomerge.config import CmaSpec, NevergradSpec, OptunaSpec, RandomSpec
+from evomerge.config import CmaSpec, M2n2Spec, NevergradSpec, OptunaSpec, RandomSpec
 from evomerge.errors import UserError, first_line
 
 
@@ -225,9 +225,18 @@ def round_size(spec, default: int) -> int:
 
 
 def make_optimizer(
-    spec, x0: np.ndarray, default_batch: int, overlap: int = 0, objectives: int = 1
+    spec,
+    x0: np.ndarray,
+    default_batch: int,
+    overlap: int = 0,
+    objectives: int = 1,
+    seeds: Sequence[np.ndarray] = (),
+    weights: Mapping[str, float] | None = None,
 ) -> Optimizer:
-    """`objectives`: the length of the objective vectors the optimizer is told (multi-objective ones use it)."""
+    """`objectives`: the length of the objective vectors the optimizer is told (multi-objective ones use it);
+    `seeds`: genomes an archive starts from (the sources alone, the default merge); `weights`: the tasks'."""
+    if isinstance(spec, M2n2Spec):
+        return M2n2Optimizer(spec, x0, default_batch, seeds, weights or {})
     if isinstance(spec, OptunaSpec):
         return OptunaOptimizer(spec, len(x0), default_batch, objectives)
     if isinstance(spec, CmaSpec):
@@ -313,3 +322,96 @@ def _sampler(spec, batch: int):
     if spec.sampler == "gp":
         return samplers.GPSampler(seed=seed)
     return samplers.RandomSampler(seed=seed)
+
+
+# -- M2N2 -------------------------------------------------------------------------------------------------
+
+
+class M2n2Optimizer:
+    """M2N2's archive over genomes: no member is ever held as a model, only as its genome and its
+    per-item search results. Fitness shares each item among the members that earn it,
+    f_i = sum_j s_ij / (sum_k s_kj)^alpha (an item many members solve is worth little); the first parent
+    is drawn in proportion to that fitness, the second in proportion to its attraction to the first,
+    sum_j max(0, F_kj - F_1j) on the shared values F (strong where the first is weak). A child takes, left
+    of a random split point over the genome (genes in layer order), w of the first parent and 1 - w of the
+    second, and the reverse right of it (the paper's code mixes parameters the same way, by SLERP; genes
+    are mixed linearly here), plus Gaussian noise of sd `mutation`. Each child told replaces the archive's
+    worst member when it is not itself the worst (replace-worst).
+
+    Item values s are the tasks' per-item metric values times the task's weight, shifted per item so that
+    the lowest value in the archive (child included) is 0: for exact match that is the paper's 0/1, and a
+    log-probability task competes on how much better than the worst member a member does. The first round
+    is the seed genomes (the sources alone, the default merge) and random ones; every random draw is from
+    the optimizer's own seeded generator, in ask order, so replaying the journal reproduces it."""
+
+    def __init__(
+        self, spec, x0: np.ndarray, batch: int, seeds: Sequence[np.ndarray], weights: Mapping[str, float]
+    ):
+        self.rng = np.random.default_rng(spec.seed)
+        self.size, self.batch = len(x0), spec.batch or batch
+        self.archive_size, self.alpha, self.mutation = spec.archive_size, spec.alpha, spec.mutation
+        self.weights = dict(weights)
+        self.seeds = [np.clip(np.asarray(g, dtype=float), 0.0, 1.0) for g in seeds]
+        self.genomes: list[np.ndarray] = []
+        self.scores: list[np.ndarray] = []  # per member: its item values, in a fixed task and item order
+
+    def ask(self, n: int) -> list[np.ndarray]:
+        return [self._child() for _ in range(n)]
+
+    def _child(self) -> np.ndarray:
+        if self.seeds:
+            return self.seeds.pop(0)
+        if len(self.genomes) < 2:
+            return self.rng.uniform(0.0, 1.0, self.size)
+        shared = _shared(np.array(self.scores), self.alpha)
+        fitness = shared.sum(axis=1)
+        first = int(self.rng.choice(len(fitness), p=_probabilities(fitness)))
+        attraction = np.maximum(0.0, shared - shared[first]).sum(axis=1)
+        second = int(self.rng.choice(len(attraction), p=_probabilities(attraction)))
+        split, w = int(self.rng.integers(0, self.size)), float(self.rng.uniform())
+        mix = np.where(np.arange(self.size) < split, w, 1.0 - w)
+        child = (1.0 - mix) * self.genomes[first] + mix * self.genomes[second]
+        if self.mutation:
+            child = child + self.rng.normal(0.0, self.mutation, self.size)
+        return np.clip(child, 0.0, 1.0)
+
+    def tell(self, genomes: list[np.ndarray], told: Sequence[Feedback | float]) -> None:
+        for genome, feedback in zip(genomes, told, strict=True):
+            if not isinstance(feedback, Feedback) or feedback.items is None:
+                continue  # failed: it never enters the archive
+            values = self._values(feedback.items())
+            if values is None:
+                continue
+            if len(self.genomes) < self.archive_size:
+                self.genomes.append(np.asarray(genome, dtype=float))
+                self.scores.append(values)
+                continue
+            fitness = _shared(np.array([*self.scores, values]), self.alpha).sum(axis=1)
+            worst = int(np.argmin(fitness))
+            if worst < len(self.genomes):
+                self.genomes[worst], self.scores[worst] = np.asarray(genome, dtype=float), values
+
+    def _values(self, items: Mapping[str, Any]) -> np.ndarray | None:
+        parts = []
+        for task in sorted(items):
+            data = items[task]
+            parts.append(np.asarray(data.values, dtype=float) * self.weights.get(task, 1.0))
+        values = np.concatenate(parts) if parts else np.zeros(0)
+        if self.scores and values.shape != self.scores[0].shape:
+            return None  # scored on other items than the archive (cannot happen at full fidelity)
+        return values
+
+
+def _shared(scores: np.ndarray, alpha: float) -> np.ndarray:
+    """Each member's item values shifted to start at 0 per item and divided by the item's total^alpha."""
+    s = scores - scores.min(axis=0, keepdims=True)
+    total = s.sum(axis=0)
+    z = np.where(total > 0, total, 1.0) ** alpha
+    return s / z[None, :]
+
+
+def _probabilities(weights: np.ndarray) -> np.ndarray:
+    total = float(weights.sum())
+    if not np.isfinite(total) or total <= 0:
+        return np.full(len(weights), 1.0 / len(weights))
+    return weights / total

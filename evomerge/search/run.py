@@ -23,6 +23,7 @@ import numpy as np
 
 from evomerge.config import ExperimentConfig, source_labels
 from evomerge.errors import UserError
+from evomerge.merge.recipe import Recipe
 from evomerge.runtime.executor import make_executor
 from evomerge.runtime.jobs import Executor, Job, Outcome, WorkerFactory
 from evomerge.search.dfs_space import DfsSpace
@@ -140,6 +141,17 @@ class Search:
             self._executor.close()
             self._executor = None
 
+    def _seed_genomes(self) -> list[np.ndarray]:
+        """Where an archive starts (M2N2): each source alone and the default merge, as genomes; for a
+        layer path, model A's own path."""
+        if isinstance(self.space, DfsSpace):
+            return [self.space.start()]
+        genomes = [self.space.source_genome(k) for k in range(len(self.source_names))]
+        for _, recipe, _ in self.finals.baselines():
+            if recipe is not None and recipe.get("method") == self.config.merge.method.value:
+                genomes.append(self.space.encode(Recipe.from_dict(recipe)))
+        return genomes
+
     def _objective_vector(self, metrics: dict) -> tuple[float, ...]:
         return vector(self.objectives, metrics)
 
@@ -162,7 +174,10 @@ class Search:
         """A new schedule; `run` replays the journal through it (a resumed run continues exactly)."""
         spec, popsize = self.config.optimizer, self.space.default_popsize()
         overlap = resolve_overlap(spec, round_size(spec, popsize))
-        optimizer = make_optimizer(spec, self.space.start(), popsize, overlap, max(1, len(self.objectives)))
+        optimizer = make_optimizer(
+            spec, self.space.start(), popsize, overlap, max(1, len(self.objectives)), self._seed_genomes(),
+            {t.name: t.weight for t in self.config.evaluation.tasks},
+        )  # fmt: skip
         return Schedule.start(optimizer, overlap)
 
     def run(self) -> None:

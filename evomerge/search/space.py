@@ -121,6 +121,19 @@ class Space:
             x.append(0.5 if span == 0 else (value - gene.low) / span)
         return np.clip(np.array(x, dtype=float), 0.0, 1.0)
 
+    def source_genome(self, source: int) -> np.ndarray:
+        """The genome nearest to one source alone: its weight genes at the top of their range, the other
+        sources' at the bottom, density-like genes at the top (keep everything), others mid-range."""
+        x = []
+        for gene in self.genes:
+            if gene.kind == "weight":
+                x.append(1.0 if gene.source == source else 0.0)
+            elif gene.kind == "density":
+                x.append(1.0)
+            else:
+                x.append(0.5)
+        return np.array(x, dtype=float)
+
     def default_popsize(self) -> int:
         return 4 + int(3 * np.log(self.size))
 

@@ -45,7 +45,12 @@ class Anchors(CheapMode):
         try:
             fitness, estimates = self.plan.anchor_estimate(self._anchors(generation), values(outcome.items))
         except KeyError as exc:
-            return replace(outcome, ok=False, reason=f"no per-item result for {exc}"), fitness, metrics, fidelity
+            return (
+                replace(outcome, ok=False, reason=f"no per-item result for {exc}"),
+                fitness,
+                metrics,
+                fidelity,
+            )
         return outcome, fitness, {"estimate": estimates, "anchors": outcome.metrics}, fidelity
 
     def _round_best(self, generation: int) -> Candidate | None:
@@ -87,7 +92,10 @@ class Anchors(CheapMode):
         anchors = self.plan.choose_anchors(evidence, version)
         self._sets[version] = anchors
         log.info(
-            "anchors v%d: %s from %d models", version, {t: len(i) for t, i in anchors.items.items()}, len(evidence)
+            "anchors v%d: %s from %d models",
+            version,
+            {t: len(i) for t, i in anchors.items.items()},
+            len(evidence),
         )
         return anchors
 

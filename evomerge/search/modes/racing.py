@@ -32,7 +32,12 @@ class Racing(CheapMode):
         rung = self._next_rung(generation, idx)
         if rung is None:
             return None
-        return Job(("rung", generation, idx, rung), "search", recipe=recipe, items=self.plan.rung_items(generation, rung))
+        return Job(
+            ("rung", generation, idx, rung),
+            "search",
+            recipe=recipe,
+            items=self.plan.rung_items(generation, rung),
+        )
 
     def scored(self, job: Job, outcome: Outcome) -> None:
         if job.key[0] == "rung":
@@ -116,7 +121,9 @@ class Racing(CheapMode):
     def _rungs_done(self, generation: int, idx: int) -> int | None:
         """The last rung the candidate has journaled, or None before its first."""
         done = [
-            k for k in range(len(self.plan.rung_sizes())) if rung_owner(generation, idx, k) in self.loop.scores
+            k
+            for k in range(len(self.plan.rung_sizes()))
+            if rung_owner(generation, idx, k) in self.loop.scores
         ]
         return max(done) if done else None
 
@@ -157,7 +164,5 @@ class Racing(CheapMode):
 
     @staticmethod
     def describe(fidelity: dict[str, Any]) -> str:
-        what = (
-            f"racing: first rung {fidelity.get('items') or 'auto'} items per task, 1/{fidelity.get('eta')} go on"
-        )
+        what = f"racing: first rung {fidelity.get('items') or 'auto'} items per task, 1/{fidelity.get('eta')} go on"
         return CheapMode.cheap(what, fidelity)

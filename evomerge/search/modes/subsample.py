@@ -16,4 +16,6 @@ class Subsample(CheapMode):
 
     @staticmethod
     def describe(fidelity: dict[str, Any]) -> str:
-        return CheapMode.cheap(f"subsample: {fidelity.get('items')} fresh items per task each round", fidelity)
+        return CheapMode.cheap(
+            f"subsample: {fidelity.get('items')} fresh items per task each round", fidelity
+        )
