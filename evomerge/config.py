@@ -266,8 +266,28 @@ class M2n2Spec(_OptimizerSpec):
     )
 
 
+class MapElitesSpec(_OptimizerSpec):
+    """MAP-Elites archives after CycleQD (Sakana, ICLR 2025), through pyribs: one archive per objective,
+    whose other objectives are its behaviour coordinates; the objective that is the quality cycles each
+    round."""
+
+    name: Literal["map_elites"]
+    cells: int = Field(10, ge=2, le=100, description="cells per behaviour coordinate")
+    iso_sigma: float = Field(0.05, gt=0, le=1, description="isotropic Gaussian step (pyribs IsoLineEmitter)")
+    line_sigma: float = Field(0.2, ge=0, le=1, description="step along the line between two elites")
+    batch: int | None = Field(None, ge=1, description="candidates per round; default the space's round size")
+
+    @model_validator(mode="after")
+    def _no_overlap(self) -> MapElitesSpec:
+        if self.overlap:
+            raise ValueError(
+                "overlap: map_elites asks a round only after the previous one is told (overlap 0)"
+            )
+        return self
+
+
 OptimizerSpec = Annotated[
-    CmaSpec | NevergradSpec | RandomSpec | OptunaSpec | M2n2Spec, Field(discriminator="name")
+    CmaSpec | NevergradSpec | RandomSpec | OptunaSpec | M2n2Spec | MapElitesSpec, Field(discriminator="name")
 ]
 MULTI_OBJECTIVE_SAMPLERS = ("nsga2", "tpe", "gp", "random")
 
@@ -387,6 +407,28 @@ class ExperimentConfig(_Strict):
     objectives: list[ObjectiveSpec] | None = Field(
         None, min_length=1, description="optimise these at once (a Pareto front) instead of one weighted sum"
     )
+
+    @model_validator(mode="after")
+    def _map_elites_fits(self) -> ExperimentConfig:
+        if not isinstance(self.optimizer, MapElitesSpec):
+            return self
+        objectives = self.objectives or []
+        if len(objectives) < 2:
+            raise ValueError(
+                "optimizer map_elites keeps one archive per objective over the others' scores: list at least "
+                "two objectives"
+            )
+        if any(o.generation_length is not None for o in objectives):
+            raise ValueError(
+                "optimizer map_elites: a generation_length objective has no fixed range for the archive's "
+                "grid; use task metrics in [0, 1]"
+            )
+        if self.evaluation.fidelity.mode != "full":
+            raise ValueError(
+                f"optimizer map_elites places every candidate in its cell once: evaluation.fidelity "
+                f"{self.evaluation.fidelity.mode} estimates cannot be used (full only)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _archive_fits(self) -> ExperimentConfig:

@@ -295,3 +295,64 @@ def test_bad_m2n2_settings_are_one_line(tmp_path, optimizer, fidelity, needle):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], done.stderr
     assert not (tmp_path / "exp").exists()
+
+
+# -- MAP-Elites, CycleQD-style (pyribs) --------------------------------------------------------------------
+
+
+def test_map_elites_keeps_one_archive_per_objective_over_the_others():
+    """Two objectives that pull apart (near 0.2 vs near 0.8 in every gene): the archive of the first keeps
+    elites across the second's range, the quality cycles between the archives, failures enter no cell."""
+    from evomerge.config import MapElitesSpec
+    from evomerge.search.optimizers import Feedback, make_optimizer
+
+    spec = MapElitesSpec(name="map_elites", cells=5, seed=0, budget=400, batch=8)
+    opt = make_optimizer(spec, np.full(3, 0.5), 8, objectives=2)
+    for _ in range(12):
+        genomes = opt.ask(opt.batch)
+        told = [
+            Feedback(0.0, (1 - float(np.mean((x - 0.2) ** 2)) * 4, 1 - float(np.mean((x - 0.8) ** 2)) * 4))
+            for x in genomes
+        ]
+        told[0] = Feedback(1e9, ())  # a failed candidate
+        opt.tell(genomes, told)
+    first, second = opt.elites(0), opt.elites(1)
+    assert len(first) >= 3 and len(second) >= 3  # several cells: diverse elites, not one winner
+    assert all(q > -1e8 for _, q, _ in first + second)
+    best_first = max(first, key=lambda e: e[1])[0]
+    best_second = max(second, key=lambda e: e[1])[0]
+    assert np.mean(best_first) < np.mean(best_second)  # each archive's best leans to its own objective
+    assert opt.round == 12
+
+
+def test_map_elites_search_resumes_exactly(tmp_path):
+    me = {"name": "map_elites", "budget": 12, "seed": 0, "batch": 4, "cells": 4}
+    whole = _pareto(tmp_path, "whole", optimizer=me)
+    assert cli("search", whole).returncode == 0
+    parts = _pareto(tmp_path, "parts", optimizer={**me, "budget": 4})
+    assert cli("search", parts).returncode == 0
+    done = cli("search", parts, "--budget", 12)
+    assert done.returncode == 0, done.stderr
+    a, _ = journal(tmp_path / "whole")
+    b, _ = journal(tmp_path / "parts")
+    assert len(a) == 12 and [x[2] for x in a] == [y[2] for y in b]
+
+
+@pytest.mark.parametrize(
+    ("changes", "needle"),
+    [
+        ({"objectives": [{"task": "zoo_math_x"}]}, "at least two objectives"),
+        ({"objectives": [{"task": "zoo_math_x"}, {"generation_length": "zoo_math_x"}]}, "no fixed range"),
+        ({"evaluation.fidelity": {"subsample": {"items": 4}}}, "map_elites places every candidate"),
+        ({"optimizer.cells": 1}, "cells"),
+    ],
+)
+def test_bad_map_elites_settings_are_one_line(tmp_path, changes, needle):
+    changes = {"optimizer": {"name": "map_elites", "budget": 12}, **changes}
+    if "optimizer.cells" in changes:
+        changes["optimizer"]["cells"] = changes.pop("optimizer.cells")
+    done = cli("search", _pareto(tmp_path, **changes))
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], done.stderr
+    assert not (tmp_path / "exp").exists()

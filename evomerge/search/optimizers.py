@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from evomerge.config import CmaSpec, M2n2Spec, NevergradSpec, OptunaSpec, RandomSpec
+from evomerge.config import CmaSpec, M2n2Spec, MapElitesSpec, NevergradSpec, OptunaSpec, RandomSpec
 from evomerge.errors import UserError, first_line
 
 
@@ -237,6 +237,8 @@ def make_optimizer(
     `seeds`: genomes an archive starts from (the sources alone, the default merge); `weights`: the tasks'."""
     if isinstance(spec, M2n2Spec):
         return M2n2Optimizer(spec, x0, default_batch, seeds, weights or {})
+    if isinstance(spec, MapElitesSpec):
+        return MapElitesOptimizer(spec, x0, default_batch, objectives)
     if isinstance(spec, OptunaSpec):
         return OptunaOptimizer(spec, len(x0), default_batch, objectives)
     if isinstance(spec, CmaSpec):
@@ -415,3 +417,81 @@ def _probabilities(weights: np.ndarray) -> np.ndarray:
     if not np.isfinite(total) or total <= 0:
         return np.full(len(weights), 1.0 / len(weights))
     return weights / total
+
+
+# -- MAP-Elites (CycleQD) ---------------------------------------------------------------------------------
+
+FAILED_QUALITY = -1e9  # below every archive's threshold: a failed candidate enters no cell
+
+
+class MapElitesOptimizer:
+    """CycleQD's archives through pyribs: one GridArchive per objective, whose behaviour coordinates are the
+    other objectives' values (each in [0, 1], `cells` cells per coordinate; a value outside lands in the
+    edge cell). Round g asks its candidates from objective q = g mod T's scheduler (pyribs' IsoLineEmitter:
+    a Gaussian step plus a step along the line to another elite, in the unit box), and every candidate
+    told enters every archive it improves (objective q's through its scheduler, the others directly), so
+    each archive keeps the best recipe found for each mix of the other skills. Seeded: pyribs draws from
+    the generators it is given, so replaying the journal asks the same candidates."""
+
+    def __init__(self, spec, x0: np.ndarray, batch: int, objectives: int) -> None:
+        from ribs.archives import GridArchive
+        from ribs.emitters import IsoLineEmitter
+        from ribs.schedulers import Scheduler
+
+        self.batch = spec.batch or batch
+        self.count = objectives
+        self.archives, self.schedulers = [], []
+        bounds = [(0.0, 1.0)] * len(x0)
+        for q in range(objectives):
+            archive = GridArchive(
+                solution_dim=len(x0), dims=[spec.cells] * (objectives - 1), ranges=[(0.0, 1.0)] * (objectives - 1),
+                threshold_min=FAILED_QUALITY / 10, learning_rate=1.0, seed=spec.seed + 7919 * q,
+            )  # fmt: skip
+            emitter = IsoLineEmitter(
+                archive, iso_sigma=spec.iso_sigma, line_sigma=spec.line_sigma, x0=np.asarray(x0, dtype=float),
+                bounds=bounds, batch_size=self.batch, seed=spec.seed + 104729 * (q + 1),
+            )  # fmt: skip
+            self.archives.append(archive)
+            self.schedulers.append(Scheduler(archive, [emitter]))
+        self.round = 0
+        self._asked: np.ndarray | None = None
+
+    def ask(self, n: int) -> list[np.ndarray]:
+        if n == 0:
+            return []
+        if self._asked is not None:
+            raise RuntimeError("map_elites: a round must be told before the next is asked")
+        solutions = np.clip(self.schedulers[self.round % self.count].ask(), 0.0, 1.0)
+        self._asked = solutions[:n]
+        return [np.array(x, dtype=float) for x in self._asked]
+
+    def tell(self, genomes: list[np.ndarray], told: Sequence[Feedback | float]) -> None:
+        q = self.round % self.count
+        vectors = np.array([_objective_vector(f, self.count) for f in told], dtype=float)
+        for k in range(self.count):
+            others = [j for j in range(self.count) if j != k]
+            quality, measures = vectors[:, k], np.clip(vectors[:, others], 0.0, 1.0)
+            if k == q:
+                padded = len(self._asked) - len(genomes)  # a round cut short by the budget: fill it as failed
+                quality = np.concatenate([quality, np.full(padded, FAILED_QUALITY)])
+                measures = np.concatenate([measures, np.zeros((padded, len(others)))])
+                self.schedulers[k].tell(quality, measures)
+            else:
+                self.archives[k].add(np.asarray(genomes, dtype=float), quality, measures)
+        self._asked = None
+        self.round += 1
+
+    def elites(self, objective: int) -> list[tuple[np.ndarray, float, np.ndarray]]:
+        """(genome, quality, behaviour) of each occupied cell of an objective's archive."""
+        data = self.archives[objective].data()
+        return list(zip(data["solution"], data["objective"], data["measures"], strict=True))
+
+
+def _objective_vector(feedback: Feedback | float, count: int) -> list[float]:
+    if (
+        isinstance(feedback, Feedback)
+        and len(feedback.objectives) == count
+        and all(math.isfinite(v) for v in feedback.objectives)
+    ):
+        return [float(v) for v in feedback.objectives]
+    return [FAILED_QUALITY] * count

@@ -64,8 +64,8 @@ class Schedule:
 
 
 def resolve_overlap(spec, batch: int) -> int:
-    if spec.name == "optuna":
-        return 0  # a round is asked whole before it is told (search/optuna_optimizer.py)
+    if spec.name in ("optuna", "map_elites"):
+        return 0  # a round is asked whole before it is told (search/optimizers.py)
     overlap = batch // 2 if spec.overlap is None else spec.overlap
     if overlap > batch:
         raise UserError(f"optimizer.overlap ({overlap}) exceeds the round size ({batch})")
