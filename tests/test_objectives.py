@@ -356,3 +356,12 @@ def test_bad_map_elites_settings_are_one_line(tmp_path, changes, needle):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], done.stderr
     assert not (tmp_path / "exp").exists()
+
+
+def test_m2n2_starts_with_methods_whose_default_merge_leaves_a_gene_unset(tmp_path):
+    """breadcrumbs_ties' default merge sets no gamma: its genome cannot be encoded, so the archive starts
+    from the sources alone (it used to crash every search, m2n2 or not, while building the seeds)."""
+    m2n2 = {"name": "m2n2", "budget": 4, "seed": 0, "batch": 4, "archive_size": 4}
+    path = _pareto(tmp_path, optimizer=m2n2, objectives=None, merge={"method": "breadcrumbs_ties"})
+    done = cli("search", path)
+    assert done.returncode == 0, done.stderr

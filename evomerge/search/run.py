@@ -148,8 +148,12 @@ class Search:
             return [self.space.start()]
         genomes = [self.space.source_genome(k) for k in range(len(self.source_names))]
         for _, recipe, _ in self.finals.baselines():
-            if recipe is not None and recipe.get("method") == self.config.merge.method.value:
+            if recipe is None or recipe.get("method") != self.config.merge.method.value:
+                continue
+            try:
                 genomes.append(self.space.encode(Recipe.from_dict(recipe)))
+            except (KeyError, TypeError, IndexError):
+                continue  # a default merge that leaves a searched parameter unset (breadcrumbs' gamma)
         return genomes
 
     def _objective_vector(self, metrics: dict) -> tuple[float, ...]:
@@ -174,8 +178,9 @@ class Search:
         """A new schedule; `run` replays the journal through it (a resumed run continues exactly)."""
         spec, popsize = self.config.optimizer, self.space.default_popsize()
         overlap = resolve_overlap(spec, round_size(spec, popsize))
+        seeds = self._seed_genomes() if spec.name == "m2n2" else []
         optimizer = make_optimizer(
-            spec, self.space.start(), popsize, overlap, max(1, len(self.objectives)), self._seed_genomes(),
+            spec, self.space.start(), popsize, overlap, max(1, len(self.objectives)), seeds,
             {t.name: t.weight for t in self.config.evaluation.tasks},
         )  # fmt: skip
         return Schedule.start(optimizer, overlap)
