@@ -423,19 +423,18 @@ class ExperimentConfig(_Strict):
                 "optimizer map_elites: a generation_length objective has no fixed range for the archive's "
                 "grid; use task metrics in [0, 1]"
             )
-        if self.evaluation.fidelity.mode != "full":
-            raise ValueError(
-                f"optimizer map_elites places every candidate in its cell once: evaluation.fidelity "
-                f"{self.evaluation.fidelity.mode} estimates cannot be used (full only)"
-            )
         return self
 
     @model_validator(mode="after")
-    def _archive_fits(self) -> ExperimentConfig:
-        if isinstance(self.optimizer, M2n2Spec) and self.evaluation.fidelity.mode != "full":
+    def _archives_need_full_fitness(self) -> ExperimentConfig:
+        why = {
+            "m2n2": "compares archive members item by item, so every candidate must be scored on the same items",
+            "map_elites": "places every candidate in its cell once, on its real scores",
+        }.get(self.optimizer.name)
+        if why and self.evaluation.fidelity.mode != "full":
             raise ValueError(
-                "optimizer m2n2 compares archive members item by item, so every candidate must be scored on "
-                f"the same items: evaluation.fidelity {self.evaluation.fidelity.mode} cannot be used (full only)"
+                f"optimizer {self.optimizer.name} {why}: evaluation.fidelity {self.evaluation.fidelity.mode} "
+                "cannot be used (full only)"
             )
         return self
 

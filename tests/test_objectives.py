@@ -226,6 +226,19 @@ def _told(values_by_task):
     return Feedback(0.0, (0.0,), lambda: items)
 
 
+def _resumed_equals_whole(tmp_path, optimizer: dict, **changes) -> None:
+    """A run of 4 candidates extended with --budget 12 asks exactly the 12 of an uninterrupted run."""
+    whole = _pareto(tmp_path, "whole", optimizer={**optimizer, "budget": 12}, **changes)
+    assert cli("search", whole).returncode == 0
+    parts = _pareto(tmp_path, "parts", optimizer={**optimizer, "budget": 4}, **changes)
+    assert cli("search", parts).returncode == 0
+    done = cli("search", parts, "--budget", 12)
+    assert done.returncode == 0, done.stderr
+    a, _ = journal(tmp_path / "whole")
+    b, _ = journal(tmp_path / "parts")
+    assert len(a) == 12 and [x[2] for x in a] == [y[2] for y in b]
+
+
 @pytest.mark.parametrize(("alpha", "survivor"), [(1.0, "specialist"), (0.0, "child")])
 def test_m2n2_shares_each_item_among_the_members_that_solve_it(alpha, survivor):
     """Archive of two: a generalist (items 0-3) and a specialist (items 4-5, which nobody else solves).
@@ -262,16 +275,9 @@ def test_m2n2_starts_from_the_sources_and_mixes_parents_at_a_split_point():
 
 
 def test_m2n2_search_resumes_exactly_and_its_first_round_is_the_sources(tmp_path):
-    m2n2 = {"name": "m2n2", "budget": 12, "seed": 0, "batch": 4, "archive_size": 4}
-    whole = _pareto(tmp_path, "whole", optimizer=m2n2, objectives=None)
-    assert cli("search", whole).returncode == 0
-    parts = _pareto(tmp_path, "parts", optimizer={**m2n2, "budget": 4}, objectives=None)
-    assert cli("search", parts).returncode == 0
-    done = cli("search", parts, "--budget", 12)
-    assert done.returncode == 0, done.stderr
-    a, _ = journal(tmp_path / "whole")
-    b, _ = journal(tmp_path / "parts")
-    assert len(a) == 12 and [x[2] for x in a] == [y[2] for y in b]
+    _resumed_equals_whole(
+        tmp_path, {"name": "m2n2", "seed": 0, "batch": 4, "archive_size": 4}, objectives=None
+    )
     db = sqlite3.connect(tmp_path / "whole" / "experiment.sqlite")
     recipes = [json.loads(r) for (r,) in db.execute("SELECT recipe FROM candidates ORDER BY generation, idx")]
     embed = [r["groups"]["embed"]["weight"] for r in recipes[:3]]
@@ -326,16 +332,7 @@ def test_map_elites_keeps_one_archive_per_objective_over_the_others():
 
 
 def test_map_elites_search_resumes_exactly(tmp_path):
-    me = {"name": "map_elites", "budget": 12, "seed": 0, "batch": 4, "cells": 4}
-    whole = _pareto(tmp_path, "whole", optimizer=me)
-    assert cli("search", whole).returncode == 0
-    parts = _pareto(tmp_path, "parts", optimizer={**me, "budget": 4})
-    assert cli("search", parts).returncode == 0
-    done = cli("search", parts, "--budget", 12)
-    assert done.returncode == 0, done.stderr
-    a, _ = journal(tmp_path / "whole")
-    b, _ = journal(tmp_path / "parts")
-    assert len(a) == 12 and [x[2] for x in a] == [y[2] for y in b]
+    _resumed_equals_whole(tmp_path, {"name": "map_elites", "seed": 0, "batch": 4, "cells": 4})
 
 
 @pytest.mark.parametrize(
