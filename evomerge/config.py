@@ -302,6 +302,12 @@ class ObjectiveSpec(_Strict):
     direction: Literal["max", "min"] | None = Field(
         None, description="default max; min for generation_length"
     )
+    reference: float | None = Field(
+        None,
+        allow_inf_nan=False,
+        description="this objective's coordinate of the hypervolume's reference point (a value every front "
+        "member should beat); default 0 for a maximised objective, the worst finalist's for a minimised one",
+    )
 
     @model_validator(mode="after")
     def _one_kind(self) -> ObjectiveSpec:

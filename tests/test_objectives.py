@@ -144,9 +144,21 @@ def test_optuna_nsga2_improves_a_two_objective_front():
     assert last > first * 1.1
 
 
+def test_a_stated_reference_point_sets_the_hypervolume(tmp_path):
+    objectives = [{"task": "zoo_math_x", "reference": -1.0}, {"task": "zoo_math_en", "reference": -1.0}]
+    path = _pareto(tmp_path, objectives=objectives, **{"optimizer.budget": 6})
+    assert cli("search", path).returncode == 0
+    report = cli("report", tmp_path / "exp", "--out", tmp_path / "report")
+    assert report.returncode == 0, report.stderr
+    line = next(x for x in report.stdout.splitlines() if x.startswith("hypervolume of the held-out front"))
+    assert "(reference point: zoo_math_x -1, zoo_math_en -1)" in line
+    assert float(line.split(": ")[1].split()[0]) >= 1.0  # every member is at least 1 past (-1, -1) in both
+
+
 @pytest.mark.parametrize(
     ("changes", "needle"),
     [
+        ({"objectives": [{"task": "zoo_math_x", "reference": "low"}]}, "objectives"),
         (
             {"objectives": [{"task": "zoo_nope"}]},
             "objectives[0].task: 'zoo_nope' is not one of evaluation.tasks",

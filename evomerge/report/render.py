@@ -271,6 +271,8 @@ def front_rows(view: ExperimentView) -> tuple[list[str], list[list[str]], str]:
             [name, "" if f.candidate_id is None else str(f.candidate_id), *(_num(v) for v in values), alone]
         )
     reference = front_reference(objectives, [*members, *parents])
+    stated = [o.get("reference") for o in view.config.get("objectives") or []]
+    reference = [r if s is None else float(s) for r, s in zip(reference, stated, strict=True)]
     volume = hypervolume(
         [vectors[n] for n in on_front],
         [r if o.maximize else -r for o, r in zip(objectives, reference, strict=True)],
