@@ -18,7 +18,14 @@ from evomerge.errors import UserError
 from evomerge.files import atomic_write, one_line
 from evomerge.results import ExperimentView, search_fitness, task_cell
 from evomerge.results import fmt as _fmt
-from evomerge.search.objectives import LENGTH_METRIC, Objective, hypervolume, pareto_front, vector
+from evomerge.search.objectives import (
+    LENGTH_METRIC,
+    Objective,
+    hypervolume,
+    objectives_from,
+    pareto_front,
+    vector,
+)
 
 TOP = 10
 
@@ -235,14 +242,10 @@ def paired_rows(view: ExperimentView) -> tuple[list[str], list[list[str]]]:
 
 def view_objectives(view: ExperimentView) -> list[Objective]:
     """The journaled experiment's objectives (none for a single-objective one)."""
-    out = []
-    for o in view.config.get("objectives") or []:
-        length = o.get("generation_length")
-        task = o.get("task") or length
-        metric = LENGTH_METRIC if length else (o.get("metric") or view.tasks.get(task))
-        maximize = (o.get("direction") or ("min" if length else "max")) == "max"
-        out.append(Objective(f"generation_length {task}" if length else task, task, metric, maximize))
-    return out
+    from evomerge.config import ObjectiveSpec
+
+    specs = [ObjectiveSpec.model_validate(o) for o in view.config.get("objectives") or []]
+    return objectives_from(specs, view.tasks)
 
 
 def front_rows(view: ExperimentView) -> tuple[list[str], list[list[str]], str]:
@@ -271,8 +274,6 @@ def front_rows(view: ExperimentView) -> tuple[list[str], list[list[str]], str]:
             [name, "" if f.candidate_id is None else str(f.candidate_id), *(_num(v) for v in values), alone]
         )
     reference = front_reference(objectives, [*members, *parents])
-    stated = [o.get("reference") for o in view.config.get("objectives") or []]
-    reference = [r if s is None else float(s) for r, s in zip(reference, stated, strict=True)]
     volume = hypervolume(
         [vectors[n] for n in on_front],
         [r if o.maximize else -r for o, r in zip(objectives, reference, strict=True)],
@@ -282,13 +283,16 @@ def front_rows(view: ExperimentView) -> tuple[list[str], list[list[str]], str]:
 
 
 def front_reference(objectives: list[Objective], finals: list) -> list[float]:
-    """The reference point: 0 for an objective maximised (a score no model is worse than), and for one
-    minimised the worst value any finalist or parent reached."""
+    """The reference point: each objective's stated `reference`; unstated, 0 for an objective maximised (a
+    score no model is worse than), and for one minimised the worst value any finalist or parent reached."""
     worst = [
         max((o.raw(f.metrics) for f in finals if math.isfinite(o.raw(f.metrics))), default=0.0)
         for o in objectives
     ]
-    return [0.0 if o.maximize else w for o, w in zip(objectives, worst, strict=True)]
+    return [
+        o.reference if o.reference is not None else 0.0 if o.maximize else w
+        for o, w in zip(objectives, worst, strict=True)
+    ]
 
 
 def _solved(view: ExperimentView, name: str, objectives: list[Objective]) -> set[tuple[str, int]]:

@@ -53,15 +53,13 @@ class Finals:
         if best is None:
             raise UserError(f"no candidate succeeded; see {self.store.dir / 'search.log'}")
         have = {f.name: f for f in self.store.finals()}
-        if "evolved" in have and have["evolved"].candidate_id != best.id:
-            self.store.clear_finals("evolved")  # a resumed, longer run found a better recipe
-            have = {f.name: f for f in self.store.finals()}
-        jobs = [("evolved", "evolved", best.id, best.recipe)]
         front = self.front(exclude=best.id)
-        if {n for n in have if n.startswith(FRONT)} - {name for name, *_ in front}:
-            self.store.clear_finals("evolved")  # the front moved (a longer run): score it again
+        moved = "evolved" in have and have["evolved"].candidate_id != best.id  # a longer run's better recipe
+        moved |= bool({n for n in have if n.startswith(FRONT)} - {name for name, *_ in front})  # or front
+        if moved:  # score the winner and the front again
+            self.store.clear_finals("evolved")
             have = {f.name: f for f in self.store.finals()}
-        jobs += front
+        jobs = [("evolved", "evolved", best.id, best.recipe), *front]
         if self.config.dfs is not None:  # DFS merges no weights: the baselines are the sources themselves
             jobs += [(f"parent {label}", "parent", i, None) for i, label in enumerate(self.source_names)]
             return self._run(jobs, have)
@@ -80,13 +78,13 @@ class Finals:
         if not objectives:
             return []
         ok = [c for c in self.store.candidates() if c.ok]
-        members = [ok[i] for i in pareto_front([vector(objectives, c.metrics) for c in ok])]
+        vectors = [vector(objectives, c.metrics) for c in ok]
+        members = sorted(pareto_front(vectors), key=lambda i: (-ok[i].fitness, ok[i].id))
         seen, unique = set(), []
-        for c in sorted(members, key=lambda c: (-c.fitness, c.id)):  # one member per objective vector
-            key = vector(objectives, c.metrics)
-            if key not in seen:
-                seen.add(key)
-                unique.append(c)
+        for i in members:  # one member per objective vector, the fittest
+            if vectors[i] not in seen:
+                seen.add(vectors[i])
+                unique.append(ok[i])
         return [(f"{FRONT}{c.id}", "evolved", c.id, c.recipe) for c in unique[:MAX_FRONT] if c.id != exclude]
 
     def _run(self, jobs: list, have: dict) -> list[Final]:

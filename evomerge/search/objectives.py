@@ -23,6 +23,7 @@ class Objective:
     task: str
     metric: str | None
     maximize: bool
+    reference: float | None = None  # its coordinate of the hypervolume's reference point, when stated
 
     def raw(self, metrics: Mapping[str, Mapping[str, float]]) -> float:
         """The objective's value as the task reported it (NaN when absent)."""
@@ -38,15 +39,20 @@ class Objective:
 
 def objectives_of(config) -> list[Objective]:
     """The experiment's objectives (none for a single-objective experiment)."""
-    metric_of = {t.name: t.metric for t in config.evaluation.tasks}
+    return objectives_from(config.objectives or [], {t.name: t.metric for t in config.evaluation.tasks})
+
+
+def objectives_from(specs, metric_of: Mapping[str, str | None]) -> list[Objective]:
+    """Objectives of ObjectiveSpecs, each task metric defaulting to the task's configured one (`metric_of`)."""
     return [
         Objective(
             o.label,
             o.task_name,
-            LENGTH_METRIC if o.generation_length is not None else (o.metric or metric_of[o.task]),
+            LENGTH_METRIC if o.generation_length is not None else (o.metric or metric_of.get(o.task)),
             o.maximize,
+            o.reference,
         )
-        for o in config.objectives or []
+        for o in specs
     ]
 
 
