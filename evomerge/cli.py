@@ -217,7 +217,15 @@ def _say(text: str) -> None:
 
 def _print_view(view) -> None:
     """An experiment's leaderboard: held-out finalists when it has them, else its best candidates."""
-    from evomerge.report.render import front_rows, heldout_rows, heldout_warnings, paired_rows, top_rows
+    from evomerge.report.render import (
+        archive_rows,
+        front_rows,
+        heldout_rows,
+        heldout_warnings,
+        paired_rows,
+        top_rows,
+        view_archive,
+    )
 
     if view.finals:
         _print_table(f"{view.name}: held-out ({len(view.candidates)} evaluations)", *heldout_rows(view))
@@ -230,6 +238,9 @@ def _print_view(view) -> None:
         if rows:
             _print_table(f"{view.name}: Pareto front, held-out", header, rows)
             _say(volume)
+        archive, best = view_archive(view)
+        for title, header, rows in archive_rows(view, archive, best)[:1]:  # best per task; the rest in files
+            _print_table(f"{view.name}: {title}", header, rows)
     else:
         _print_table(f"{view.name}: search split (unfinished)", *top_rows(view))
 

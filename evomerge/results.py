@@ -77,6 +77,14 @@ class ExperimentView:
     def name(self) -> str:
         return self.config.get("name") or self.dir.name
 
+    def candidate_items(self, ids: list[int]) -> dict[int, dict[str, ItemResults]]:
+        """The journaled per-item search results of these candidates (read when a report needs them)."""
+        store = ExperimentStore.open(self.dir, readonly=True)
+        try:
+            return {i: store.items(f"candidate:{i}") for i in ids}
+        finally:
+            store.close()
+
     @property
     def budget(self) -> int:
         return int(self.config.get("optimizer", {}).get("budget", len(self.candidates)))

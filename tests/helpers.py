@@ -13,6 +13,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = REPO / "configs" / "smoke.yaml"
+PARETO = REPO / "configs" / "smoke-pareto.yaml"
 # Where the tests merge and evaluate: cpu, or cuda on a GPU machine (EVOMERGE_TEST_DEVICE=cuda; conftest
 # stops the run when that device is missing). Tests about a device's own rules name theirs explicitly.
 DEVICE = os.environ.get("EVOMERGE_TEST_DEVICE", "cpu")
@@ -58,6 +59,25 @@ def smoke(tmp_path: Path, **changes) -> Path:
     cfg.setdefault("runtime", {})["device"] = DEVICE
     set_dotted(cfg, changes)
     path = tmp_path / f"exp-{len(list(tmp_path.glob('exp-*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def pareto(tmp_path: Path, name: str = "exp", **changes) -> Path:
+    """configs/smoke-pareto.yaml (two objectives, NSGA-II) on 8 search and 8 held-out items per task, its
+    experiment in tmp_path / name, sections updated (dotted keys)."""
+    cfg = yaml.safe_load(PARETO.read_text())
+    cfg["models"] = {
+        "base": str(REPO / "zoo" / "base"),
+        "sources": [str(REPO / "zoo" / n) for n in ("math-en", "lang-x")],
+    }
+    cfg["output"]["dir"] = str(tmp_path / name)
+    cfg["runtime"]["device"] = DEVICE
+    for task in cfg["evaluation"]["tasks"]:
+        task["limit"] = 8
+    cfg["evaluation"]["split"]["heldout"] = 8
+    set_dotted(cfg, changes)
+    path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
-from helpers import DEVICE, cli, journal, set_dotted
+from helpers import DEVICE, cli, journal
+from helpers import pareto as _pareto
 
 from evomerge.search.objectives import Objective, dominates, hypervolume, pareto_front, vector
 
@@ -53,21 +53,6 @@ def test_objective_vectors_are_signed_so_higher_is_better():
 
 ZOO = Path(__file__).resolve().parent.parent / "zoo"
 TASKS = Path(__file__).resolve().parent.parent / "evomerge" / "tasks" / "zoo"
-PARETO = Path(__file__).resolve().parent.parent / "configs" / "smoke-pareto.yaml"
-
-
-def _pareto(tmp_path, name="exp", **changes):
-    cfg = yaml.safe_load(PARETO.read_text())
-    cfg["models"] = {"base": str(ZOO / "base"), "sources": [str(ZOO / n) for n in ("math-en", "lang-x")]}
-    cfg["output"]["dir"] = str(tmp_path / name)
-    cfg["runtime"]["device"] = DEVICE
-    for task in cfg["evaluation"]["tasks"]:
-        task["limit"] = 8
-    cfg["evaluation"]["split"]["heldout"] = 8
-    set_dotted(cfg, changes)
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def test_nsga2_is_told_the_objective_vectors_and_resumes_exactly(tmp_path):
@@ -294,6 +279,27 @@ def test_m2n2_search_resumes_exactly_and_its_first_round_is_the_sources(tmp_path
     recipes = [json.loads(r) for (r,) in db.execute("SELECT recipe FROM candidates ORDER BY generation, idx")]
     embed = [r["groups"]["embed"]["weight"] for r in recipes[:3]]
     assert embed[:2] == [[1.0, 0.0], [0.0, 1.0]]  # math-en alone, lang-x alone, then the default merge
+    _archive_is_reported(tmp_path, "M2N2 archive members (search split)")
+
+
+def _archive_is_reported(tmp_path, table: str) -> None:
+    """The finals score the archive's best member per task on held-out, and the report shows the archive
+    (its best per task with those held-out values, its own table, a coverage heat map)."""
+    from evomerge.report.render import view_archive
+    from evomerge.results import ExperimentView
+
+    view = ExperimentView.load(tmp_path / "whole")
+    archive, best = view_archive(view)
+    assert archive is not None and set(best) == {"zoo_math_x", "zoo_math_en"}
+    assert set(best.values()) <= set(archive.members)
+    scored = {f.candidate_id for f in view.finals if f.kind == "evolved" and f.status == "ok"}
+    assert set(best.values()) <= scored  # every archive best has its held-out score
+    done = cli("report", tmp_path / "whole", "--out", tmp_path / "report")
+    assert done.returncode == 0, done.stderr
+    assert "best per task" in done.stdout
+    md = (tmp_path / "report" / "leaderboard.md").read_text()
+    assert f"## {table}" in md and "): best per task" in md
+    assert (tmp_path / "report" / "archive.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize(
@@ -345,6 +351,7 @@ def test_map_elites_keeps_one_archive_per_objective_over_the_others():
 
 def test_map_elites_search_resumes_exactly(tmp_path):
     _resumed_equals_whole(tmp_path, {"name": "map_elites", "seed": 0, "batch": 4, "cells": 4})
+    _archive_is_reported(tmp_path, "MAP-Elites archives: coverage (search split)")
 
 
 @pytest.mark.parametrize(
@@ -374,3 +381,61 @@ def test_m2n2_starts_with_methods_whose_default_merge_leaves_a_gene_unset(tmp_pa
     path = _pareto(tmp_path, optimizer=m2n2, objectives=None, merge={"method": "breadcrumbs_ties"})
     done = cli("search", path)
     assert done.returncode == 0, done.stderr
+
+
+# -- archives rebuilt from the journal (report, finals) ------------------------------------------------
+
+
+class _Journaled:
+    """A journaled candidate as the archive rebuild reads it (id, place, status, metrics)."""
+
+    def __init__(self, cid, generation, idx, metrics):
+        self.id, self.generation, self.idx, self.metrics, self.ok = cid, generation, idx, metrics, True
+
+
+def test_rebuilt_archives_equal_the_searchs_own():
+    """Offering the journal in told order rebuilds exactly the archive the optimizer held: MAP-Elites'
+    elites per cell and M2N2's members (the report and the finals read archives this way)."""
+    from evomerge.config import M2n2Spec, MapElitesSpec
+    from evomerge.search.archives import rebuild
+    from evomerge.search.optimizers import Feedback, make_optimizer
+
+    objectives = [Objective("a", "a", "m", True), Objective("b", "b", "m", True)]
+    spec = MapElitesSpec(name="map_elites", cells=4, seed=3, budget=80, batch=8)
+    opt = make_optimizer(spec, np.full(3, 0.5), 8, objectives=2)
+    journaled, genomes = [], {}
+    for g in range(8):
+        asked = opt.ask(opt.batch)
+        told = []
+        for i, x in enumerate(asked):
+            v = (1 - float(np.mean((x - 0.2) ** 2)) * 4, 1 - float(np.mean((x - 0.9) ** 2)) * 3)
+            told.append(Feedback(0.0, v))
+            journaled.append(_Journaled(100 + len(journaled), g, i, {"a": {"m": v[0]}, "b": {"m": v[1]}}))
+            genomes[journaled[-1].id] = x
+        opt.tell(asked, told)
+    archive = rebuild(spec, objectives, {}, journaled[::-1], lambda cid: {})  # any order in, told order used
+    for k, grid in enumerate(archive.grids):
+        elites = opt.elites(k)
+        assert len(grid.cells) == len(elites) >= 2
+        held = sorted((round(q, 12), tuple(np.round(x, 12))) for x, q, _ in elites)
+        rebuilt = sorted((round(q, 12), tuple(np.round(genomes[cid], 12))) for cid, q in grid.cells.values())
+        assert held == rebuilt
+        assert grid.coverage == len(elites) / 4
+
+    m2 = M2n2Spec(name="m2n2", archive_size=3, alpha=1.0, seed=0, budget=30, batch=4)
+    opt = make_optimizer(m2, np.full(4, 0.5), 4, weights={"t": 2.0})
+    rng = np.random.default_rng(0)
+    journaled, items, genomes = [], {}, {}
+    for g in range(5):
+        asked = opt.ask(opt.batch)
+        told = []
+        for i, x in enumerate(asked):
+            values = {"t": list((rng.uniform(size=6) < x.mean()).astype(float))}
+            told.append(_told(values))
+            cid = len(journaled)
+            journaled.append(_Journaled(cid, g, i, {}))
+            items[cid], genomes[cid] = told[-1].items(), x
+        opt.tell(asked, told)
+    archive = rebuild(m2, [], {"t": 2.0}, journaled, items.__getitem__)
+    assert [tuple(genomes[c]) for c in archive.members] == [tuple(x) for x in opt.genomes]
+    assert archive.layout == [("t", list(range(6)))] and archive.scores.max() == 2.0  # the task's weight

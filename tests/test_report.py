@@ -40,8 +40,10 @@ def test_report_files_and_content(finished):
     assert "24 of 24" in md and "![fitness](fitness.png)" in md
     rows = list(csv.DictReader((finished / "leaderboard.csv").open()))
     db = sqlite3.connect(finished / "experiment.sqlite")
-    assert len(rows) == db.execute("SELECT COUNT(*) FROM candidates").fetchone()[0]
+    count = db.execute("SELECT COUNT(*) FROM candidates").fetchone()[0]
     best = db.execute("SELECT id, fitness FROM candidates ORDER BY fitness DESC, id LIMIT 1").fetchone()
+    db.close()  # left open, its garbage collection deleted the -wal file under a later test's copytree
+    assert len(rows) == count
     assert int(rows[0]["candidate"]) == best[0] and float(rows[0]["fitness"]) == pytest.approx(best[1])
     assert (finished / "fitness.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "held-out" in done.stdout and "evolved" in done.stdout

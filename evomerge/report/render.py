@@ -341,6 +341,113 @@ def front_plot(view: ExperimentView) -> bytes | None:
     return _png(fig)
 
 
+def view_archive(view: ExperimentView):
+    """The archive of an m2n2 / map_elites experiment rebuilt from its journal, and its best member per
+    task (search split); (None, {}) for the other optimizers."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from evomerge.config import OptimizerSpec
+    from evomerge.search.archives import of_experiment
+
+    raw = view.config.get("optimizer") or {}
+    if raw.get("name") not in ("m2n2", "map_elites"):
+        return None, {}
+    try:
+        spec = TypeAdapter(OptimizerSpec).validate_python(raw)
+    except ValidationError:
+        return None, {}
+    tasks = {t: (m, view.weights.get(t, 1.0)) for t, m in view.tasks.items()}
+    items = view.candidate_items([c.id for c in view.ok]) if spec.name == "m2n2" else {}
+    return of_experiment(spec, view_objectives(view), tasks, view.candidates, items.__getitem__)
+
+
+def archive_rows(
+    view: ExperimentView, archive, best: dict[str, int]
+) -> list[tuple[str, list[str], list[list[str]]]]:
+    """Tables of the archive: its best member per task (search value, held-out value where the finals
+    scored it), and per MAP-Elites archive its coverage; per M2N2 member its shared fitness."""
+    if archive is None:
+        return []
+    by_id = {c.id: c for c in view.candidates}
+    heldout = {f.candidate_id: f for f in view.finals if f.kind == "evolved" and f.status == "ok"}
+    tables = []
+    rows = []
+    for task, cid in best.items():
+        final = heldout.get(cid)
+        rows.append([
+            task, str(cid), _fmt(view.metric(by_id[cid].metrics, task)),
+            _fmt(view.metric(final.metrics, task)) if final else "", final.name if final else "",
+        ])  # fmt: skip
+    tables.append(
+        (f"Archive ({archive.kind}; members: {len(archive.members)}): best per task",
+         ["task", "candidate", "search value", "held-out value", "held-out final"], rows)
+    )  # fmt: skip
+    if archive.kind == "map_elites":
+        rows = []
+        for g in archive.grids:
+            top = max(g.cells.values(), key=lambda e: (e[1], -e[0]), default=None)
+            rows.append([
+                g.quality, " x ".join(g.measures), f"{len(g.cells)}/{int(np.prod(g.dims))} ({g.coverage:.0%})",
+                "" if top is None else str(top[0]), "" if top is None else f"{top[1]:.4f}",
+            ])  # fmt: skip
+        tables.append(
+            ("MAP-Elites archives: coverage (search split)",
+             ["quality", "behaviour", "cells filled", "best elite", "its quality"], rows)
+        )  # fmt: skip
+    else:
+        shared = archive.shared.sum(axis=1)
+        solved = archive.scores > archive.scores.min(axis=0, keepdims=True)
+        alone = solved & (solved.sum(axis=0, keepdims=True) == 1)
+        order = sorted(range(len(archive.members)), key=lambda i: (-shared[i], archive.members[i]))
+        rows = [
+            [str(archive.members[i]), _fmt(by_id[archive.members[i]].fitness), f"{shared[i]:.4f}",
+             str(int(alone[i].sum())), *(_fmt(view.metric(by_id[archive.members[i]].metrics, t)) for t in view.tasks)]
+            for i in order
+        ]  # fmt: skip
+        tables.append(
+            ("M2N2 archive members (search split)",
+             ["candidate", "fitness", "shared fitness", "items only it earns", *view.tasks], rows)
+        )  # fmt: skip
+    return tables
+
+
+def archive_plot(archive) -> bytes | None:
+    """Coverage: each MAP-Elites archive's elites' quality over its behaviour cells (beyond two behaviour
+    coordinates, the best over the rest); for M2N2, which search items each member earns."""
+    if archive is None:
+        return None
+    plt = _pyplot()
+    if archive.kind == "m2n2":
+        fig, ax = plt.subplots(figsize=(7.5, 0.3 * len(archive.members) + 1.6))
+        image = ax.imshow(archive.scores - archive.scores.min(axis=0, keepdims=True), aspect="auto",
+                          cmap="viridis", interpolation="nearest")  # fmt: skip
+        edge = 0
+        for _task, ids in archive.layout[:-1]:
+            edge += len(ids)
+            ax.axvline(edge - 0.5, color="white", lw=1)
+        ax.set_yticks(range(len(archive.members)), [str(m) for m in archive.members], fontsize=7)
+        ax.set_xlabel("search items (" + " | ".join(t for t, _ in archive.layout) + ")")
+        ax.set_ylabel("member (candidate)")
+        ax.set_title("M2N2 archive: item values above the archive's lowest")
+        fig.colorbar(image, ax=ax)
+        return _png(fig)
+    grids = archive.grids
+    fig, axes = plt.subplots(1, len(grids), figsize=(4.2 * len(grids), 3.6), squeeze=False)
+    for ax, g in zip(axes[0], grids, strict=True):
+        shape = (g.dims + [1])[:2] if len(g.dims) < 2 else g.dims[:2]
+        heat = np.full(shape, np.nan)
+        for cell, (_, quality) in g.cells.items():
+            at = (cell[0], cell[1] if len(cell) > 1 else 0)
+            heat[at] = quality if np.isnan(heat[at]) else max(heat[at], quality)
+        image = ax.imshow(heat.T, origin="lower", cmap="viridis", aspect="auto",
+                          extent=(0, 1, 0, 1), interpolation="nearest")  # fmt: skip
+        ax.set_xlabel(g.measures[0])
+        ax.set_ylabel(g.measures[1] if len(g.measures) > 1 else "")
+        ax.set_title(f"archive of {g.quality}: {g.coverage:.0%} of cells", fontsize=9)
+        fig.colorbar(image, ax=ax)
+    return _png(fig)
+
+
 def _bootstrap(diffs: list[np.ndarray], weights: list[float]) -> tuple[float, float]:
     """Percentile 95% interval of sum(weight x mean difference), resampling each task's items (paired)."""
     rng = np.random.default_rng(0)
@@ -427,14 +534,8 @@ def write_report(view: ExperimentView, out: Path, cross: list[ExperimentView] | 
     """Writes leaderboard.md, fitness.png, recipe.png, report.html and leaderboard.csv into `out`."""
     if out.exists() and not out.is_dir():
         raise UserError(f"report directory {out} exists and is not a directory; choose another --out")
-    for name in (
-        "leaderboard.md",
-        "report.html",
-        "leaderboard.csv",
-        "fitness.png",
-        "recipe.png",
-        "front.png",
-    ):
+    for name in ("leaderboard.md", "report.html", "leaderboard.csv", "fitness.png", "recipe.png", "front.png",
+                 "archive.png"):  # fmt: skip
         if (out / name).is_dir() and not (out / name).is_symlink():  # checked before anything is written
             raise UserError(f"{out / name} is a directory; the report writes a file there: move it aside")
     out.mkdir(parents=True, exist_ok=True)
@@ -443,6 +544,8 @@ def write_report(view: ExperimentView, out: Path, cross: list[ExperimentView] | 
         "recipe.png": recipe_plot(view),
         "front.png": front_plot(view),
     }
+    archive, best = view_archive(view)
+    plots["archive.png"] = archive_plot(archive)
     written = []
     for name, data in plots.items():
         if data is not None:
@@ -459,6 +562,7 @@ def write_report(view: ExperimentView, out: Path, cross: list[ExperimentView] | 
         header, rows, volume = front_rows(view)
         if rows:
             sections.append((f"Pareto front, held-out split ({volume})", header, rows))
+    sections += archive_rows(view, archive, best)
     sections.append((f"Top {TOP} candidates (search split)", *top_rows(view)))
     if view.failures:
         sections.append(
@@ -475,6 +579,7 @@ def write_report(view: ExperimentView, out: Path, cross: list[ExperimentView] | 
         ["## Plots", "", "![fitness](fitness.png)", ""]
         + (["![best recipe](recipe.png)", ""] if plots["recipe.png"] else [])
         + (["![Pareto front](front.png)", ""] if plots["front.png"] else [])
+        + (["![archive coverage](archive.png)", ""] if plots["archive.png"] else [])
     )
     atomic_write(out / "leaderboard.md", "\n".join(md).encode())
 

@@ -14,13 +14,15 @@ from evomerge.errors import UserError
 from evomerge.merge.methods import Method
 from evomerge.merge.recipe import Recipe
 from evomerge.runtime.jobs import Executor, Job, Outcome
+from evomerge.search.archives import Archive, of_experiment
 from evomerge.search.objectives import objectives_of, pareto_front, vector
 from evomerge.search.schedule import candidate_seed
 from evomerge.search.space import default_params
-from evomerge.store import ExperimentStore, Final
+from evomerge.store import ExperimentStore, Final, rank_key
 
 log = logging.getLogger("evomerge.search")
 FRONT = "front candidate "  # the finals of the Pareto front's members (kind "evolved")
+ARCHIVE = "archive candidate "  # an archive's best member for a task that is not on the front
 MAX_FRONT = 16
 
 
@@ -55,7 +57,9 @@ class Finals:
         have = {f.name: f for f in self.store.finals()}
         front = self.front(exclude=best.id)
         moved = "evolved" in have and have["evolved"].candidate_id != best.id  # a longer run's better recipe
-        moved |= bool({n for n in have if n.startswith(FRONT)} - {name for name, *_ in front})  # or front
+        moved |= bool(
+            {n for n in have if n.startswith((FRONT, ARCHIVE))} - {name for name, *_ in front}
+        )  # or the front, or an archive's best
         if moved:  # score the winner and the front again
             self.store.clear_finals("evolved")
             have = {f.name: f for f in self.store.finals()}
@@ -73,19 +77,37 @@ class Finals:
     def front(self, exclude: int | None = None) -> list[tuple[str, str, int, dict]]:
         """Final jobs for the search's Pareto front (objective vectors from the journaled search-split
         metrics: estimates under cheap fitness), at most MAX_FRONT members by fitness, the winner left out
-        (its `evolved` final is one). Empty for a single-objective experiment."""
+        (its `evolved` final is one), then each archive's best member per task that is neither. Empty for
+        a single-objective experiment without an archive."""
         objectives = objectives_of(self.config)
-        if not objectives:
-            return []
-        ok = [c for c in self.store.candidates() if c.ok]
-        vectors = [vector(objectives, c.metrics) for c in ok]
-        members = sorted(pareto_front(vectors), key=lambda i: (-ok[i].fitness, ok[i].id))
-        seen, unique = set(), []
-        for i in members:  # one member per objective vector, the fittest
-            if vectors[i] not in seen:
-                seen.add(vectors[i])
-                unique.append(ok[i])
-        return [(f"{FRONT}{c.id}", "evolved", c.id, c.recipe) for c in unique[:MAX_FRONT] if c.id != exclude]
+        candidates = self.store.candidates()
+        ok = [c for c in candidates if c.ok]
+        unique = []
+        if objectives:
+            vectors = [vector(objectives, c.metrics) for c in ok]
+            members = sorted(pareto_front(vectors), key=lambda i: rank_key(ok[i]))
+            seen = set()
+            for i in members:  # one member per objective vector, the fittest
+                if vectors[i] not in seen:
+                    seen.add(vectors[i])
+                    unique.append(ok[i])
+        jobs = [(f"{FRONT}{c.id}", "evolved", c.id, c.recipe) for c in unique[:MAX_FRONT] if c.id != exclude]
+        _, best = self.archive(candidates)
+        by_id = {c.id: c for c in ok}
+        taken = {exclude, *(c.id for c in unique[:MAX_FRONT])}
+        for cid in dict.fromkeys(best.values()):  # each archive's best per task, once, if not scored already
+            if cid not in taken:
+                jobs.append((f"{ARCHIVE}{cid}", "evolved", cid, by_id[cid].recipe))
+        return jobs
+
+    def archive(self, candidates=None) -> tuple[Archive | None, dict[str, int]]:
+        """The search's archive (M2N2, MAP-Elites) rebuilt from the journal, and its best member per task."""
+        tasks = {t.name: (t.metric, t.weight) for t in self.config.evaluation.tasks}
+        return of_experiment(
+            self.config.optimizer, objectives_of(self.config), tasks,
+            self.store.candidates() if candidates is None else candidates,
+            lambda cid: self.store.items(f"candidate:{cid}"),
+        )  # fmt: skip
 
     def _run(self, jobs: list, have: dict) -> list[Final]:
         todo = [job for job in jobs if job[0] not in have]

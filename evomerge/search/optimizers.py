@@ -351,11 +351,13 @@ class M2n2Optimizer:
     ):
         self.rng = np.random.default_rng(spec.seed)
         self.size, self.batch = len(x0), spec.batch or batch
-        self.archive_size, self.alpha, self.mutation = spec.archive_size, spec.alpha, spec.mutation
-        self.weights = dict(weights)
+        self.mutation = spec.mutation
         self.seeds = [np.clip(np.asarray(g, dtype=float), 0.0, 1.0) for g in seeds]
-        self.genomes: list[np.ndarray] = []
-        self.scores: list[np.ndarray] = []  # per member: its item values, in a fixed task and item order
+        self.archive = ItemArchive(spec.archive_size, spec.alpha, weights)
+
+    @property
+    def genomes(self) -> list[np.ndarray]:
+        return self.archive.members
 
     def ask(self, n: int) -> list[np.ndarray]:
         return [self._child() for _ in range(n)]
@@ -365,7 +367,7 @@ class M2n2Optimizer:
             return self.seeds.pop(0)
         if len(self.genomes) < 2:
             return self.rng.uniform(0.0, 1.0, self.size)
-        shared = _shared(np.array(self.scores), self.alpha)
+        shared = self.archive.shared()
         fitness = shared.sum(axis=1)
         first = int(self.rng.choice(len(fitness), p=_probabilities(fitness)))
         attraction = np.maximum(0.0, shared - shared[first]).sum(axis=1)
@@ -379,28 +381,50 @@ class M2n2Optimizer:
 
     def tell(self, genomes: list[np.ndarray], told: Sequence[Feedback | float]) -> None:
         for genome, feedback in zip(genomes, told, strict=True):
-            if not isinstance(feedback, Feedback) or feedback.items is None:
-                continue  # failed: it never enters the archive
-            values = self._values(feedback.items())
-            if values is None:
-                continue
-            if len(self.genomes) < self.archive_size:
-                self.genomes.append(np.asarray(genome, dtype=float))
-                self.scores.append(values)
-                continue
-            fitness = _shared(np.array([*self.scores, values]), self.alpha).sum(axis=1)
-            worst = int(np.argmin(fitness))
-            if worst < len(self.genomes):
-                self.genomes[worst], self.scores[worst] = np.asarray(genome, dtype=float), values
+            if isinstance(feedback, Feedback) and feedback.items is not None:  # a failed one never enters
+                self.archive.offer(np.asarray(genome, dtype=float), feedback.items())
+
+
+class ItemArchive:
+    """M2N2's archive: members (genomes in the search; candidate ids where a report rebuilds it from the
+    journal) with their item values, admitted by replace-worst on the shared fitness. A pure function of
+    the order members are offered in, so the report's rebuild equals the search's archive."""
+
+    def __init__(self, size: int, alpha: float, weights: Mapping[str, float]) -> None:
+        self.size, self.alpha, self.weights = size, alpha, dict(weights)
+        self.members: list[Any] = []
+        self.scores: list[np.ndarray] = []  # per member: its item values, in a fixed task and item order
+        self.layout: list[tuple[str, list[int]]] = []  # (task, item ids) in the order of `scores`' columns
+
+    def shared(self) -> np.ndarray:
+        return _shared(np.array(self.scores), self.alpha)
+
+    def offer(self, member: Any, items: Mapping[str, Any]) -> bool:
+        """Admit `member` (its per-item results by task) if the archive has room or it is not the worst."""
+        values = self._values(items)
+        if values is None:
+            return False
+        if len(self.members) < self.size:
+            self.members.append(member)
+            self.scores.append(values)
+            return True
+        fitness = _shared(np.array([*self.scores, values]), self.alpha).sum(axis=1)
+        worst = int(np.argmin(fitness))
+        if worst == len(self.members):
+            return False
+        self.members[worst], self.scores[worst] = member, values
+        return True
 
     def _values(self, items: Mapping[str, Any]) -> np.ndarray | None:
-        parts = []
+        parts, layout = [], []
         for task in sorted(items):
             data = items[task]
             parts.append(np.asarray(data.values, dtype=float) * self.weights.get(task, 1.0))
+            layout.append((task, [int(i) for i in data.ids]))
         values = np.concatenate(parts) if parts else np.zeros(0)
         if self.scores and values.shape != self.scores[0].shape:
             return None  # scored on other items than the archive (cannot happen at full fidelity)
+        self.layout = self.layout or layout
         return values
 
 
@@ -421,64 +445,61 @@ def _probabilities(weights: np.ndarray) -> np.ndarray:
 
 # -- MAP-Elites (CycleQD) ---------------------------------------------------------------------------------
 
-FAILED_QUALITY = -1e9  # below every archive's threshold: a failed candidate enters no cell
-
 
 class MapElitesOptimizer:
     """CycleQD's archives through pyribs: one GridArchive per objective, whose behaviour coordinates are the
     other objectives' values (each in [0, 1], `cells` cells per coordinate; a value outside lands in the
-    edge cell). Round g asks its candidates from objective q = g mod T's scheduler (pyribs' IsoLineEmitter:
+    edge cell). Round g asks its candidates from objective q = g mod T's emitter (pyribs' IsoLineEmitter:
     a Gaussian step plus a step along the line to another elite, in the unit box), and every candidate
-    told enters every archive it improves (objective q's through its scheduler, the others directly), so
-    each archive keeps the best recipe found for each mix of the other skills. Seeded: pyribs draws from
-    the generators it is given, so replaying the journal asks the same candidates."""
+    told enters every archive it improves, so each archive keeps the best recipe found for each mix of the
+    other skills. Plain MAP-Elites archives (pyribs' defaults: a cell's threshold is its elite's quality;
+    a finite `threshold_min` would switch on CMA-MAE's batch threshold, which can let a worse candidate
+    replace an elite). The emitters learn nothing from tells (IsoLineEmitter's tell is pyribs' no-op), so
+    candidates go straight into the archives and a failed one enters none. Seeded: pyribs draws from the
+    generators it is given, so replaying the journal asks the same candidates."""
 
     def __init__(self, spec, x0: np.ndarray, batch: int, objectives: int) -> None:
         from ribs.archives import GridArchive
         from ribs.emitters import IsoLineEmitter
-        from ribs.schedulers import Scheduler
 
         self.batch = spec.batch or batch
         self.count = objectives
-        self.archives, self.schedulers = [], []
+        self.archives, self.emitters = [], []
         bounds = [(0.0, 1.0)] * len(x0)
         for q in range(objectives):
             archive = GridArchive(
                 solution_dim=len(x0), dims=[spec.cells] * (objectives - 1), ranges=[(0.0, 1.0)] * (objectives - 1),
-                threshold_min=FAILED_QUALITY / 10, learning_rate=1.0, seed=spec.seed + 7919 * q,
+                seed=spec.seed + 7919 * q,
             )  # fmt: skip
             emitter = IsoLineEmitter(
                 archive, iso_sigma=spec.iso_sigma, line_sigma=spec.line_sigma, x0=np.asarray(x0, dtype=float),
                 bounds=bounds, batch_size=self.batch, seed=spec.seed + 104729 * (q + 1),
             )  # fmt: skip
             self.archives.append(archive)
-            self.schedulers.append(Scheduler(archive, [emitter]))
+            self.emitters.append(emitter)
         self.round = 0
-        self._asked: np.ndarray | None = None
+        self._asking = False
 
     def ask(self, n: int) -> list[np.ndarray]:
         if n == 0:
             return []
-        if self._asked is not None:
+        if self._asking:
             raise RuntimeError("map_elites: a round must be told before the next is asked")
-        solutions = np.clip(self.schedulers[self.round % self.count].ask(), 0.0, 1.0)
-        self._asked = solutions[:n]
-        return [np.array(x, dtype=float) for x in self._asked]
+        self._asking = True
+        solutions = np.clip(self.emitters[self.round % self.count].ask(), 0.0, 1.0)
+        return [np.array(x, dtype=float) for x in solutions[:n]]
 
     def tell(self, genomes: list[np.ndarray], told: Sequence[Feedback | float]) -> None:
-        q = self.round % self.count
-        vectors = np.array([_objective_vector(f, self.count) for f in told], dtype=float)
-        for k in range(self.count):
-            others = [j for j in range(self.count) if j != k]
-            quality, measures = vectors[:, k], np.clip(vectors[:, others], 0.0, 1.0)
-            if k == q:
-                padded = len(self._asked) - len(genomes)  # a round cut short by the budget: fill it as failed
-                quality = np.concatenate([quality, np.full(padded, FAILED_QUALITY)])
-                measures = np.concatenate([measures, np.zeros((padded, len(others)))])
-                self.schedulers[k].tell(quality, measures)
-            else:
-                self.archives[k].add(np.asarray(genomes, dtype=float), quality, measures)
-        self._asked = None
+        vectors = np.array([_objective_vector(f, self.count) for f in told], dtype=float).reshape(
+            -1, self.count
+        )
+        ok = np.all(np.isfinite(vectors), axis=1)
+        if ok.any():
+            solutions = np.asarray(genomes, dtype=float)[ok]
+            for k in range(self.count):
+                others = [j for j in range(self.count) if j != k]
+                self.archives[k].add(solutions, vectors[ok, k], np.clip(vectors[ok][:, others], 0.0, 1.0))
+        self._asking = False
         self.round += 1
 
     def elites(self, objective: int) -> list[tuple[np.ndarray, float, np.ndarray]]:
@@ -488,10 +509,7 @@ class MapElitesOptimizer:
 
 
 def _objective_vector(feedback: Feedback | float, count: int) -> list[float]:
-    if (
-        isinstance(feedback, Feedback)
-        and len(feedback.objectives) == count
-        and all(math.isfinite(v) for v in feedback.objectives)
-    ):
+    """The vector a candidate enters the archives with; NaN for a failed one (it enters none)."""
+    if isinstance(feedback, Feedback) and len(feedback.objectives) == count:
         return [float(v) for v in feedback.objectives]
-    return [FAILED_QUALITY] * count
+    return [math.nan] * count
