@@ -439,3 +439,27 @@ def test_rebuilt_archives_equal_the_searchs_own():
     archive = rebuild(m2, [], {"t": 2.0}, journaled, items.__getitem__)
     assert [tuple(genomes[c]) for c in archive.members] == [tuple(x) for x in opt.genomes]
     assert archive.layout == [("t", list(range(6)))] and archive.scores.max() == 2.0  # the task's weight
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        {"name": "optuna", "sampler": "nsga2", "batch": 4},
+        {"name": "m2n2", "batch": 4, "archive_size": 4},
+        {"name": "map_elites", "batch": 4, "cells": 4},
+    ],
+    ids=["nsga2", "m2n2", "map_elites"],
+)
+def test_killed_and_resumed_ends_like_uninterrupted(tmp_path, optimizer):
+    """kill -9 the real command at random moments, resume each time: the same candidates, front and
+    archive finals as the uninterrupted run."""
+    from helpers import kill_and_resume
+
+    spec = {**optimizer, "budget": 12, "seed": 0}
+    whole = _pareto(tmp_path, "whole", optimizer=spec)
+    assert cli("search", whole).returncode == 0
+    killed = _pareto(tmp_path, "killed", optimizer=spec)
+    killed_at = kill_and_resume(killed, tmp_path / "killed", budget=12, seed=7, kills=2)
+    assert any(0 < n < 12 for n, _ in killed_at), killed_at
+    assert journal(tmp_path / "killed") == journal(tmp_path / "whole")
