@@ -60,6 +60,20 @@ class MergeSpec(_Strict):
     baselines: list[Method] = Field(
         default_factory=list, description="more default merges for the finals (e.g. model_stock, karcher)"
     )
+    exclude: list[str] = Field(
+        default_factory=list,
+        description="tensor names or substrings the subspace merges (tsv_m, iso_c, iso_cts, wudi) give the task "
+        "vectors' mean instead of the matrix treatment, e.g. [embed_tokens, lm_head]",
+    )
+
+    @model_validator(mode="after")
+    def _exclude_applies(self) -> MergeSpec:
+        if self.exclude and self.method.spec.param("exclude") is None:
+            takes = ", ".join(m for m in Method if Method(m).spec.param("exclude") is not None)
+            raise ValueError(f"exclude: {self.method.value} has no matrix treatment to skip (only {takes})")
+        if any(not part for part in self.exclude):
+            raise ValueError("exclude: an empty string would match every tensor")
+        return self
 
 
 class Bounds(_Strict):
@@ -586,6 +600,8 @@ class ExperimentConfig(_Strict):
             if data["space"].get(name) is None:
                 data["space"][name] = dict(legacy)
         data["merge"].pop("baselines")  # more finals change no candidate
+        if not data["merge"]["exclude"]:  # as before exclude existed
+            data["merge"].pop("exclude")
         if data["merge"]["rescale"] is None:  # the method's own; older configs dumped rescale: true
             own = self.merge.method.spec.default("rescale")
             data["merge"]["rescale"] = True if own is None else own

@@ -73,6 +73,10 @@ def recipe_to_mergekit(
     for param in spec.params:
         if param.per_input or param.name == "int8_mask":
             continue
+        if param.name == "exclude" and recipe.exclude:  # the tensors it is true for, by the same substrings
+            shared["exclude"] = [{"filter": part, "value": True} for part in recipe.exclude]
+            shared["exclude"].append({"filter": "*", "value": False})
+            continue
         if searched(param.name):
             shared[param.name] = setting(lambda g, param=param: group_value(g, param))
         else:
@@ -154,11 +158,15 @@ def export_candidate(
         writer.finish()
         write_config(stage, first.config, dtype, tied)
         copy_tokenizer(first.path, stage)
+        config_name = rebuild_config_name(recipe)
+        how = (
+            f"mergekit-yaml {config_name} OUT  (or: evomerge merge {config_name} OUT)"
+            if recipe.method.spec.in_mergekit
+            else f"evomerge merge {config_name} OUT  ({recipe.method.value} is not in mergekit)"
+        )
         atomic_write(
-            stage / "mergekit_config.yml",
-            "# Rebuilds this model: mergekit-yaml mergekit_config.yml OUT  (or: evomerge merge mergekit_config.yml OUT)\n"
-            + _dare_note(recipe)
-            + yaml.safe_dump(mergekit, sort_keys=False),
+            stage / config_name,
+            f"# Rebuilds this model: {how}\n" + _dare_note(recipe) + yaml.safe_dump(mergekit, sort_keys=False),
         )
         atomic_write(stage / "README.md", model_card(view, candidate, rank, recipe))
     return ExportSummary(out_dir, candidate.id, rank, len(names))
@@ -268,6 +276,11 @@ def _path_card(view: ExperimentView, candidate, recipe: PathRecipe, rank: int) -
     return "\n".join(lines) + "\n"
 
 
+def rebuild_config_name(recipe: Recipe) -> str:
+    """mergekit_config.yml where mergekit can run it; evomerge_merge.yml for methods only evomerge has."""
+    return "mergekit_config.yml" if recipe.method.spec.in_mergekit else "evomerge_merge.yml"
+
+
 def _dare_note(recipe: Recipe) -> str:
     if not recipe.method.spec.random:
         return ""
@@ -309,6 +322,11 @@ def model_card(view: ExperimentView, candidate, rank: int, recipe: Recipe) -> st
         values += [(p.get(q.name) or (q.default,) * len(names))[j] for q in genes if q.per_input
                    for j in range(len(names))]  # fmt: skip
         lines.append(f"| {g} | " + " | ".join("" if v is None else f"{v:.4f}" for v in values) + " |")
-    lines += ["", "`mergekit_config.yml` rebuilds these weights. The full recipe as JSON:", "", "```json",
+    if recipe.method.spec.in_mergekit:
+        rebuild = "`mergekit_config.yml` rebuilds these weights (mergekit-yaml or evomerge merge)."
+    else:
+        rebuild = (f"`evomerge_merge.yml` rebuilds these weights with `evomerge merge`; mergekit cannot: it has "
+                   f"no `{recipe.method.value}`.")  # fmt: skip
+    lines += ["", f"{rebuild} The full recipe as JSON:", "", "```json",
               json.dumps(candidate.recipe, indent=1), "```", ""]  # fmt: skip
     return "\n".join(lines)

@@ -61,6 +61,7 @@ class Recipe:
     lam: float = 1.0
     rescale: bool | None = None
     seed: int = 0
+    exclude: tuple[str, ...] = ()  # tensor names or substrings the method's `exclude` is true for
     split: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -74,15 +75,19 @@ class Recipe:
 
     def tensor_params(self, names: Iterable[str], family: Family) -> dict[str, TensorParams]:
         spec, shared = self.method.spec, self.shared()
+        excludes = self.exclude and spec.param("exclude") is not None
         out, by_group = {}, {}
         for name in names:
             group = family.group(name, self.split)
             if group not in self.groups:
                 raise UserError(f"recipe has no parameters for group {group} (tensor {name})")
-            if group not in by_group:
+            key = (group, excludes and any(part in name for part in self.exclude))
+            if key not in by_group:
                 values = {**self.groups[group].values, **shared}
-                by_group[group] = spec.tensor_params(values, _count(values), f"group {group}", self.seed)
-            out[name] = by_group[group]
+                if excludes:
+                    values["exclude"] = key[1]
+                by_group[key] = spec.tensor_params(values, _count(values), f"group {group}", self.seed)
+            out[name] = by_group[key]
         return out
 
     @classmethod
@@ -104,7 +109,7 @@ class Recipe:
             "rescale": self.rescale, "seed": self.seed,
             "groups": {name: {k: list(v) if isinstance(v, tuple) else v for k, v in g.values.items()}
                        for name, g in self.groups.items()},
-        }  # fmt: skip
+        } | ({"exclude": list(self.exclude)} if self.exclude else {})  # fmt: skip
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Recipe:
@@ -115,7 +120,7 @@ class Recipe:
             values = {_OLD_NAMES.get(k, k): v for k, v in g.items() if v != []}
             groups[name] = GroupParams({k: v for k, v in values.items() if method.spec.param(k) is not None})
         return cls(method, groups, data.get("normalize"), data.get("lambda", 1.0),
-                   data.get("rescale"), data.get("seed", 0))  # fmt: skip
+                   data.get("rescale"), data.get("seed", 0), tuple(data.get("exclude", ())))  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -163,4 +163,8 @@ class Finals:
     def default_recipe(self, method: Method) -> dict:
         params = default_params(method, len(self.source_names))
         groups = {g: params for g in self.groups}
-        return Recipe(method, groups, seed=candidate_seed(self.config.optimizer.seed, -1, 0)).to_dict()
+        exclude = tuple(self.config.merge.exclude) if method.spec.param("exclude") is not None else ()
+        recipe = Recipe(
+            method, groups, seed=candidate_seed(self.config.optimizer.seed, -1, 0), exclude=exclude
+        )
+        return recipe.to_dict()

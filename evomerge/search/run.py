@@ -172,6 +172,7 @@ class Search:
         recipe = self.space.decode(
             genome, seed=seed, normalize=self.config.merge.normalize, rescale=self.config.merge.rescale
         )
+        recipe.exclude = tuple(self.config.merge.exclude)
         return recipe.to_dict()
 
     def _schedule(self) -> Schedule:

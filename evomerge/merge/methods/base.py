@@ -98,6 +98,7 @@ class MergeMethod:
     repair: Callable[[dict[str, Any]], dict[str, Any]] | None = None  # a searched group made valid
     # bytes `precompute` keeps for one tensor of (numel, row length) and n merged models: the memory plan
     state_bytes: Callable[[int, int, int], int] | None = None
+    in_mergekit: bool = True  # mergekit 0.1.5 has it (export writes a config mergekit-yaml can run)
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -110,7 +111,9 @@ class MergeMethod:
         p = self.param(name)
         return None if p is None else p.default
 
-    def check_models(self, has_base: bool, count: int, *, base: str = "a base model", model: str = "model") -> None:
+    def check_models(
+        self, has_base: bool, count: int, *, base: str = "a base model", model: str = "model"
+    ) -> None:
         """UserError (for the caller to place) when this method cannot merge `count` models besides the
         base (`has_base`: a base is given). The one statement of the fact, for the experiment config, the
         engine, mergekit configs and slices; `base` and `model` are how the caller's config names them."""
@@ -119,7 +122,9 @@ class MergeMethod:
         if self.inputs is not None and count != self.inputs:
             if self.needs_base or (self.optional_base and has_base):
                 n = "one" if self.inputs == 1 else str(self.inputs)
-                raise UserError(f"{self.name} merges {base} with exactly {n} {model}{'s' * (self.inputs != 1)}")
+                raise UserError(
+                    f"{self.name} merges {base} with exactly {n} {model}{'s' * (self.inputs != 1)}"
+                )
             raise UserError(f"{self.name} takes exactly {self.inputs} {model}(s), got {count}")
         if count < self.min_inputs:
             besides = f" besides {base}" if self.needs_base or (self.optional_base and has_base) else ""
