@@ -53,6 +53,14 @@ class ModelsSpec(_Strict):
         return self
 
 
+class CalibrationSpec(_Strict):
+    """Where a data-aware merge (regmean) takes its activation statistics: the first `items` of a configured
+    task's search split (never its held-out items), each as the prompt the evaluator gives it."""
+
+    task: str = Field(description="a task of evaluation.tasks")
+    items: int = Field(256, ge=1, description="search-split items whose activations are averaged")
+
+
 class MergeSpec(_Strict):
     method: Method = Method.ties
     normalize: bool | None = Field(None, description="default: the method's own (true for ties, linear)")
@@ -65,6 +73,20 @@ class MergeSpec(_Strict):
         description="tensor names or substrings the subspace merges (tsv_m, iso_c, iso_cts, wudi) give the task "
         "vectors' mean instead of the matrix treatment, e.g. [embed_tokens, lm_head]",
     )
+
+    calibration: CalibrationSpec | None = Field(
+        None, description="activation statistics for regmean: items of a configured task's search split"
+    )
+
+    @model_validator(mode="after")
+    def _calibration_when_needed(self) -> MergeSpec:
+        needs = [m.value for m in [self.method, *self.baselines] if m.spec.calibrated]
+        if needs and self.calibration is None:
+            raise ValueError(
+                f"{needs[0]} merges from activation statistics: set merge.calibration "
+                "({task: a configured task, items: N}) to take them from that task's search split"
+            )
+        return self
 
     @model_validator(mode="after")
     def _exclude_applies(self) -> MergeSpec:
@@ -429,6 +451,16 @@ class ExperimentConfig(_Strict):
     )
 
     @model_validator(mode="after")
+    def _calibration_task_configured(self) -> ExperimentConfig:
+        calibration = self.merge.calibration
+        if calibration is not None and calibration.task not in {t.name for t in self.evaluation.tasks}:
+            raise ValueError(
+                f"merge.calibration.task: {calibration.task!r} is not one of evaluation.tasks "
+                f"({', '.join(t.name for t in self.evaluation.tasks)})"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _map_elites_fits(self) -> ExperimentConfig:
         if not isinstance(self.optimizer, MapElitesSpec):
             return self
@@ -602,6 +634,8 @@ class ExperimentConfig(_Strict):
         data["merge"].pop("baselines")  # more finals change no candidate
         if not data["merge"]["exclude"]:  # as before exclude existed
             data["merge"].pop("exclude")
+        if data["merge"]["calibration"] is None:  # as before calibration existed
+            data["merge"].pop("calibration")
         if data["merge"]["rescale"] is None:  # the method's own; older configs dumped rescale: true
             own = self.merge.method.spec.default("rescale")
             data["merge"]["rescale"] = True if own is None else own

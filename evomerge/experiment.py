@@ -65,7 +65,9 @@ def open_experiment(
         except UserError:
             store.close()
             raise
-        if recorded is None or notes:  # made before models (or tokenizers) were recorded: from now on they are
+        if (
+            recorded is None or notes
+        ):  # made before models (or tokenizers) were recorded: from now on they are
             store.set_meta("models", json.dumps(models, sort_keys=True))
         if store.meta("config") != snapshot:
             store.set_meta("config", snapshot)
@@ -267,14 +269,18 @@ def _hand_on(config: ExperimentConfig, index: int, out: Path, handoff: Path, run
     if winner is None:
         return
     if recorded == winner.id:
-        _stage_log(out / stage.name, f"stage {stage.name} hands on its best, candidate {winner.id} ({handoff})")
+        _stage_log(
+            out / stage.name, f"stage {stage.name} hands on its best, candidate {winner.id} ({handoff})"
+        )
         return
     if recorded is None and handoff.exists():
         message = f"stage {stage.name}: exporting its best (candidate {winner.id}) again, as this evomerge records which"
     elif recorded is None:
         message = f"exporting the best of stage {stage.name} (candidate {winner.id})"
     else:
-        message = f"stage {stage.name}'s best is now candidate {winner.id} (was {recorded}): exporting it again"
+        message = (
+            f"stage {stage.name}'s best is now candidate {winner.id} (was {recorded}): exporting it again"
+        )
     _stage_log(out / stage.name, message)
     if run.reporter:
         run.reporter.stage(message)

@@ -166,7 +166,9 @@ def export_candidate(
         )
         atomic_write(
             stage / config_name,
-            f"# Rebuilds this model: {how}\n" + _dare_note(recipe) + yaml.safe_dump(mergekit, sort_keys=False),
+            f"# Rebuilds this model: {how}\n"
+            + _dare_note(recipe)
+            + yaml.safe_dump(mergekit, sort_keys=False),
         )
         atomic_write(stage / "README.md", model_card(view, candidate, rank, recipe))
     return ExportSummary(out_dir, candidate.id, rank, len(names))

@@ -352,7 +352,9 @@ class ExperimentStore:
         try:
             return json.loads(text)
         except ValueError:
-            raise UserError(f"{self.dir / DB_NAME}: the journal is damaged (meta {key} is not JSON)") from None
+            raise UserError(
+                f"{self.dir / DB_NAME}: the journal is damaged (meta {key} is not JSON)"
+            ) from None
 
     def set_meta(self, key: str, value: str) -> None:
         with self._tx() as db:
@@ -449,7 +451,9 @@ class ExperimentStore:
             if row[5] not in ("ok", "failed") or not isinstance(row[1], int) or not isinstance(row[2], int):
                 raise ValueError("generation, idx or status is malformed")
         except (TypeError, ValueError) as exc:
-            raise UserError(f"{self.dir / DB_NAME}: journal row {row[0]} is malformed ({first_line(exc, 120)})") from None
+            raise UserError(
+                f"{self.dir / DB_NAME}: journal row {row[0]} is malformed ({first_line(exc, 120)})"
+            ) from None
         return Candidate(
             row[0], row[1], row[2], genome, recipe, row[5], row[6], fitness,
             metrics, row[9], row[10], row[11], row[12], fidelity,
@@ -459,7 +463,14 @@ class ExperimentStore:
 
     def record_score(self, s: Score, items: dict[str, dict[str, Any]] | None = None) -> None:
         with self._tx() as db:
-            meaning = (s.owner, s.status, s.reason, float(s.fitness), json.dumps(s.metrics), int(s.item_evals))
+            meaning = (
+                s.owner,
+                s.status,
+                s.reason,
+                float(s.fitness),
+                json.dumps(s.metrics),
+                int(s.item_evals),
+            )
             db.execute(
                 "INSERT OR REPLACE INTO scores (owner, status, reason, fitness, metrics, item_evals, seconds, "
                 "finished_at, checksum) VALUES (?,?,?,?,?,?,?,?,?)",
@@ -594,7 +605,9 @@ def _checksum(meaning: tuple) -> str:
     recomputes it from the row itself."""
     import hashlib
 
-    text = json.dumps([None if isinstance(v, float) and math.isnan(v) else v for v in meaning], allow_nan=True)
+    text = json.dumps(
+        [None if isinstance(v, float) and math.isnan(v) else v for v in meaning], allow_nan=True
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 

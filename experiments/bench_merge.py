@@ -14,6 +14,9 @@ With `--sources host` (or `both`) the sources stay in host memory and stream thr
 staging buffers: the row gives the bytes moved host->device per candidate and the time next to `device`
 placement (on a CPU the "device" is host memory too, so this measures the staging copies only).
 Targets (issue 2): ties/dare_ties >= 0.3x copy bandwidth, >= 5x faster than mergekit.
+What each method computes once (`load+pre s`: at load; `first s`: the first candidate, which for the
+subspace merges tsv_m, iso_c, iso_cts and wudi computes every tensor's merged task vector: their SVDs or
+WUDI's optimisation) is not paid again: `ms/cand` is what every later candidate costs.
 """
 
 from __future__ import annotations
@@ -114,7 +117,7 @@ def rescales(args, method: Method) -> bool | None:
 
 
 def mergekit_seconds(paths: list[Path], method: Method, reps: int, rescale: bool | None) -> float | None:
-    if reps < 1:  # --mergekit-reps 0: no mergekit column (on a GPU, say, where mergekit runs on the CPU)
+    if reps < 1 or not method.spec.in_mergekit:  # --mergekit-reps 0 (on a GPU, say), or no such method there
         return None
     try:
         from mergekit.config import MergeConfiguration

@@ -27,7 +27,10 @@ from evomerge.errors import UserError
         ({"merge": {"method": "slerp"}}, "slerp merges models.base with exactly one source"),
         ({"models": {"sources": ["a"]}}, "needs models.base"),
         ({"evaluation": {"tasks": []}}, "evaluation.tasks: List should have at least 1 item"),
-        ({"runtime": {"dtype": "int8"}}, "runtime.dtype: Input should be 'auto', 'float32', 'bfloat16' or 'float16'"),
+        (
+            {"runtime": {"dtype": "int8"}},
+            "runtime.dtype: Input should be 'auto', 'float32', 'bfloat16' or 'float16'",
+        ),
     ],
 )
 def test_schema_names_the_key(changes, message):
@@ -82,4 +85,6 @@ def test_config_loads_without_torch():
     import sys
 
     code = "import sys, evomerge.config; from evomerge.merge.methods import REGISTRY; print('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+    assert (
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+    )

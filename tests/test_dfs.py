@@ -361,7 +361,9 @@ def _export_matches_live(out, source_dirs, recipe):
     exported = evomerge.load_model(out, dtype=torch.float32).eval()
     assert exported.config.num_hidden_layers == len(recipe["path"])
     sources = [_load(d) for d in source_dirs]
-    live = path_model(sources, [tuple(p) for p in recipe["path"]], recipe["scales"], tuple(recipe.get("ends", (0, 0))))
+    live = path_model(
+        sources, [tuple(p) for p in recipe["path"]], recipe["scales"], tuple(recipe.get("ends", (0, 0)))
+    )
     with torch.no_grad():
         assert torch.allclose(exported(IDS).logits, live(IDS).logits, atol=1e-5)
     assert torch.equal(_greedy(exported), _greedy(live))

@@ -245,6 +245,8 @@ def test_requests_built_once_score_exactly_as_lm_eval(math_en, tmp_path):
             for name, items in ours.items.items():  # per-item values make the aggregate
                 assert items["ids"] == evaluator.indices(name, split)
                 if items["metric"].startswith(("acc", "exact_match", "logprob")):
-                    assert sum(items["values"]) / len(items["values"]) == pytest.approx(ours.metrics[name][items["metric"]])
+                    assert sum(items["values"]) / len(items["values"]) == pytest.approx(
+                        ours.metrics[name][items["metric"]]
+                    )
     assert set(ours.items) == {"zoo_math_x", "zoo_verbs_x", "zoo_math_x_ll", "fewshot_ll"}
     assert len(evaluator._requests) == 2  # built once per split, reused by every later call

@@ -20,13 +20,21 @@ def _plan(fidelity, sizes=(40, 40, 30)) -> ItemPlan:
     tasks = [
         TaskSpec(name="a"), TaskSpec(name="a_ll", split_as="a", weight=0.5), TaskSpec(name="b"),
     ]  # fmt: skip
-    search = {"a": list(range(0, 2 * sizes[0], 2)), "a_ll": list(range(0, 2 * sizes[1], 2)), "b": list(range(sizes[2]))}
+    search = {
+        "a": list(range(0, 2 * sizes[0], 2)),
+        "a_ll": list(range(0, 2 * sizes[1], 2)),
+        "b": list(range(sizes[2])),
+    }
     return ItemPlan(FidelitySpec.model_validate(fidelity), tasks, search, split_seed=7)
 
 
 def test_subsample_is_seeded_per_round_and_shared_by_split_as_tasks():
     plan = _plan({"subsample": {"items": 5}})
-    first, again, other = plan.subsample(3), _plan({"subsample": {"items": 5}}).subsample(3), plan.subsample(4)
+    first, again, other = (
+        plan.subsample(3),
+        _plan({"subsample": {"items": 5}}).subsample(3),
+        plan.subsample(4),
+    )
     assert first == again  # a function of (split seed, round): every process draws the same
     assert first != other  # a new round, new items
     assert first["a"] == first["a_ll"]  # tasks that share a split share their items
@@ -114,7 +122,9 @@ def test_a_subset_scores_its_items_as_the_whole_split_does():
 
     config, config_dir = load_config(REPO / "configs" / "demo.yaml")
     model, tok = load_model_and_tokenizer(str(REPO / "zoo" / "math-en"), device=DEVICE, dtype="float32")
-    spec = config.evaluation.model_copy(update={"tasks": [t.model_copy(update={"limit": 40}) for t in config.evaluation.tasks]})
+    spec = config.evaluation.model_copy(
+        update={"tasks": [t.model_copy(update={"limit": 40}) for t in config.evaluation.tasks]}
+    )
     evaluator = Evaluator(model, tok, spec)
     whole = evaluator.evaluate("search")
     some = {name: whole.items[name]["ids"][3:40:4] for name in whole.items}
@@ -186,7 +196,9 @@ def test_cheap_search_journals_estimates_and_rescores_the_best(mode_run):
     report = cli("report", exp, "--out", exp.parent / "report")
     assert report.returncode == 0, report.stderr
     text = (exp.parent / "report" / "leaderboard.md").read_text()
-    assert f"| fitness | {mode}: " in text and "item-evaluations" in text and "x fewer than full fitness" in text
+    assert (
+        f"| fitness | {mode}: " in text and "item-evaluations" in text and "x fewer than full fitness" in text
+    )
     assert "(estimate ~" in text or "~" in text
 
 
@@ -249,11 +261,27 @@ metric_list:
 @pytest.mark.parametrize(
     "fidelity, extra, message",
     [
-        ({"subsample": {"items": 25}}, {}, "subsample items 25 is more than the search split of zoo_math_x (24 items)"),
+        (
+            {"subsample": {"items": 25}},
+            {},
+            "subsample items 25 is more than the search split of zoo_math_x (24 items)",
+        ),
         ({"racing": {"items": 30}}, {}, "racing items 30 is more than the search split"),
-        ({"subsample": {"items": 0}}, {}, "evaluation.fidelity.items: Input should be greater than or equal to 1"),
-        ({"subsample": {"items": 4}, "rescore_top": 0}, {}, "evaluation.fidelity.rescore_top: Input should be greater"),
-        ({"anchors": {"items": 4}}, {"median": True}, "anchors adds up per-item results, but task zoo_math_x_median"),
+        (
+            {"subsample": {"items": 0}},
+            {},
+            "evaluation.fidelity.items: Input should be greater than or equal to 1",
+        ),
+        (
+            {"subsample": {"items": 4}, "rescore_top": 0},
+            {},
+            "evaluation.fidelity.rescore_top: Input should be greater",
+        ),
+        (
+            {"anchors": {"items": 4}},
+            {"median": True},
+            "anchors adds up per-item results, but task zoo_math_x_median",
+        ),
     ],
 )
 def test_bad_fidelity_is_one_line_and_creates_nothing(tmp_path, fidelity, extra, message):

@@ -104,3 +104,59 @@ def test_merge_equals_fusion_bench(oracle_run, job):
             assert error <= 1e-5, f"{job} {name}: relative error {error:.2e}"
     finally:
         torch.set_num_threads(threads)
+
+
+def test_regmean_equals_fusion_bench(tmp_path, fusion_bench):
+    """RegMean's merge from the same Gram matrices (evomerge's own, from real forward passes of each
+    model) equals FusionBench's merging_with_regmean_weights: Linear weights by the regression, the rest
+    averaged."""
+    from evomerge.merge.calibration import linear_grams
+    from evomerge.models.loading import load_target
+
+    paths = make_family(tmp_path, "llama", finetunes=2, seed=5, layers=2)
+    base, *fts = [Checkpoint.open(p) for p in paths]
+    names = sorted(base.tensors)
+    base_t = {n: base.get(n).float().clone() for n in names}
+    models = [{n: ft.get(n).float().clone() for n in names} for ft in fts]
+    ids = torch.randint(0, 20, (3, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    grams = {}
+    for i, ft in enumerate(fts):
+        model = load_target(ft, device="cpu")
+        model.load_state_dict({n: models[i][n] for n in names}, strict=False)
+        for key, g in linear_grams(model, [(ids, mask)]).items():
+            grams[f"gram{i}.{key[: -len('.weight')]}"] = g.contiguous()
+    save_file(grams, tmp_path / "grams.st")
+    tensors = {f"base.{n}": base_t[n] for n in names}
+    for i, m in enumerate(models):
+        tensors.update({f"tv{i}.{n}": (m[n] - base_t[n]).contiguous() for n in names})
+    save_file(tensors, tmp_path / "in.st")
+    job = {"method": "regmean", "params": {"grams": str(tmp_path / "grams.st"), "reduce_non_diagonal_ratio": 0.3},
+           "out": str(tmp_path / "regmean.st")}  # fmt: skip
+    (tmp_path / "jobs.json").write_text(json.dumps([job]))
+    done = subprocess.run(
+        [str(fusion_bench), str(ORACLE), str(tmp_path / "in.st"), str(tmp_path / "jobs.json")],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    theirs = load_file(tmp_path / "regmean.st")
+    from evomerge.merge import kernels
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        linear = 0
+        for name, want in theirs.items():
+            per = [m[name] for m in models]
+            key = name[: -len(".weight")]
+            if f"gram0.{key}" in grams:
+                got = kernels.regmean.regmean(per, [grams[f"gram{i}.{key}"] for i in range(2)], 0.3)
+                linear += 1
+            else:
+                got = kernels.regmean.weighted_mean(per)
+            error = (torch.linalg.norm(got - want) / torch.linalg.norm(want)).item()
+            assert error <= 1e-5, f"{name}: relative error {error:.2e}"
+        assert linear >= 14  # q, k, v, o, gate, up, down in each of 2 layers, and the head
+    finally:
+        torch.set_num_threads(threads)

@@ -33,7 +33,9 @@ def test_import_rules():
     assert not {d for d in graph["evomerge.export"] if d.startswith("evomerge.report")}
     assert not {d for d in graph["evomerge.results"] if d.startswith(("evomerge.report", "evomerge.export"))}
     # the loop opens no model and no task itself: experiment.search_inputs hands it what it needs
-    assert not {d for d in graph["evomerge.search.run"] if d.startswith(("evomerge.models", "evomerge.evaluate"))}
+    assert not {
+        d for d in graph["evomerge.search.run"] if d.startswith(("evomerge.models", "evomerge.evaluate"))
+    }
     # the loop's strategies import nothing above them: no circle through search.run
     for name in ("evomerge.search.schedule", "evomerge.search.finals", "evomerge.search.fidelity"):
         assert "evomerge.search.run" not in graph[name], name

@@ -270,6 +270,9 @@ def test_per_item_results_are_journaled_and_paired_in_the_report(finished):
     evolved, parent = held["evolved"], held["parent math-en"]
     diff = evolved.values - parent.values
     md = (finished / "leaderboard.md").read_text()
-    assert "item by item" in md and f"| evolved vs parent math-en | zoo_math_x | 24 | {int((diff > 0).sum())} right |" in md
+    assert (
+        "item by item" in md
+        and f"| evolved vs parent math-en | zoo_math_x | 24 | {int((diff > 0).sum())} right |" in md
+    )
     assert f"{diff.mean():+.4f}" in md
     assert np.isin(evolved.values, [0.0, 1.0]).all()

@@ -164,7 +164,10 @@ def test_planted_symlinks_are_never_followed(tiny, tmp_path):
     done = cli("report", mine)
     assert done.returncode == 0, done.stderr
     assert victim.read_text() == "precious"
-    assert not (mine / "leaderboard.md").is_symlink() and "evomerge report" in (mine / "leaderboard.md").read_text()
+    assert (
+        not (mine / "leaderboard.md").is_symlink()
+        and "evomerge report" in (mine / "leaderboard.md").read_text()
+    )
     # the run log of a resumed experiment
     (mine / "search.log").unlink()
     (mine / "search.log").symlink_to(victim)
@@ -213,7 +216,11 @@ def test_fewshot_fitness_is_a_function_of_model_and_config(tmp_path):
 
     model, tok = load_model_and_tokenizer(str(ZOO / "math-en"), device=DEVICE, dtype="float32")
     spec = EvaluationSpec.model_validate(
-        {"tasks": [{"name": "fewshot_ppl"}], "include_paths": [str(tasks)], "split": {"heldout": 0.5, "seed": 3}}
+        {
+            "tasks": [{"name": "fewshot_ppl"}],
+            "include_paths": [str(tasks)],
+            "split": {"heldout": 0.5, "seed": 3},
+        }
     )
     evaluator = Evaluator(model, tok, spec)
     first, second = evaluator.evaluate().metrics, evaluator.evaluate().metrics
@@ -271,7 +278,9 @@ def test_missing_task_data_duplicate_keys_and_eval_options(tmp_path):
     cfg.write_text(yaml.safe_dump(data))
     for command in ("validate", "search"):
         done = cli(command, cfg)
-        assert done.returncode == 2 and "cannot load ghost" in done.stderr and len(done.stderr.splitlines()) == 1
+        assert (
+            done.returncode == 2 and "cannot load ghost" in done.stderr and len(done.stderr.splitlines()) == 1
+        )
     assert not (tmp_path / "exp").exists()
     dup = tmp_path / "dup.yaml"
     dup.write_text(cfg.read_text() + "runtime:\n  device: cpu\n")  # a second top-level `runtime`
@@ -304,7 +313,13 @@ def test_overflowing_fitness_fails_the_candidate():
 
     model, tok = load_model_and_tokenizer(str(ZOO / "math-en"), device=DEVICE, dtype="float32")
     spec = EvaluationSpec.model_validate(
-        {"tasks": [{"name": "zoo_math_x_ll", "weight": -1e308, "limit": 4}, {"name": "zoo_verbs_x", "weight": -1e308, "limit": 4}], "split": {"heldout": 0.5}}
+        {
+            "tasks": [
+                {"name": "zoo_math_x_ll", "weight": -1e308, "limit": 4},
+                {"name": "zoo_verbs_x", "weight": -1e308, "limit": 4},
+            ],
+            "split": {"heldout": 0.5},
+        }
     )
     result = Evaluator(model, tok, spec).evaluate()
     assert not result.ok and "fitness is" in result.error
@@ -318,7 +333,11 @@ def test_markup_in_names_and_reasons_is_printed_literally(tmp_path):
     odd = tmp_path / "math[dpo]"
     shutil.copytree(ZOO / "math-en", odd)
     cfg = smoke(
-        tmp_path, **{"models.sources": [str(odd), str(ZOO / "lang-x")], "optimizer": {"name": "random", "budget": 2, "batch": 2}}
+        tmp_path,
+        **{
+            "models.sources": [str(odd), str(ZOO / "lang-x")],
+            "optimizer": {"name": "random", "budget": 2, "batch": 2},
+        },
     )
     done = cli("search", cfg)
     assert done.returncode == 0, done.stderr
@@ -326,7 +345,9 @@ def test_markup_in_names_and_reasons_is_printed_literally(tmp_path):
     exp = tmp_path / "exp"
     db = sqlite3.connect(exp / "experiment.sqlite")
     with db:
-        db.execute("UPDATE finals SET status='failed', reason='[/data/x] disk [bold]gone' WHERE kind='default'")
+        db.execute(
+            "UPDATE finals SET status='failed', reason='[/data/x] disk [bold]gone' WHERE kind='default'"
+        )
     db.close()
     done = cli("report", exp, env_extra={"COLUMNS": "400"})
     assert done.returncode == 0, done.stderr
@@ -356,7 +377,9 @@ def test_tied_embeddings_export_is_the_model_that_was_scored(tmp_path, stored):
     assert done.returncode == 0, done.stderr
     best = max((c for c in journal(exp)[0]), key=lambda r: r[3])
     db = sqlite3.connect(exp / "experiment.sqlite")
-    recipe = json.loads(db.execute("SELECT recipe FROM candidates WHERE generation=? AND idx=?", best[:2]).fetchone()[0])
+    recipe = json.loads(
+        db.execute("SELECT recipe FROM candidates WHERE generation=? AND idx=?", best[:2]).fetchone()[0]
+    )
     db.close()
     ckpts = [Checkpoint.open(p) for p in (base, ft1, ft2)]
     target = load_target(ckpts[0])

@@ -108,3 +108,10 @@ def test_bfloat16_task_vectors_are_upcast_for_the_svd():
         params = spec.tensor_params({"iter_num": 5.0} if method == "wudi" else {}, 2, "w")
         merged = spec.exact("w", base, models, params)
         assert merged.dtype == torch.float32 and torch.isfinite(merged).all(), method
+
+
+def test_wudi_needs_a_positive_whole_iter_num():
+    spec = Method("wudi").spec
+    for bad, needle in ((0.0, r"iter_num must be in \(0, inf\]"), (2.5, "iter_num must be a whole number")):
+        with pytest.raises(UserError, match=needle):
+            spec.tensor_params({"iter_num": bad}, 2, "w")

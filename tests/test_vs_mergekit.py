@@ -142,8 +142,13 @@ def test_slices_match_mergekit(zoo, tmp_path, family, name, method, slices, para
     paths = zoo[family]
     cfg = {
         "slices": [
-            {"sources": [{"model": str(paths[i]), "layer_range": r, **({"parameters": p} if p else {})}
-                         for i, r, p in sources], **({"parameters": sp} if sp else {})}  # fmt: skip
+            {
+                "sources": [
+                    {"model": str(paths[i]), "layer_range": r, **({"parameters": p} if p else {})}
+                    for i, r, p in sources
+                ],
+                **({"parameters": sp} if sp else {}),
+            }  # fmt: skip
             for sources, sp in slices
         ],
         "merge_method": method,
@@ -237,6 +242,8 @@ def test_searched_recipe_exports_to_what_mergekit_rebuilds(zoo, tmp_path, method
     inputs = ckpts[1:] if base_path else ckpts
     worst = 0.0
     for name in names:
-        ours = merge_tensor(m, name, base.get(name) if base else None, [c.get(name) for c in inputs], params[name])
+        ours = merge_tensor(
+            m, name, base.get(name) if base else None, [c.get(name) for c in inputs], params[name]
+        )
         worst = max(worst, (ours - ref[name].float()).abs().max().item())
     assert worst <= 1e-5, f"{method}: max abs diff {worst}"

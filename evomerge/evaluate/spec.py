@@ -60,7 +60,11 @@ def heldout_share(value: Any) -> float | int:
             raise ValueError(f"a count must be at least 1, got {value}")
         return value
     if not (math.isfinite(value) and 0 < value < 1):
-        hint = f"; for a count of examples write the integer {int(value)}" if value.is_integer() and value >= 1 else ""
+        hint = (
+            f"; for a count of examples write the integer {int(value)}"
+            if value.is_integer() and value >= 1
+            else ""
+        )
         raise ValueError(f"a fraction must be in (0, 1), got {value}{hint}")
     return value
 

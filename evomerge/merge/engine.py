@@ -123,6 +123,7 @@ class MergeEngine:
             compile = self.device.type == "cuda" or self.resident_bytes >= _AUTO_COMPILE_BYTES
         self.kernels = _Kernels(bool(compile))
         self.state: dict[str, Any] = {}
+        self.calibrated = False
         if not exact:
             self._precompute()
         self.load_seconds = time.perf_counter() - started
@@ -155,9 +156,22 @@ class MergeEngine:
                 name, self.base[name] if self.base else None, models, self.kernels.eager
             )
 
+    def calibrate(self, grams: Mapping[str, list[torch.Tensor]]) -> None:
+        """The activation statistics of a calibrated method (RegMean): per Linear weight, one Gram matrix per
+        input model, kept where the sources are kept."""
+        home = self.device if self.placement == "device" else torch.device("cpu")
+        for name, per_model in grams.items():
+            if name in self.names:
+                self.state[name] = [g.to(home) for g in per_model]
+        self.calibrated = True
+
     @torch.no_grad()
     def apply(self, recipe: Recipe | Mapping[str, TensorParams]) -> None:
         """Write the merge for `recipe` into the target model's tensors."""
+        if self.method.spec.calibrated and not self.calibrated:
+            raise UserError(
+                f"{self.method.value} merges from activation statistics: calibrate the engine first"
+            )
         params = recipe.tensor_params(self.names, self.family) if isinstance(recipe, Recipe) else recipe
         if self._stager is not None:
             for name, base, models, state in self._stager.stream(self.names):

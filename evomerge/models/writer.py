@@ -173,5 +173,7 @@ def _inside_model(file: Path, model_dir: Path) -> bool:
         return False
     allowed = [home]
     if home.parent.name == "snapshots" and home.parent.parent.name.startswith("models--"):
-        allowed.append(home.parent.parent / "blobs")  # the HF cache: snapshots/<commit>/x -> ../../blobs/<hash>
+        allowed.append(
+            home.parent.parent / "blobs"
+        )  # the HF cache: snapshots/<commit>/x -> ../../blobs/<hash>
     return any(real.is_relative_to(root) for root in allowed)

@@ -65,7 +65,35 @@ class Worker(_Runs):
         self.evaluator = Evaluator(
             self.target, load_tokenizer(first), config.evaluation, manager, config.length_tasks()
         )
+        self.calibration = config.merge.calibration
+        self._grams: dict[str, list] | None = None
+        self._calibrate()
         self.load_seconds = time.perf_counter() - started
+
+    def _calibrate(self) -> None:
+        """A calibrated method's activation statistics (RegMean's Grams), computed once per worker from the
+        calibration items and kept for every engine of that method (a function of the config: every worker
+        and every resumed run computes the same)."""
+        if not self.engine.method.spec.calibrated:
+            return
+        if self._grams is None:
+            from evomerge.merge.calibration import batches_of, linear_grams
+
+            task, count = self.calibration.task, self.calibration.items
+            items = self.evaluator.indices(task, "search")[:count]
+            requests = self.evaluator.requests("search")
+            position = {doc: i for i, doc in enumerate(requests.samples[task])}
+            texts = [requests.by_doc[task][position[d]][0].args[0] for d in items]
+            device = next(self.target.parameters()).device
+            batches = batches_of(self.evaluator.lm.tokenizer, texts, device)
+            per_model = []
+            for index in range(len(self.sources)):
+                self.engine.load_input(index)
+                per_model.append(linear_grams(self.target, batches, set(self.engine.names)))
+            self._grams = {name: [g[name] for g in per_model] for name in per_model[0]}
+            log.info("calibration: Gram matrices of %d linear layers from %d items of %s",
+                     len(self._grams), len(texts), task)  # fmt: skip
+        self.engine.calibrate(self._grams)
 
     def evaluate(self, recipe: dict[str, Any], split: str = "search", items: dict | None = None) -> Outcome:
         """Merge `recipe` into the target and score it (on `items` only, when given)."""
@@ -98,6 +126,7 @@ class Worker(_Runs):
         log.info("switching the merge engine to %s", method.value)
         self.engine = None
         self.engine = MergeEngine(self.base, self.sources, method, self.target, **self._engine_args)
+        self._calibrate()
 
 
 class DfsWorker(_Runs):

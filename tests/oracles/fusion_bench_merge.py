@@ -48,6 +48,21 @@ def merge(base, tvs, method, params, exclude, out) -> None:
 
         merged = wudi_merging(tvs, accelerator="cpu", iter_num=int(params["iter_num"]), exclude_keys=exclude)
         merged = {n: v.detach() for n, v in merged.items()}
+    elif (
+        method == "regmean"
+    ):  # the models themselves (base + task vector) and their Grams (`gram<i>.<module>`)
+        from fusion_bench.method.regmean.regmean import merging_with_regmean_weights
+
+        grams = load_file(params["grams"])
+        count = len(tvs)
+        by_param = {n: [base[n] + tvs[i][n] for i in range(count)] for n in base}
+        per_model = [
+            {k.split(".", 1)[1]: v for k, v in grams.items() if k.startswith(f"gram{i}.")}
+            for i in range(count)
+        ]
+        merged = merging_with_regmean_weights(by_param, per_model, params["reduce_non_diagonal_ratio"])
+        save_file({n: v.contiguous() for n, v in merged.items()}, out)
+        return
     else:
         raise SystemExit(f"unknown method {method}")
     save_file({n: (base[n] + merged[n]).contiguous() for n in base}, out)

@@ -99,6 +99,7 @@ class MergeMethod:
     # bytes `precompute` keeps for one tensor of (numel, row length) and n merged models: the memory plan
     state_bytes: Callable[[int, int, int], int] | None = None
     in_mergekit: bool = True  # mergekit 0.1.5 has it (export writes a config mergekit-yaml can run)
+    calibrated: bool = False  # merges from activation statistics (RegMean): the worker computes them first
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
