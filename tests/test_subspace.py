@@ -115,3 +115,14 @@ def test_wudi_needs_a_positive_whole_iter_num():
     for bad, needle in ((0.0, r"iter_num must be in \(0, inf\]"), (2.5, "iter_num must be a whole number")):
         with pytest.raises(UserError, match=needle):
             spec.tensor_params({"iter_num": bad}, 2, "w")
+
+
+def test_wudi_with_a_model_that_left_a_tensor_unchanged_is_finite():
+    """A frozen embedding's task vector is zero: FusionBench's loss divides by its zero norm (NaN); here it
+    simply adds nothing, and the result is the other task vector's WUDI."""
+    torch.manual_seed(0)
+    tv = torch.randn(6, 4)
+    merged = subspace.wudi([tv, torch.zeros(6, 4)], iterations=20, lr=1e-3)
+    assert torch.isfinite(merged).all()
+    alone = subspace.wudi([tv], iterations=20, lr=1e-3)
+    assert torch.allclose(merged, alone, atol=1e-6)

@@ -98,12 +98,16 @@ def iso_cts(tvs: Sequence[torch.Tensor], common_fraction: float) -> torch.Tensor
 def wudi(tvs: Sequence[torch.Tensor], iterations: int, lr: float) -> torch.Tensor:
     """WUDI (Cheng et al., ICML 2025): start from the sum of the task vectors and minimise, with Adam,
     sum_i ||(tau - tau_i) tau_i^T||^2 / ||tau_i||^2 — the merged vector's interference on each task's own
-    input directions (a task vector's rows span the inputs it was trained on)."""
+    input directions (a task vector's rows span the inputs it was trained on). A zero task vector adds
+    nothing to the loss (FusionBench divides by its zero norm and returns NaN)."""
     stacked = torch.stack([_f32(t) for t in tvs])
     with torch.enable_grad():
         merged = torch.nn.Parameter(stacked.sum(dim=0))
         optimizer = torch.optim.Adam([merged], lr=lr, weight_decay=0)
         norms = torch.square(torch.norm(stacked.reshape(stacked.shape[0], -1), p=2, dim=-1))
+        # a model that left this tensor unchanged (a frozen embedding) has no inputs to protect: its term is
+        # 0 / 0 in the paper's loss (NaN in FusionBench's code); it is 0 here
+        norms = torch.where(norms > 0, norms, torch.ones_like(norms))
         for _ in range(iterations):
             disturbance = merged.unsqueeze(0) - stacked
             product = torch.matmul(disturbance, stacked.transpose(1, 2))
