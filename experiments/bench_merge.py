@@ -16,7 +16,9 @@ placement (on a CPU the "device" is host memory too, so this measures the stagin
 Targets (issue 2): ties/dare_ties >= 0.3x copy bandwidth, >= 5x faster than mergekit.
 What each method computes once (`load+pre s`: at load; `first s`: the first candidate, which for the
 subspace merges tsv_m, iso_c, iso_cts and wudi computes every tensor's merged task vector: their SVDs or
-WUDI's optimisation) is not paid again: `ms/cand` is what every later candidate costs.
+WUDI's optimisation) is not paid again: `ms/cand` is what every later candidate costs. RegMean's Gram
+matrices (from random tokens here; from `merge.calibration` items in a search) are computed before the
+table's clock starts; each candidate then solves one in x in system per Linear weight.
 """
 
 from __future__ import annotations
@@ -153,6 +155,17 @@ def bench_one(args, method, ckpts, paths, device, sync, copy_bw, model_bytes, pl
     base, inputs = models_for(method, ckpts)
     target = load_target(ckpts[0], device=device)
     engine = MergeEngine(base, inputs, method, target, device=device, compile=True, placement=placement)
+    if method.spec.calibrated:  # RegMean: Grams from 8 random sequences of 128 tokens per model (once)
+        from evomerge.merge.calibration import linear_grams
+
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, args.vocab, (8, 128), generator=g).to(device)
+        batches = [(ids, torch.ones_like(ids))]
+        per_model = []
+        for i in range(len(inputs)):
+            engine.load_input(i)
+            per_model.append(linear_grams(target, batches, set(engine.names)))
+        engine.calibrate({k: [m[k] for m in per_model] for k in per_model[0]})
     groups = engine.family.group_names(engine.num_layers)
     n = len(inputs)
     recipes = []
