@@ -82,6 +82,13 @@ def pareto(tmp_path: Path, name: str = "exp", **changes) -> Path:
     return path
 
 
+MULTI_OPTIMIZERS = {  # the multi-objective and archive optimizers on the pareto() config, rounds of 4
+    "nsga2": {"name": "optuna", "sampler": "nsga2", "batch": 4},
+    "m2n2": {"name": "m2n2", "batch": 4, "archive_size": 4},
+    "map_elites": {"name": "map_elites", "batch": 4, "cells": 4},
+}
+
+
 FIDELITY_MODES = {  # cheap fitness on the smoke search (24 search items, rounds of 6)
     "subsample": {"subsample": {"items": 6}},
     "anchors": {"anchors": {"items": 6, "refresh": 1}},

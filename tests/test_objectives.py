@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import DEVICE, cli, journal
+from helpers import DEVICE, MULTI_OPTIMIZERS, cli, journal
 from helpers import pareto as _pareto
 
 from evomerge.search.objectives import Objective, dominates, hypervolume, pareto_front, vector
@@ -442,15 +442,7 @@ def test_rebuilt_archives_equal_the_searchs_own():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "optimizer",
-    [
-        {"name": "optuna", "sampler": "nsga2", "batch": 4},
-        {"name": "m2n2", "batch": 4, "archive_size": 4},
-        {"name": "map_elites", "batch": 4, "cells": 4},
-    ],
-    ids=["nsga2", "m2n2", "map_elites"],
-)
+@pytest.mark.parametrize("optimizer", list(MULTI_OPTIMIZERS.values()), ids=list(MULTI_OPTIMIZERS))
 def test_killed_and_resumed_ends_like_uninterrupted(tmp_path, optimizer):
     """kill -9 the real command at random moments, resume each time: the same candidates, front and
     archive finals as the uninterrupted run."""

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import FIDELITY_MODES, REPO, cli, journal, pareto, smoke
+from helpers import FIDELITY_MODES, MULTI_OPTIMIZERS, REPO, cli, journal, pareto, smoke
 
 pytestmark = pytest.mark.slow  # a real Ray cluster per session, several real searches
 
@@ -98,15 +98,7 @@ def test_ray_equals_local_in_every_fidelity_mode(tmp_path, cluster, fidelity_run
     assert _scores(tmp_path / "exp") == _scores(local)
 
 
-@pytest.mark.parametrize(
-    "optimizer",
-    [
-        {"name": "optuna", "sampler": "nsga2", "batch": 4},
-        {"name": "m2n2", "batch": 4, "archive_size": 4},
-        {"name": "map_elites", "batch": 4, "cells": 4},
-    ],
-    ids=["nsga2", "m2n2", "map_elites"],
-)
+@pytest.mark.parametrize("optimizer", list(MULTI_OPTIMIZERS.values()), ids=list(MULTI_OPTIMIZERS))
 def test_ray_equals_local_for_the_multi_objective_and_archive_optimizers(tmp_path, cluster, optimizer):
     """NSGA-II, M2N2 and MAP-Elites are told whole rounds in a fixed order: the same candidates, front
     and archive finals on two Ray workers as on the local executor."""
