@@ -33,6 +33,19 @@ def validate_config(path: str | Path) -> Validation:
     return check_config(config, config_dir, resolve=False)
 
 
+def _check_ranks(config: ExperimentConfig, first, count: int) -> None:
+    """Methods that keep rank // models singular directions of each matrix (tsv_m) cannot merge a matrix
+    of lower rank than the number of models: refused before anything is created, naming the tensor."""
+    methods = [m for m in [config.merge.method, *config.merge.baselines] if m.value == "tsv_m"]
+    if not methods or config.dfs is not None:
+        return
+    from evomerge.merge.methods.tsv_m import check_rank
+
+    for name, info in first.tensors.items():
+        if not any(part in name for part in config.merge.exclude):
+            check_rank(info.shape, count, f"tensor {name}")
+
+
 def check_config(config: ExperimentConfig, config_dir: Path, *, resolve: bool) -> Validation:
     """Everything about an experiment that can be checked before it runs, each problem one UserError:
     models (headers: found, compatible, base not also a source, no source twice), tasks (data loads,
@@ -68,6 +81,7 @@ def check_config(config: ExperimentConfig, config_dir: Path, *, resolve: bool) -
     if local:
         check_compatible(local)
         num_layers = local[0].num_layers
+        _check_ranks(config, local[0], len(config.models.sources))
         for ckpt in local:
             report.lines.append(
                 f"model {ckpt.ref}: {ckpt.model_type}, {ckpt.num_layers} layers, {len(ckpt.tensors)} tensors"

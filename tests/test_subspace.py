@@ -126,3 +126,23 @@ def test_wudi_with_a_model_that_left_a_tensor_unchanged_is_finite():
     assert torch.isfinite(merged).all()
     alone = subspace.wudi([tv], iterations=20, lr=1e-3)
     assert torch.allclose(merged, alone, atol=1e-6)
+
+
+def test_tsv_m_with_more_models_than_a_matrix_rank_is_refused_before_anything_is_created(tmp_path):
+    """A model whose key projection (2 x 4) has lower rank than the number of sources (3): one line naming the tensor, and
+    `merge.exclude` is how a user keeps such tensors out of the SVD."""
+    from evomerge.models.synthetic import make_family
+
+    paths = make_family(tmp_path / "m", "llama", finetunes=3, hidden=4, layers=1)
+    cfg = smoke(
+        tmp_path,
+        **{
+            "merge": {"method": "tsv_m"},
+            "models": {"base": str(paths[0]), "sources": [str(p) for p in paths[1:]]},
+        },
+    )
+    done = cli("search", cfg)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "tsv_m keeps min(" in lines[0] and "// 3 = 0 singular directions" in lines[0]
+    assert not (tmp_path / "exp").exists()
