@@ -143,6 +143,10 @@ def export_candidate(
     mergekit = recipe_to_mergekit(
         recipe, str(base.path) if base else None, [str(s.path) for s in sources], family, names, dtype_name
     )
+    grams, texts = None, None
+    if recipe.method.spec.calibrated:  # the search's activation statistics, computed again from the config
+        grams, texts = _calibration(view, sources, first, names, dtype)
+        mergekit["calibration"] = {"texts": CALIBRATION}
     plan = ConfigPlan(MergeConfig.model_validate(mergekit))
     for name in names:  # the config must mean exactly this recipe, tensor by tensor
         theirs, ours = plan.tensor_params(name, family, first.num_layers), params[name]
@@ -154,10 +158,18 @@ def export_candidate(
         for name in names:
             b = base.get(name, dtype=dtype) if base else None
             inputs = [s.get(name, dtype=dtype) for s in sources]
-            writer.add(name, merge_tensor(recipe.method, name, b, inputs, params[name]).to(dtype))
+            if grams is not None:
+                merged = recipe.method.spec.exact_calibrated(name, b, inputs, params[name], grams.get(name))
+            else:
+                merged = merge_tensor(recipe.method, name, b, inputs, params[name])
+            writer.add(name, merged.to(dtype))
         writer.finish()
         write_config(stage, first.config, dtype, tied)
         copy_tokenizer(first.path, stage)
+        if texts is not None:
+            from evomerge.merge.calibration import texts_file
+
+            atomic_write(stage / CALIBRATION, texts_file(texts))
         config_name = rebuild_config_name(recipe)
         how = (
             f"mergekit-yaml {config_name} OUT  (or: evomerge merge {config_name} OUT)"
@@ -172,6 +184,24 @@ def export_candidate(
         )
         atomic_write(stage / "README.md", model_card(view, candidate, rank, recipe))
     return ExportSummary(out_dir, candidate.id, rank, len(names))
+
+
+CALIBRATION = "calibration.jsonl"
+
+
+def _calibration(view: ExperimentView, sources, first, names, dtype):
+    """(Grams, texts) of a calibrated recipe: the experiment's calibration prompts (its config and task
+    split decide them), run through each source on the CPU, as `evomerge merge` does from the texts file."""
+    from evomerge.evaluate.evaluator import calibration_prompts
+    from evomerge.evaluate.tasks import task_manager
+    from evomerge.merge.calibration import model_grams
+    from evomerge.models.loading import load_tokenizer
+
+    config = ExperimentConfig.model_validate(view.config)
+    spec = config.evaluation
+    manager = task_manager([t.name for t in spec.tasks], spec.include_paths)
+    texts = calibration_prompts(spec, config.merge.calibration.task, config.merge.calibration.items, manager)
+    return model_grams(sources, load_tokenizer(first), texts, set(names), "cpu", dtype), texts
 
 
 def _models(view: ExperimentView):

@@ -7,6 +7,7 @@ import sqlite3
 import pytest
 import torch
 from helpers import cli, smoke
+from safetensors.torch import load_file
 
 from evomerge.merge.calibration import linear_grams
 from evomerge.models.checkpoint import Checkpoint
@@ -59,9 +60,35 @@ def test_regmean_search_calibrates_once_and_merges_from_the_grams(tmp_path):
     finals = dict(db.execute("SELECT name, status FROM finals").fetchall())
     db.close()
     assert ok == 4 and finals["default regmean"] == "ok" and finals["evolved"] == "ok"
-    refused = cli("export", tmp_path / "exp", tmp_path / "out")
-    assert refused.returncode == 2 and "export of regmean are not built yet" in refused.stderr
-    assert not (tmp_path / "out").exists()
+    # export computes the Grams again from the experiment's calibration prompts and writes them beside an
+    # evomerge merge config; evomerge merge of that config rebuilds the exported tensors exactly
+    out = tmp_path / "out"
+    done = cli("export", tmp_path / "exp", out)
+    assert done.returncode == 0, done.stderr
+    assert len((out / "calibration.jsonl").read_text().splitlines()) == 8
+    assert "calibration:\n  texts: calibration.jsonl" in (out / "evomerge_merge.yml").read_text()
+    assert "mergekit cannot" in (out / "README.md").read_text()
+    again = cli("merge", out / "evomerge_merge.yml", tmp_path / "rebuilt")
+    assert again.returncode == 0, again.stderr
+    exported, rebuilt = (
+        load_file(out / "model.safetensors"),
+        load_file(tmp_path / "rebuilt" / "model.safetensors"),
+    )
+    assert exported.keys() == rebuilt.keys() and all(torch.equal(exported[k], rebuilt[k]) for k in exported)
+    from helpers import REPO
+
+    sources = [load_file(REPO / "zoo" / n / "model.safetensors") for n in ("math-en", "lang-x")]
+    q = "model.layers.3.self_attn.q_proj.weight"  # a Linear weight: the regression, not the mean
+    mean = (sources[0][q].float() + sources[1][q].float()) / 2
+    assert (exported[q].float() - mean).abs().max() > 1e-3
+    (out / "evomerge_merge.yml").write_text(
+        (out / "evomerge_merge.yml").read_text().replace("calibration:\n  texts: calibration.jsonl\n", "")
+    )
+    missing = cli("merge", out / "evomerge_merge.yml", tmp_path / "none")
+    assert (
+        missing.returncode == 2
+        and "regmean merges from activation statistics: add calibration" in missing.stderr
+    )
 
 
 @pytest.mark.parametrize(

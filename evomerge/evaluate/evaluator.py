@@ -191,6 +191,27 @@ def check_length_tasks(lengths: frozenset[str], task_dict: dict[str, Any]) -> No
             raise UserError(f"objectives: generation_length needs a generation task; {name} is {kind}")
 
 
+def reseed(task_dict: dict[str, Any], seed: int) -> None:
+    """Put every RNG an evaluation may draw from in the state the config fixes: each task's few-shot
+    sampler (lm-eval seeds it from the clock otherwise, and it advances with every call), and the
+    global random / numpy / torch generators (sampling in generation, lm-eval's own shuffles)."""
+    for name, task in task_dict.items():
+        task.set_fewshot_seed(seed=fewshot_seed(seed, name))
+    base = fewshot_seed(seed, "")
+    random.seed(base)
+    np.random.seed(base)
+    torch.manual_seed(base)
+
+
+def calibration_prompts(spec: EvaluationSpec, task: str, count: int, manager=None) -> list[str]:
+    """What `Evaluator.calibration_prompts` gives, without a model (export rebuilds a RegMean merge)."""
+    task_dict, splits = build_tasks(spec, manager)
+    reseed(task_dict, spec.split.seed)
+    limits = {t.name: t.limit for t in spec.tasks}
+    samples = {name: limited(splits[name]["search"], limits[name]) for name in task_dict}
+    return RequestSet(task_dict, samples, build=True).prompts(task, samples[task][:count])
+
+
 def limited(chosen: list[int], limit: int | None) -> list[int]:
     """A split's items as the evaluator scores them: the first `limit` of its (shuffled) order, sorted."""
     return sorted(chosen[:limit] if limit else chosen)
@@ -262,16 +283,11 @@ class Evaluator:
         )
 
     def reseed(self) -> None:
-        """Put every RNG an evaluation may draw from in the state the config fixes: each task's few-shot
-        sampler (lm-eval seeds it from the clock otherwise, and it advances with every call), and the
-        global random / numpy / torch generators (sampling in generation, lm-eval's own shuffles)."""
-        seed = self.spec.split.seed
-        for name, task in self.task_dict.items():
-            task.set_fewshot_seed(seed=fewshot_seed(seed, name))
-        base = fewshot_seed(seed, "")
-        random.seed(base)
-        np.random.seed(base)
-        torch.manual_seed(base)
+        reseed(self.task_dict, self.spec.split.seed)
+
+    def calibration_prompts(self, task: str, count: int) -> list[str]:
+        """The prompts of the first `count` search items of `task` (a data-aware merge's calibration)."""
+        return self.requests("search").prompts(task, self.indices(task, "search")[:count])
 
     def set_model(self, model: torch.nn.Module) -> None:
         """Score another model object from now on (a data-flow candidate is a new module over the same

@@ -31,14 +31,17 @@ class TaskScore:
 class RequestSet:
     """The request instances of `task_dict`'s tasks on the given items (document indices per task)."""
 
-    def __init__(self, task_dict: dict[str, Any], samples: dict[str, list[int]], lm=None) -> None:
+    def __init__(
+        self, task_dict: dict[str, Any], samples: dict[str, list[int]], lm=None, *, build: bool = False
+    ) -> None:
+        """`lm` (or `build`): render the requests now; neither: an empty set for `subset` to fill."""
         self.task_dict = task_dict
         self.samples = {name: list(ix) for name, ix in samples.items()}
         self.instances: dict[str, list] = {}
         self.docs: dict[str, list[tuple[int, Any]]] = {}
         self.by_doc: dict[str, dict[int, list]] = {}
         self.by_type: dict[str, list] = defaultdict(list)
-        if lm is None:
+        if lm is None and not build:
             return  # `subset` fills it
         for name, task in task_dict.items():
             _memoize_targets(task)
@@ -60,6 +63,11 @@ class RequestSet:
             self.docs[name] = list(
                 task.doc_iterator(rank=0, limit=None, world_size=1, samples=self.samples[name])
             )
+
+    def prompts(self, task: str, doc_ids: list[int]) -> list[str]:
+        """Each item's prompt as the model reads it (its first request's context, few-shot included)."""
+        position = {doc: i for i, doc in enumerate(self.samples[task])}
+        return [self.by_doc[task][position[d]][0].args[0] for d in doc_ids]
 
     def subset(self, samples: dict[str, list[int]]) -> RequestSet:
         """The same request instances restricted to some of the items (cheap: nothing is rendered again),

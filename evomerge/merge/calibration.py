@@ -50,15 +50,63 @@ def linear_grams(
 
 
 def batches_of(tokenizer, texts: list[str], device, size: int = 8, max_length: int = 2048):
-    """Right-padded (ids, attention mask) batches of `texts`, in order."""
+    """Right-padded (ids, attention mask) batches of `texts`, in order: right, so that a real token's
+    position (and with it its activations) does not depend on the batch's longest text."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     out = []
     for start in range(0, len(texts), size):
-        enc = tokenizer(
-            texts[start : start + size],
-            return_tensors="pt",
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-        )
-        out.append((enc["input_ids"].to(device), enc["attention_mask"].to(device)))
+        rows = [
+            tokenizer(t, truncation=True, max_length=max_length)["input_ids"]
+            for t in texts[start : start + size]
+        ]
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        out.append((ids.to(device), mask.to(device)))
     return out
+
+
+def model_grams(checkpoints, tokenizer, texts: list[str], names: set[str], device="cpu", dtype=None):
+    """{weight name: [Gram under each model]} with each checkpoint loaded as a model in turn (one at a time:
+    `evomerge merge` and export, where no engine holds the sources)."""
+    from evomerge.models.loading import load_target
+
+    batches = batches_of(tokenizer, texts, device)
+    per_model = []
+    for ckpt in checkpoints:
+        model = load_target(ckpt, device=device, dtype=dtype)
+        per_model.append(linear_grams(model, batches, names))
+        del model
+    return {k: [m[k] for m in per_model] for k in per_model[0]}
+
+
+def read_texts(path) -> list[str]:
+    """A calibration file: one JSON object with a "text" string per line."""
+    import json
+
+    from evomerge.errors import UserError
+
+    texts = []
+    try:
+        lines = open(path, encoding="utf-8").read().splitlines()
+    except OSError as exc:
+        raise UserError(f"calibration.texts: cannot read {path} ({exc.strerror})") from None
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise UserError(f'calibration.texts: {path} line {n} is not a JSON object with a "text" string')
+        texts.append(row["text"])
+    if not texts:
+        raise UserError(f"calibration.texts: {path} holds no text")
+    return texts
+
+
+def texts_file(texts: list[str]) -> bytes:
+    import json
+
+    return "".join(json.dumps({"text": t}) + "\n" for t in texts).encode()

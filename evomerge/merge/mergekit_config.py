@@ -51,6 +51,13 @@ class SliceDef(BaseModel):
     base_model: str | None = None
 
 
+class CalibrationTexts(BaseModel):
+    """evomerge extension: the texts a data-aware merge (regmean) takes its activation statistics from."""
+
+    model_config = ConfigDict(extra="forbid")
+    texts: str  # a file beside the config: one JSON object with a "text" string per line
+
+
 class MergeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     models: list[ModelEntry] | None = None
@@ -63,6 +70,7 @@ class MergeConfig(BaseModel):
     tokenizer_source: str | None = None
     # evomerge extension (mergekit ignores it): accept .bin checkpoints, loaded with weights_only=True
     allow_pickle: bool = False
+    calibration: CalibrationTexts | None = None  # evomerge extension (regmean)
 
 
 def load_merge_config(path: Path) -> MergeConfig:

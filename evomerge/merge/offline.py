@@ -74,13 +74,35 @@ def merge_from_config(
         name: plan.tensor_params(name, family, first.num_layers) for name in names
     }
 
+    spec = plan.method.spec
+    grams, texts = None, None
+    if spec.calibrated:  # the models' activation statistics, from the config's texts (before any writing)
+        from types import SimpleNamespace
+
+        from evomerge.merge.calibration import model_grams, read_texts
+        from evomerge.models.loading import load_tokenizer
+
+        if config.calibration is None:
+            raise UserError(
+                f"{config_path}: {plan.method.value} merges from activation statistics: add calibration: "
+                '{texts: FILE} (one JSON object with a "text" string per line)'
+            )
+        texts = base_dir / config.calibration.texts
+        tokenizer = load_tokenizer(SimpleNamespace(path=tokenizer_dir))
+        grams = model_grams(
+            [ckpts[r] for r in plan.inputs], tokenizer, read_texts(texts), set(names), device, load_dtype
+        )
+
     with staged_directory(out_dir, force) as stage:
         writer = ShardWriter(stage, shard_bytes)
         task = progress.add_task("merging", total=len(names)) if progress else None
         for name in names:
             base = ckpts[plan.base].get(name, dtype=load_dtype, device=device) if plan.base else None
             inputs = [ckpts[ref].get(name, dtype=load_dtype, device=device) for ref in plan.inputs]
-            merged = merge_tensor(plan.method, name, base, inputs, params[name])
+            if grams is not None:
+                merged = spec.exact_calibrated(name, base, inputs, params[name], grams.get(name))
+            else:
+                merged = merge_tensor(plan.method, name, base, inputs, params[name])
             writer.add(name, merged.to(out_dtype))
             if progress:
                 progress.advance(task)
@@ -88,6 +110,8 @@ def merge_from_config(
         write_config(stage, first.config, out_dtype, tied)
         copy_tokenizer(tokenizer_dir, stage)
         atomic_write(stage / "mergekit_config.yml", config_path.read_bytes())
+        if texts is not None and Path(config.calibration.texts).name == config.calibration.texts:
+            atomic_write(stage / config.calibration.texts, texts.read_bytes())  # the copied config still runs
     return MergeSummary(
         out_dir, plan.method.value, len(names), writer.total_bytes, str(out_dtype).removeprefix("torch.")
     )
@@ -100,6 +124,8 @@ def _merge_slices(
     from evomerge.merge.slices import SlicePlan, sliced_config
 
     plan = SlicePlan(config)
+    if plan.method.spec.calibrated:
+        raise UserError(f"{config_path}: {plan.method.value} with slices is not supported")
     base_dir = config_path.parent.resolve()
     allow_pickle = allow_pickle or config.allow_pickle
     ckpts = {ref: Checkpoint.open(ref, allow_pickle=allow_pickle, base_dir=base_dir) for ref in plan.all_refs}

@@ -79,11 +79,8 @@ class Worker(_Runs):
         if self._grams is None:
             from evomerge.merge.calibration import batches_of, linear_grams
 
-            task, count = self.calibration.task, self.calibration.items
-            items = self.evaluator.indices(task, "search")[:count]
-            requests = self.evaluator.requests("search")
-            position = {doc: i for i, doc in enumerate(requests.samples[task])}
-            texts = [requests.by_doc[task][position[d]][0].args[0] for d in items]
+            task = self.calibration.task
+            texts = self.evaluator.calibration_prompts(task, self.calibration.items)
             device = next(self.target.parameters()).device
             batches = batches_of(self.evaluator.lm.tokenizer, texts, device)
             per_model = []

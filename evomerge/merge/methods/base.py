@@ -100,6 +100,8 @@ class MergeMethod:
     state_bytes: Callable[[int, int, int], int] | None = None
     in_mergekit: bool = True  # mergekit 0.1.5 has it (export writes a config mergekit-yaml can run)
     calibrated: bool = False  # merges from activation statistics (RegMean): the worker computes them first
+    # (name, base, models, params, that tensor's statistics or None) -> the merge: `exact` of such a method
+    exact_calibrated: Callable[..., Any] | None = None
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)

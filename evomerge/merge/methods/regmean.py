@@ -12,17 +12,18 @@ from evomerge.merge.methods.base import MergeMethod, Param
 
 
 def _exact(name, base, models, p):
-    raise UserError(
-        "regmean needs the models' activation statistics (merge.calibration in an experiment); "
-        "evomerge merge and export of regmean are not built yet"
-    )
+    raise UserError("regmean merges from the models' activation statistics: they were not computed")
+
+
+def calibrated(name, base, models, p, grams):
+    """The merge of one tensor from its Grams (None: not a Linear weight, the weighted mean)."""
+    if grams is None:
+        return kernels.regmean.weighted_mean(models, p["weight"])
+    return kernels.regmean.regmean(models, grams, p["reduce_non_diagonal_ratio"], p["weight"])
 
 
 def _fast(kernels_, out, base, models, p, name, grams) -> None:
-    if grams is None:  # not a Linear weight: the (weighted) mean
-        out.copy_(kernels.regmean.weighted_mean(models, p["weight"]))
-        return
-    out.copy_(kernels.regmean.regmean(models, grams, p["reduce_non_diagonal_ratio"], p["weight"]))
+    out.copy_(calibrated(name, base, models, p, grams))
 
 
 METHOD = MergeMethod(
@@ -37,6 +38,7 @@ METHOD = MergeMethod(
     needs_base=False,
     min_inputs=2,
     calibrated=True,
+    exact_calibrated=calibrated,
     in_mergekit=False,
     state_bytes=lambda numel, row, count: 4 * row * row * count,  # one in x in Gram per model
     baseline=lambda n: {"weight": 1.0, "reduce_non_diagonal_ratio": 0.1},
