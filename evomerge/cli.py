@@ -167,6 +167,19 @@ def validate(config: Path = typer.Argument(..., help="Experiment config (YAML)."
 
 
 @app.command()
+def schema(
+    merge: bool = typer.Option(False, "--merge", help="The schema of `evomerge merge` configs instead."),
+) -> None:
+    """Print the JSON Schema of experiment configs (or merge configs), for editors and CI checks."""
+    import json
+    import sys
+
+    from evomerge.schema import experiment_schema, merge_schema
+
+    sys.stdout.write(json.dumps(merge_schema() if merge else experiment_schema(), indent=2) + "\n")
+
+
+@app.command()
 def report(
     experiments: list[Path] = typer.Argument(..., help="Experiment directories."),
     out: Path | None = typer.Option(

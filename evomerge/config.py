@@ -216,7 +216,7 @@ class DfsSpec(_Strict):
     init_a_path: bool = Field(True, description="start where model A's own path is the most likely")
     min_layers: int = Field(1, ge=1)
     max_layers: int | None = Field(None, ge=1)
-    ends: Annotated[DfsEnds, BeforeValidator(_ends)] = Field(
+    ends: Annotated[DfsEnds, BeforeValidator(_ends, json_schema_input_type=DfsEnds | EndRef)] = Field(
         DfsEnds(),
         description="where embeddings and final norm + lm_head come from: a source (index, reference or "
         "directory name) or search, for both or as {embeddings: ..., head: ...}; default model A",

@@ -125,6 +125,34 @@ class FidelitySpec(BaseModel):
         rest = {k: v for k, v in value.items() if k != mode}
         return {"mode": mode, **options, **rest}
 
+    @classmethod
+    def __get_pydantic_json_schema__(cls, core_schema, handler):
+        """The schema of every spelling `_spelling` accepts: the full form, a bare mode, `{mode: {options}}`."""
+        full = handler(core_schema)
+        options = {"items": {"type": "integer", "minimum": 1}, "refresh": {"type": "integer", "minimum": 1},
+                   "eta": {"type": "integer", "minimum": 2}}  # fmt: skip
+        takes = {
+            "full": [],
+            "subsample": ["items"],
+            "anchors": ["items", "refresh"],
+            "racing": ["items", "eta"],
+        }
+        short = [
+            {
+                "type": "object",
+                "properties": {
+                    mode: {"type": ["object", "null"], "properties": {k: options[k] for k in keys},
+                           "additionalProperties": False, **({"required": ["items"]} if mode in ("subsample", "anchors") else {})},
+                    "rescore_top": {"type": "integer", "minimum": 1},
+                },
+                "required": [mode],
+                "additionalProperties": False,
+            }
+            for mode, keys in takes.items()
+        ]  # fmt: skip
+        bare = {"type": "string", "enum": ["full", "racing"], "description": "a mode that needs no size"}
+        return {"anyOf": [full, bare, *short], "description": cls.__doc__.split("\n\n")[0]}
+
     @model_validator(mode="after")
     def _sized(self) -> FidelitySpec:
         if self.mode in ("subsample", "anchors") and self.items is None:
