@@ -106,14 +106,15 @@ def test_merge_equals_fusion_bench(oracle_run, job):
         torch.set_num_threads(threads)
 
 
-def test_regmean_equals_fusion_bench(tmp_path, fusion_bench):
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_regmean_equals_fusion_bench(tmp_path, fusion_bench, family):
     """RegMean's merge from the same Gram matrices (evomerge's own, from real forward passes of each
     model) equals FusionBench's merging_with_regmean_weights: Linear weights by the regression, the rest
     averaged."""
     from evomerge.merge.calibration import linear_grams
     from evomerge.models.loading import load_target
 
-    paths = make_family(tmp_path, "llama", finetunes=2, seed=5, layers=2)
+    paths = make_family(tmp_path, family, finetunes=2, seed=5, layers=2)
     base, *fts = [Checkpoint.open(p) for p in paths]
     names = sorted(base.tensors)
     base_t = {n: base.get(n).float().clone() for n in names}

@@ -91,6 +91,23 @@ def test_regmean_search_calibrates_once_and_merges_from_the_grams(tmp_path):
     )
 
 
+@pytest.mark.slow
+def test_a_resumed_regmean_search_computes_the_same_grams(tmp_path):
+    """The Grams are not journaled: a run extended with --budget computes them again from the config and
+    scores exactly what the uninterrupted run scored."""
+    from helpers import journal
+
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+    whole = _regmean(tmp_path / "a", **{"optimizer.budget": 8})
+    assert cli("search", whole).returncode == 0
+    parts = _regmean(tmp_path / "b", **{"optimizer.budget": 4})
+    assert cli("search", parts).returncode == 0
+    done = cli("search", parts, "--budget", 8)
+    assert done.returncode == 0, done.stderr
+    assert journal(tmp_path / "a" / "exp") == journal(tmp_path / "b" / "exp")
+
+
 @pytest.mark.parametrize(
     ("merge", "needle"),
     [
