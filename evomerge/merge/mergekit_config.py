@@ -35,6 +35,9 @@ class ModelEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
     parameters: dict[str, Setting] | None = None
+    layer_range: tuple[int, int] | None = (
+        None  # mergekit accepts it here; only the whole model means anything
+    )
 
 
 class SliceSource(BaseModel):
@@ -139,6 +142,11 @@ def resolve(param: Param, scopes: list[dict], tensor: str, t: float) -> Any:
     return None
 
 
+# options mergekit takes for every method and ignores where the method has no such parameter
+# (mergekit-evolve writes both into every config, slerp's included)
+ANY_METHOD = ("int8_mask", "normalize")
+
+
 def check_parameter_names(spec, method: str, shared: list[dict], per_model: list[dict]) -> None:
     """Every key a known parameter of the method; per-model scopes hold per-model parameters only."""
     known = sorted({p.name for m in REGISTRY.values() for p in m.params})
@@ -146,11 +154,11 @@ def check_parameter_names(spec, method: str, shared: list[dict], per_model: list
         for key in scope:
             if key not in known:
                 raise UserError(f"unknown parameter {key!r} (known: {', '.join(known)})")
-            if spec.param(key) is None:
+            if spec.param(key) is None and key not in ANY_METHOD:
                 raise UserError(f"parameter {key!r} does not apply to {method}")
     for scope in per_model:
         for key in scope:
-            if not spec.param(key).per_input:
+            if spec.param(key) is None or not spec.param(key).per_input:
                 raise UserError(f"parameter {key!r} is global; put it under the top-level parameters")
 
 

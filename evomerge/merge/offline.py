@@ -62,6 +62,13 @@ def merge_from_config(
     allow_pickle = allow_pickle or config.allow_pickle
     ckpts = {ref: Checkpoint.open(ref, allow_pickle=allow_pickle, base_dir=base_dir) for ref in plan.all_refs}
     _distinct(ckpts)
+    for k, entry in enumerate(config.models or []):  # mergekit-evolve writes each model's whole range
+        whole = (0, ckpts[entry.model].num_layers)
+        if entry.layer_range is not None and tuple(entry.layer_range) != whole:
+            raise UserError(
+                f"models[{k}].layer_range {list(entry.layer_range)}: only the whole model {list(whole)} is taken "
+                "under models:; use slices: for part of a model"
+            )
     family = check_compatible(list(ckpts.values()))
     first = ckpts[plan.base] if plan.base else ckpts[plan.inputs[0]]
     load_dtype = parse_dtype(config.dtype)
