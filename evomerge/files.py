@@ -23,6 +23,7 @@ import shutil
 import socket
 import stat
 import tempfile
+import time
 import unicodedata
 from pathlib import Path
 from typing import Any
@@ -205,7 +206,12 @@ class DirectoryLock:
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip()
+            holder = ""
+            for _ in range(40):  # the holder writes its pid just after it takes the lock: give it a moment
+                holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip()
+                if holder:
+                    break
+                time.sleep(0.025)
             os.close(self.fd)
             raise UserError(
                 f"{directory}: the {what} is in use by another evomerge search"
