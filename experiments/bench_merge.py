@@ -156,16 +156,17 @@ def bench_one(args, method, ckpts, paths, device, sync, copy_bw, model_bytes, pl
     target = load_target(ckpts[0], device=device)
     engine = MergeEngine(base, inputs, method, target, device=device, compile=True, placement=placement)
     if method.spec.calibrated:  # RegMean: Grams from 8 random sequences of 128 tokens per model (once)
-        from evomerge.merge.calibration import linear_grams
+        from evomerge.merge.calibration import grams_per_model
 
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, args.vocab, (8, 128), generator=g).to(device)
-        batches = [(ids, torch.ones_like(ids))]
-        per_model = []
-        for i in range(len(inputs)):
-            engine.load_input(i)
-            per_model.append(linear_grams(target, batches, set(engine.names)))
-        engine.calibrate({k: [m[k] for m in per_model] for k in per_model[0]})
+
+        def each_input():
+            for i in range(len(inputs)):
+                engine.load_input(i)
+                yield target
+
+        engine.calibrate(grams_per_model(each_input(), [(ids, torch.ones_like(ids))], set(engine.names)))
     groups = engine.family.group_names(engine.num_layers)
     n = len(inputs)
     recipes = []

@@ -18,6 +18,18 @@ def models(tmp_path_factory):
     return [str(p) for p in make_family(tmp_path_factory.mktemp("evolve"), "llama", finetunes=3, layers=4)]
 
 
+def _genomes(models, method, granularity, filters, smooth, negative):
+    """(mergekit's ModelGenome, evomerge's EvolveGenome) of one genome section over `models` (base first)."""
+    base, *fts = models
+    definition = {
+        "models": fts, "merge_method": method, "base_model": None if method in ("linear", "slerp") else base,
+        "layer_granularity": granularity, "filters": filters, "smooth": smooth, "allow_negative_weights": negative,
+    }  # fmt: skip
+    return evo.ModelGenome(evo.ModelGenomeDefinition.model_validate(definition)), EvolveGenome.model_validate(
+        definition
+    )
+
+
 VARIANTS = list(
     itertools.product(METHOD_PARAMS, [0, 2], [None, ["self_attn", "mlp"]], [False, True], [False, True])
 )
@@ -30,13 +42,7 @@ VARIANTS = list(
 def test_a_genotype_means_the_same_merge_as_in_mergekit(
     models, method, granularity, filters, smooth, negative
 ):
-    base, *fts = models
-    definition = {
-        "models": fts, "merge_method": method, "base_model": None if method in ("linear", "slerp") else base,
-        "layer_granularity": granularity, "filters": filters, "smooth": smooth, "allow_negative_weights": negative,
-    }  # fmt: skip
-    theirs = evo.ModelGenome(evo.ModelGenomeDefinition.model_validate(definition))
-    ours = EvolveGenome.model_validate(definition)
+    theirs, ours = _genomes(models, method, granularity, filters, smooth, negative)
     assert torch.equal(ours.initial_genotype(4), theirs.initial_genotype())
     genotype = torch.randn(ours.shape(4), generator=torch.Generator().manual_seed(7)) * 0.6
     for g in (genotype, genotype.flatten().numpy(), theirs.initial_genotype()):
@@ -79,13 +85,7 @@ def test_the_merged_tensors_are_mergekits(models, tmp_path, method, granularity,
 
     from evomerge.merge.offline import merge_from_config
 
-    base, *fts = models
-    definition = {
-        "models": fts, "merge_method": method, "base_model": None if method in ("linear", "slerp") else base,
-        "layer_granularity": granularity, "filters": filters, "smooth": smooth, "allow_negative_weights": True,
-    }  # fmt: skip
-    theirs = evo.ModelGenome(evo.ModelGenomeDefinition.model_validate(definition))
-    ours = EvolveGenome.model_validate(definition)
+    theirs, ours = _genomes(models, method, granularity, filters, smooth, True)
     genotype = torch.rand(ours.shape(4), generator=torch.Generator().manual_seed(3)) * 0.8 + 0.1
     mine = {k: v for k, v in ours.merge_config(genotype, 4).items() if v is not None} | {"dtype": "float32"}
     (tmp_path / "merge.yml").write_text(yaml.safe_dump(mine))

@@ -66,18 +66,25 @@ def batches_of(tokenizer, texts: list[str], device, size: int = 8, max_length: i
     return out
 
 
+def grams_per_model(
+    models: Iterable[torch.nn.Module], batches, names: set[str]
+) -> dict[str, list[torch.Tensor]]:
+    """{weight name: [its Gram under each model]}; `models` yields each input model in turn (loaded, or
+    written into one resident model), so only one is needed at a time."""
+    per_model = []
+    for model in models:
+        per_model.append(linear_grams(model, batches, names))
+        del model  # freed before the next one is loaded
+    return {k: [m[k] for m in per_model] for k in per_model[0]}
+
+
 def model_grams(checkpoints, tokenizer, texts: list[str], names: set[str], device="cpu", dtype=None):
-    """{weight name: [Gram under each model]} with each checkpoint loaded as a model in turn (one at a time:
-    `evomerge merge` and export, where no engine holds the sources)."""
+    """`grams_per_model` with each checkpoint loaded as a model in turn (`evomerge merge` and export, where no
+    engine holds the sources)."""
     from evomerge.models.loading import load_target
 
-    batches = batches_of(tokenizer, texts, device)
-    per_model = []
-    for ckpt in checkpoints:
-        model = load_target(ckpt, device=device, dtype=dtype)
-        per_model.append(linear_grams(model, batches, names))
-        del model
-    return {k: [m[k] for m in per_model] for k in per_model[0]}
+    models = (load_target(ckpt, device=device, dtype=dtype) for ckpt in checkpoints)
+    return grams_per_model(models, batches_of(tokenizer, texts, device), names)
 
 
 def read_texts(path) -> list[str]:

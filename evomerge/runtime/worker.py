@@ -77,20 +77,22 @@ class Worker(_Runs):
         if not self.engine.method.spec.calibrated:
             return
         if self._grams is None:
-            from evomerge.merge.calibration import batches_of, linear_grams
+            from evomerge.merge.calibration import batches_of, grams_per_model
 
             task = self.calibration.task
             texts = self.evaluator.calibration_prompts(task, self.calibration.items)
             device = next(self.target.parameters()).device
             batches = batches_of(self.evaluator.lm.tokenizer, texts, device)
-            per_model = []
-            for index in range(len(self.sources)):
-                self.engine.load_input(index)
-                per_model.append(linear_grams(self.target, batches, set(self.engine.names)))
-            self._grams = {name: [g[name] for g in per_model] for name in per_model[0]}
+            self._grams = grams_per_model(self._each_source(), batches, set(self.engine.names))
             log.info("calibration: Gram matrices of %d linear layers from %d items of %s",
                      len(self._grams), len(texts), task)  # fmt: skip
         self.engine.calibrate(self._grams)
+
+    def _each_source(self):
+        """The target holding each source in turn (no second model in memory)."""
+        for index in range(len(self.sources)):
+            self.engine.load_input(index)
+            yield self.target
 
     def evaluate(self, recipe: dict[str, Any], split: str = "search", items: dict | None = None) -> Outcome:
         """Merge `recipe` into the target and score it (on `items` only, when given)."""
