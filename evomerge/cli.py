@@ -111,9 +111,15 @@ def eval_(
     _say(f"fitness {result.fitness:.4f} in {result.seconds:.1f}s")
 
 
-@app.command()
+_EVOLVE_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+@app.command(context_settings=_EVOLVE_ARGS)
 def search(
-    config: Path = typer.Argument(..., help="Experiment config (YAML)."),
+    ctx: typer.Context,
+    config: Path = typer.Argument(
+        ..., help="Experiment config (YAML), or a mergekit-evolve config (then its flags may follow)."
+    ),
     out: Path | None = typer.Option(None, "--out", help="Experiment directory (overrides output.dir)."),
     fresh: bool = typer.Option(False, help="Start over instead of resuming an existing experiment."),
     force: bool = typer.Option(False, help="With --fresh: allow deleting the existing experiment."),
@@ -143,6 +149,7 @@ def search(
                 executor=executor,
                 workers=workers,
                 reporter=reporter,
+                evolve_args=list(ctx.args),
             )
     except KeyboardInterrupt:
         err_console.print(
@@ -154,16 +161,34 @@ def search(
         _say(f"experiment: {result.dir}")
 
 
-@app.command()
-def validate(config: Path = typer.Argument(..., help="Experiment config (YAML).")) -> None:
+@app.command(context_settings=_EVOLVE_ARGS)
+def validate(
+    ctx: typer.Context,
+    config: Path = typer.Argument(..., help="Experiment config (YAML), or a mergekit-evolve config."),
+) -> None:
     """Check an experiment config (schema, models, tasks) without running it."""
     from evomerge.validate import validate_config
 
-    report = validate_config(config)
+    report = validate_config(config, list(ctx.args))
     for line in report.lines:
         console.print(line, markup=False, highlight=False)
     note = f" ({len(report.unchecked)} hub models or task datasets unchecked)" if report.unchecked else ""
     console.print(f"{config}: valid{note}", markup=False, highlight=False)
+
+
+@app.command("import", context_settings=_EVOLVE_ARGS)
+def import_(
+    ctx: typer.Context,
+    config: Path = typer.Argument(..., help="mergekit-evolve config (YAML); its flags may follow."),
+    output: Path = typer.Option(..., "-o", "--output", help="The experiment config to write."),
+    force: bool = typer.Option(False, help="Replace OUTPUT if it exists."),
+) -> None:
+    """Write the evomerge experiment config that a mergekit-evolve config (and its flags) means."""
+    from evomerge.mergekit_evolve import import_config
+
+    for note in import_config(config, output, list(ctx.args), force=force):
+        _say(f"note: {note}")
+    _say(f"wrote {output}; run it with: evomerge search {output}")
 
 
 @app.command()

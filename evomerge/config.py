@@ -232,6 +232,28 @@ class DfsSpec(_Strict):
 MAX_SEED = 2**32 - 2  # numpy's RandomState takes < 2**32, and cma is given seed + 1
 
 
+class GenomeSpec(_Strict):
+    """mergekit-evolve's genome (a migrated mergekit-evolve config): the search runs over its genotype, with
+    its meaning (evomerge/mergekit_evolve.py), instead of evomerge's `space`. `models.sources` are the
+    genome's `models` in order, `models.base` its `base_model`, `merge.method` its `merge_method`."""
+
+    layer_granularity: int = Field(
+        0,
+        ge=0,
+        description="layers per gene group (0: one group for the whole model); must divide the layers",
+    )
+    normalize: bool | None = Field(None, description="default: true for ties, dare_ties and linear")
+    allow_negative_weights: bool = Field(False, description="weights keep their sign (else |w|)")
+    filters: list[str] | None = Field(
+        None, description="tensor-name substrings that get their own parameter set (the rest: one more)"
+    )
+    smooth: bool = Field(False, description="each parameter a gradient over the layer groups")
+    tokenizer_source: str | None = Field(None, description="written into the exported merge config")
+    random_init: bool = Field(
+        False, description="start CMA-ES from a random genotype (seeded by optimizer.seed)"
+    )
+
+
 class _OptimizerSpec(_Strict):
     budget: int = Field(200, ge=1, description="evaluations on the search split")
     seed: int = Field(0, ge=0, le=MAX_SEED)
@@ -449,6 +471,64 @@ class ExperimentConfig(_Strict):
     objectives: list[ObjectiveSpec] | None = Field(
         None, min_length=1, description="optimise these at once (a Pareto front) instead of one weighted sum"
     )
+    mergekit_genome: GenomeSpec | None = Field(
+        None, description="search mergekit-evolve's genotype instead of space (written by `evomerge import`)"
+    )
+
+    @model_validator(mode="after")
+    def _genome_fits(self) -> ExperimentConfig:
+        if self.mergekit_genome is None:
+            return self
+        from evomerge.mergekit_evolve import METHOD_PARAMS
+
+        for key, value in (("dfs", self.dfs), ("stages", self.stages)):
+            if value is not None:
+                raise ValueError(f"mergekit_genome: {key} cannot be used with a mergekit-evolve genome")
+        own = {"layers_per_group", "split", "embeddings"} & self.space.model_fields_set
+        if own:
+            raise ValueError(f"mergekit_genome: space.{sorted(own)[0]} has no meaning for mergekit-evolve's "
+                             "genome (layer_granularity sets its groups)")  # fmt: skip
+        method = self.merge.method.value
+        if method not in METHOD_PARAMS:
+            raise ValueError(f"mergekit_genome: merge.method {method} is not one of mergekit-evolve's "
+                             f"({', '.join(METHOD_PARAMS)})")  # fmt: skip
+        for name in sorted(self.space.model_fields_set - own):
+            if name not in METHOD_PARAMS[method]:
+                raise ValueError(f"mergekit_genome: space.{name} is not a gene of {method} "
+                                 f"({', '.join(METHOD_PARAMS[method])})")  # fmt: skip
+        if self.merge.exclude or self.merge.calibration or self.merge.rescale is not None:
+            raise ValueError(
+                "mergekit_genome: merge.exclude, merge.calibration and merge.rescale do not apply"
+            )
+        if self.merge.normalize is not None:
+            raise ValueError("mergekit_genome: set normalize under mergekit_genome")
+        try:
+            self.evolve_genome()
+        except ValueError as exc:
+            raise ValueError(f"mergekit_genome: {exc.errors()[0]['msg'].removeprefix('Value error, ')}"
+                             if hasattr(exc, "errors") else f"mergekit_genome: {exc}") from None  # fmt: skip
+        base = self.models.base
+        if base is not None and method in ("linear", "slerp"):
+            raise ValueError(
+                f"mergekit_genome: {method} with a base_model that is not one of the genome's models: mergekit "
+                "would stop at the first merge ("
+                + ("slerp takes two models" if method == "slerp" else "the base has no weight")
+                + "); leave base_model out"  # fmt: skip
+            )
+        if method == "slerp" and len(self.models.sources) < 2:
+            raise ValueError("mergekit_genome: slerp needs at least two models")
+        return self
+
+    def evolve_genome(self):
+        """The genome section as mergekit-evolve's definition (its rules checked)."""
+        from evomerge.mergekit_evolve import EvolveGenome
+
+        g = self.mergekit_genome
+        return EvolveGenome(
+            models=list(self.models.sources), merge_method=self.merge.method.value, base_model=self.models.base,
+            tokenizer_source=g.tokenizer_source, layer_granularity=g.layer_granularity, normalize=g.normalize,
+            allow_negative_weights=g.allow_negative_weights, filters=g.filters, smooth=g.smooth,
+        )  # fmt: skip
 
     @model_validator(mode="after")
     def _calibration_task_configured(self) -> ExperimentConfig:
@@ -574,6 +654,8 @@ class ExperimentConfig(_Strict):
 
     @model_validator(mode="after")
     def _method_fits_models(self) -> ExperimentConfig:
+        if self.mergekit_genome is not None:
+            return self  # mergekit-evolve's rules (_genome_fits)
         if self.dfs is not None:
             try:
                 self.dfs_ends()
@@ -621,10 +703,15 @@ class ExperimentConfig(_Strict):
         if data.get("objectives") is None:  # single-objective: as before objectives existed
             data.pop("objectives", None)
         data["evaluation"].pop("batch_size")  # how many at once changes no score (lower it after an OOM)
+        for key in ("chat_template", "fewshot_as_multiturn"):  # off: as before they existed
+            if not data["evaluation"].get(key):
+                data["evaluation"].pop(key, None)
         if data["evaluation"]["fidelity"]["mode"] == "full":  # as before fidelity existed: older runs resume
             data["evaluation"].pop("fidelity")
         data.pop("output")
         data.pop("name")
+        if data.get("mergekit_genome") is None:  # as before migrated configs existed
+            data.pop("mergekit_genome", None)
         for name in METHOD_GENES:  # unset: as before these existed (older experiments resume)
             if data["space"].get(name, 0) is None:
                 data["space"].pop(name)
@@ -749,7 +836,7 @@ def _check_gene_bounds(data: dict, config: ExperimentConfig, where: str) -> None
         plans.append((f"stages[{i}] ({stage.name}).space" if own is not None else "space",
                       own if own is not None else data.get("space"), config.stage_config(i, Path("x"))))  # fmt: skip
     for key, space, planned in plans:
-        if not isinstance(space, dict) or planned.dfs is not None:
+        if not isinstance(space, dict) or planned.dfs is not None or planned.mergekit_genome is not None:
             continue
         spec = planned.merge.method.spec
         for name in ("weight", "density", "t"):
@@ -761,12 +848,28 @@ def _check_gene_bounds(data: dict, config: ExperimentConfig, where: str) -> None
                 )
 
 
-def load_config(path: str | Path) -> tuple[ExperimentConfig, Path]:
-    """The config and the directory its relative model paths may be relative to."""
+def load_config(path: str | Path, evolve_args: list[str] | None = None) -> tuple[ExperimentConfig, Path]:
+    """The config and the directory its relative model paths may be relative to. A mergekit-evolve config
+    (it has `genome:`) is translated at the door, with `evolve_args` (mergekit-evolve's flags); each
+    flag or key that means nothing here is said once, as a warning."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
-    return parse_config(load_yaml(path), str(path)), path.resolve().parent
+    raw = load_yaml(path)
+    from evomerge.mergekit_evolve import is_evolve_config, parse_flags, translate
+
+    if is_evolve_config(raw):
+        raw, notes = translate(raw, str(path), parse_flags(evolve_args or []))
+        import logging
+
+        for note in notes:
+            logging.getLogger("evomerge.mergekit_evolve").warning("%s", note)
+    elif evolve_args:
+        raise UserError(
+            f"{evolve_args[0]}: unknown option ({path} is an experiment config; mergekit-evolve's flags go "
+            "with mergekit-evolve configs)"
+        )
+    return parse_config(raw, str(path)), path.resolve().parent
 
 
 def describe_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

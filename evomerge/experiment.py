@@ -127,6 +127,7 @@ def run_search(
     executor: str | None = None,
     workers: int | None = None,
     reporter: Reporter | None = None,
+    evolve_args: list[str] | None = None,
 ) -> list[SearchResult]:
     """One result per stage (one for a plain experiment). `executor` and `workers` override the runtime
     section (they change where candidates run, never which candidates run).
@@ -137,7 +138,7 @@ def run_search(
     from evomerge.runtime.plan import resolve_runtime
     from evomerge.validate import check_config
 
-    config, config_dir = load_config(config_path)
+    config, config_dir = load_config(config_path, evolve_args)
     config = _override_runtime(config, executor, workers)
     out = Path(out if out is not None else config.output.dir)  # relative to the working directory
     if out.exists() and not out.is_dir():

@@ -200,8 +200,10 @@ def _calibration(view: ExperimentView, sources, first, names, dtype):
     config = ExperimentConfig.model_validate(view.config)
     spec = config.evaluation
     manager = task_manager([t.name for t in spec.tasks], spec.include_paths)
-    texts = calibration_prompts(spec, config.merge.calibration.task, config.merge.calibration.items, manager)
-    return model_grams(sources, load_tokenizer(first), texts, set(names), "cpu", dtype), texts
+    tokenizer = load_tokenizer(first)
+    calibration = config.merge.calibration
+    texts = calibration_prompts(spec, calibration.task, calibration.items, manager, tokenizer)
+    return model_grams(sources, tokenizer, texts, set(names), "cpu", dtype), texts
 
 
 def _models(view: ExperimentView):

@@ -28,8 +28,8 @@ class Validation:
     memory: list[str] = field(default_factory=list)  # the memory plan's lines (also among `lines`)
 
 
-def validate_config(path: str | Path) -> Validation:
-    config, config_dir = load_config(path)
+def validate_config(path: str | Path, evolve_args: list[str] | None = None) -> Validation:
+    config, config_dir = load_config(path, evolve_args)
     return check_config(config, config_dir, resolve=False)
 
 
@@ -224,6 +224,10 @@ def _search_line(config: ExperimentConfig, num_layers: int | None) -> str:
             from evomerge.search.dfs_space import DfsSpace
 
             space = DfsSpace(config.dfs, [num_layers] * len(config.models.sources), config.dfs_ends())
+        elif config.mergekit_genome is not None:
+            from evomerge.search.evolve_space import EvolveSpace
+
+            space = EvolveSpace(config, num_layers)
         else:
             space = Space(config.space, config.merge.method, len(config.models.sources), num_layers)
         from evomerge.search.optimizers import check_replayable, round_size
@@ -234,7 +238,10 @@ def _search_line(config: ExperimentConfig, num_layers: int | None) -> str:
         overlap = resolve_overlap(config.optimizer, popsize)
         check_replayable(config.optimizer, space.size, space.default_popsize(), overlap)
         rounds = math.ceil(config.optimizer.budget / popsize)
-        kind = "data-flow space" if config.dfs else f"{len(space.blocks)} blocks"
+        kind = (
+            "data-flow space" if config.dfs else f"mergekit-evolve genotype {'x'.join(map(str, space.shape))}"
+            if config.mergekit_genome else f"{len(space.blocks)} blocks"
+        )  # fmt: skip
         runtime = config.runtime
         where = "local executor" if runtime.executor == "local" else "Ray executor"
         if runtime.executor == "ray":

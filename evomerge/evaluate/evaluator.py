@@ -203,13 +203,48 @@ def reseed(task_dict: dict[str, Any], seed: int) -> None:
     torch.manual_seed(base)
 
 
-def calibration_prompts(spec: EvaluationSpec, task: str, count: int, manager=None) -> list[str]:
-    """What `Evaluator.calibration_prompts` gives, without a model (export rebuilds a RegMean merge)."""
+def calibration_prompts(
+    spec: EvaluationSpec, task: str, count: int, manager=None, tokenizer=None
+) -> list[str]:
+    """What `Evaluator.calibration_prompts` gives, without a model (export rebuilds a RegMean merge);
+    `tokenizer` renders the chat template when the spec asks for one."""
     task_dict, splits = build_tasks(spec, manager)
     reseed(task_dict, spec.split.seed)
     limits = {t.name: t.limit for t in spec.tasks}
     samples = {name: limited(splits[name]["search"], limits[name]) for name in task_dict}
-    return RequestSet(task_dict, samples, build=True).prompts(task, samples[task][:count])
+    chat = chat_function(tokenizer) if spec.chat_template else None
+    return RequestSet(
+        task_dict, samples, build=True, chat=chat, multiturn=spec.fewshot_as_multiturn,
+        tokenizer_name=_tokenizer_name(tokenizer),
+    ).prompts(task, samples[task][:count])  # fmt: skip
+
+
+def check_chat_template(tokenizer, where: str) -> None:
+    """evaluation.chat_template needs a tokenizer that has one: said once, before any candidate."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise UserError(
+            f"evaluation.chat_template: the tokenizer of {where} has no chat template (set chat_template: "
+            "false, or use models whose tokenizer_config.json has one)"
+        )
+
+
+def chat_function(tokenizer):
+    """A prompt renderer with lm-eval's HFLM.apply_chat_template behaviour, for code that has no HFLM."""
+    if tokenizer is None:
+        raise UserError("evaluation.chat_template: no tokenizer to render the chat template with")
+    check_chat_template(tokenizer, getattr(tokenizer, "name_or_path", "the model"))
+
+    def render(history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return tokenizer.apply_chat_template(
+            history, tokenize=False, add_generation_prompt=add_generation_prompt,
+            continue_final_message=not add_generation_prompt,
+        )  # fmt: skip
+
+    return render
+
+
+def _tokenizer_name(tokenizer) -> str:
+    return str(getattr(tokenizer, "name_or_path", "")).replace("/", "__")
 
 
 def limited(chosen: list[int], limit: int | None) -> list[int]:
@@ -271,6 +306,8 @@ class Evaluator:
         check_length_tasks(lengths, self.task_dict)
         self.lengths = frozenset(lengths)
         self._requests: dict[str, RequestSet] = {}
+        if spec.chat_template:
+            check_chat_template(tokenizer, getattr(tokenizer, "name_or_path", "the model"))
         self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=spec.batch_size)
         memoize_encoding(self.lm)
         for request_type in ("generate_until", "loglikelihood", "loglikelihood_rolling"):
@@ -306,7 +343,15 @@ class Evaluator:
         if split not in self._requests:
             self.reseed()
             samples = {name: self.indices(name, split) for name in self.task_dict}
-            self._requests[split] = RequestSet(self.task_dict, samples, self.lm)
+            chat = self.lm.apply_chat_template if self.spec.chat_template else None
+            self._requests[split] = RequestSet(
+                self.task_dict,
+                samples,
+                self.lm,
+                chat=chat,
+                multiturn=self.spec.fewshot_as_multiturn,
+                tokenizer_name=self.lm.tokenizer_name,
+            )
         return self._requests[split]
 
     def evaluate(self, split: str = "search", items: dict[str, list[int]] | None = None) -> EvalResult:

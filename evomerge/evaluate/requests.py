@@ -32,9 +32,19 @@ class RequestSet:
     """The request instances of `task_dict`'s tasks on the given items (document indices per task)."""
 
     def __init__(
-        self, task_dict: dict[str, Any], samples: dict[str, list[int]], lm=None, *, build: bool = False
+        self,
+        task_dict: dict[str, Any],
+        samples: dict[str, list[int]],
+        lm=None,
+        *,
+        build: bool = False,
+        chat=None,
+        multiturn: bool = False,
+        tokenizer_name: str = "",
     ) -> None:
-        """`lm` (or `build`): render the requests now; neither: an empty set for `subset` to fill."""
+        """`lm` (or `build`): render the requests now; neither: an empty set for `subset` to fill. `chat`:
+        the chat-template function prompts go through (lm-eval's `apply_chat_template`), None for plain
+        prompts; `multiturn`: few-shot examples as earlier turns."""  # fmt: skip
         self.task_dict = task_dict
         self.samples = {name: list(ix) for name, ix in samples.items()}
         self.instances: dict[str, list] = {}
@@ -47,8 +57,9 @@ class RequestSet:
             _memoize_targets(task)
             task.build_all_requests(
                 limit=None, samples=self.samples[name], rank=0, world_size=1, cache_requests=False,
-                rewrite_requests_cache=False, system_instruction=None, apply_chat_template=False,
-                fewshot_as_multiturn=False, chat_template=None, tokenizer_name="",
+                rewrite_requests_cache=False, system_instruction=None, apply_chat_template=chat is not None,
+                fewshot_as_multiturn=multiturn and chat is not None, chat_template=chat,
+                tokenizer_name=tokenizer_name if chat is not None else "",
             )  # fmt: skip
             instances = list(task.instances)
             self.instances[name] = instances

@@ -171,6 +171,19 @@ class EvaluationSpec(BaseModel):
     split: SplitSpec = SplitSpec()
     batch_size: int = Field(64, gt=0, description="examples per forward pass; changes no score")
     fidelity: FidelitySpec = FidelitySpec()
+    chat_template: bool = Field(
+        False,
+        description="render every prompt through the tokenizer's chat template (lm-eval's apply_chat_template)",
+    )
+    fewshot_as_multiturn: bool = Field(
+        False, description="with chat_template: few-shot examples as earlier turns of the chat"
+    )
+
+    @model_validator(mode="after")
+    def _multiturn_needs_chat(self) -> EvaluationSpec:
+        if self.fewshot_as_multiturn and not self.chat_template:
+            raise ValueError("fewshot_as_multiturn needs chat_template: true (it shapes the chat's turns)")
+        return self
 
     @model_validator(mode="after")
     def _tasks_fit(self) -> EvaluationSpec:

@@ -83,16 +83,23 @@ class MergeEngine:
         compile: bool | str = "auto",
         placement: str = "device",
         pin: bool = True,
+        pool: bool = False,
     ) -> None:
+        """`pool`: the inputs are a pool each `apply` picks from per tensor (a merge config whose slices
+        give the method other models in each layer range: mergekit-evolve's slerp); exact kernels only."""
         spec = method.spec
         if placement not in ("device", "host"):
             raise ValueError(f"placement must be device or host, not {placement!r}")
-        spec.check_models(base is not None, len(inputs))
+        if pool and base is not None:
+            raise ValueError("a pool engine takes no base: each apply picks one from the pool")
+        if not pool:
+            spec.check_models(base is not None, len(inputs))
         self.method = method
+        self.pool = pool
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:  # "cuda" and "cuda:0" must compare equal
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.exact = exact
+        self.exact = exact or pool
         checkpoints = ([base] if base is not None else []) + list(inputs)
         self.family = check_compatible(checkpoints)
         first = checkpoints[0]
@@ -124,7 +131,7 @@ class MergeEngine:
         self.kernels = _Kernels(bool(compile))
         self.state: dict[str, Any] = {}
         self.calibrated = False
-        if not exact:
+        if not self.exact:
             self._precompute()
         self.load_seconds = time.perf_counter() - started
 
@@ -166,21 +173,33 @@ class MergeEngine:
         self.calibrated = True
 
     @torch.no_grad()
-    def apply(self, recipe: Recipe | Mapping[str, TensorParams]) -> None:
-        """Write the merge for `recipe` into the target model's tensors."""
+    def apply(
+        self,
+        recipe: Recipe | Mapping[str, TensorParams],
+        pick: Mapping[str, tuple[int | None, tuple[int, ...]]] | None = None,
+    ) -> None:
+        """Write the merge for `recipe` into the target model's tensors. `pick` (pool engines only): per
+        tensor, the pool index of its base (None: none) and those of its inputs, in the method's order."""
         if self.method.spec.calibrated and not self.calibrated:
             raise UserError(
                 f"{self.method.value} merges from activation statistics: calibrate the engine first"
             )
+        if (pick is not None) != self.pool:
+            raise ValueError("pick goes with a pool engine, and a pool engine needs it")
         params = recipe.tensor_params(self.names, self.family) if isinstance(recipe, Recipe) else recipe
         if self._stager is not None:
             for name, base, models, state in self._stager.stream(self.names):
+                if pick is not None:
+                    base, models = _picked(pick[name], models)
                 self._merge(name, base, models, params[name], state)
                 self._stager.done()
             return
         for name in self.names:
             base = self.base[name] if self.base is not None else None
-            self._merge(name, base, [src[name] for src in self.inputs], params[name], self.state.get(name))
+            models = [src[name] for src in self.inputs]
+            if pick is not None:
+                base, models = _picked(pick[name], models)
+            self._merge(name, base, models, params[name], self.state.get(name))
 
     @torch.no_grad()
     def non_finite(self) -> str | None:
@@ -277,6 +296,11 @@ class _Stager:
     def done(self) -> None:
         if self.cuda:
             self.freed[self._slot].record(torch.cuda.current_stream(self.engine.device))
+
+
+def _picked(choice: tuple[int | None, tuple[int, ...]], pool: list[torch.Tensor]):
+    base, inputs = choice
+    return (pool[base] if base is not None else None), [pool[i] for i in inputs]
 
 
 def _to_device(state, device: torch.device):

@@ -151,9 +151,26 @@ class PathRecipe:
         return cls(path, tuple(float(s) for s in data["scales"]), (int(embeddings), int(head)))
 
 
-def parse_recipe(data: dict[str, Any]) -> Recipe | PathRecipe:
+CONFIG_KIND = "mergekit"
+
+
+@dataclass(frozen=True)
+class ConfigRecipe:
+    """A mergekit merge config as the candidate (a migrated mergekit-evolve run, whose genotype means a
+    config): journaled as `{"kind": "mergekit", "config": {...}}`, the config as mergekit-evolve writes it."""
+
+    config: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": CONFIG_KIND, "config": self.config}
+
+
+def parse_recipe(data: dict[str, Any]) -> Recipe | PathRecipe | ConfigRecipe:
     """A journaled recipe as what it is: the one place that reads a stored recipe's kind."""
-    return PathRecipe.from_dict(data) if data.get("kind") == "dfs" else Recipe.from_dict(data)
+    kind = data.get("kind")
+    if kind == CONFIG_KIND:
+        return ConfigRecipe(data["config"])
+    return PathRecipe.from_dict(data) if kind == "dfs" else Recipe.from_dict(data)
 
 
 def _count(values: Mapping[str, Any]) -> int:

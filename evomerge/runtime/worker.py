@@ -16,7 +16,7 @@ from typing import Any
 from evomerge.config import ExperimentConfig
 from evomerge.errors import UserError, first_line, non_finite_message
 from evomerge.merge.methods import Method
-from evomerge.merge.recipe import PathRecipe, Recipe
+from evomerge.merge.recipe import CONFIG_KIND, PathRecipe, Recipe
 from evomerge.runtime.jobs import Outcome
 from evomerge.runtime.plan import concrete
 
@@ -59,9 +59,12 @@ class Worker(_Runs):
         runtime = config.runtime  # resolved once, before workers start (runtime/plan.py)
         self._engine_args = dict(device=device, dtype=dtype, compile=compile_, placement=runtime.placement,
                                  pin=runtime.pin_memory == "on")  # fmt: skip
+        self.refs = (list(config.models.sources), config.models.base)  # as a merge config names them
+        pool = config.mergekit_genome is not None and _pooled(config.merge.method)
         self.engine = MergeEngine(
-            self.base, self.sources, config.merge.method, self.target, **self._engine_args
-        )
+            None if pool else self.base, self.sources, config.merge.method, self.target,
+            **self._engine_args, pool=pool,
+        )  # fmt: skip
         self.evaluator = Evaluator(
             self.target, load_tokenizer(first), config.evaluation, manager, config.length_tasks()
         )
@@ -98,10 +101,13 @@ class Worker(_Runs):
         """Merge `recipe` into the target and score it (on `items` only, when given)."""
         started = time.perf_counter()
         try:
-            parsed = Recipe.from_dict(recipe)
-            if parsed.method is not self.engine.method:
-                self._switch(parsed.method)
-            self.engine.apply(parsed)
+            if recipe.get("kind") == CONFIG_KIND:
+                self._apply_config(recipe["config"])
+            else:
+                parsed = Recipe.from_dict(recipe)
+                if parsed.method is not self.engine.method or self.engine.pool:
+                    self._switch(parsed.method)
+                self.engine.apply(parsed)
             bad = self.engine.non_finite()
             if bad is not None:
                 raise UserError(non_finite_message(bad, str(self.engine.targets[bad].dtype)))
@@ -117,14 +123,31 @@ class Worker(_Runs):
         self.engine.load_input(index)
         return _score(self.evaluator, split, items, time.perf_counter() - started)
 
-    def _switch(self, method: Method) -> None:
+    def _apply_config(self, config: dict[str, Any]) -> None:
+        """A merge-config candidate (a migrated mergekit-evolve run): mergekit's rules resolve each tensor's
+        parameters (and, for slerp, which two models), the engine merges in place."""
+        from evomerge.merge.config_apply import config_params
+        from evomerge.merge.methods import parse_method
+
+        method = parse_method(config["merge_method"])
+        pool = _pooled(method)
+        if method is not self.engine.method or pool != self.engine.pool:
+            self._switch(method, pool)
+        engine = self.engine
+        params, pick = config_params(
+            config, engine.names, engine.family, engine.num_layers, *self.refs, pool=pool
+        )
+        engine.apply(params, pick)
+
+    def _switch(self, method: Method, pool: bool = False) -> None:
         """Rebuild the engine for another method (the finals' default merges); the old one is freed first
         so that sources are never resident twice."""
         from evomerge.merge.engine import MergeEngine
 
         log.info("switching the merge engine to %s", method.value)
         self.engine = None
-        self.engine = MergeEngine(self.base, self.sources, method, self.target, **self._engine_args)
+        base = None if pool else self.base
+        self.engine = MergeEngine(base, self.sources, method, self.target, **self._engine_args, pool=pool)
         self._calibrate()
 
 
@@ -164,6 +187,11 @@ class DfsWorker(_Runs):
     def evaluate_source(self, index: int, split: str = "heldout", items: dict | None = None) -> Outcome:
         self.evaluator.set_model(self.models[index])
         return _score(self.evaluator, split, items, 0.0)
+
+
+def _pooled(method: Method) -> bool:
+    """mergekit-evolve's slerp slices pick two models per layer group: the engine holds them as a pool."""
+    return method is Method.slerp
 
 
 def _score(evaluator, split: str, items: dict | None, build_seconds: float) -> Outcome:

@@ -39,6 +39,7 @@ class Finals:
     ) -> None:
         self.config, self.store, self.source_names, self.groups = config, store, source_names, groups
         self.executor, self.stage, self.finite = executor, stage, finite
+        self.start_recipe: dict | None = None  # a migrated mergekit-evolve run's initial genotype
 
     def baselines(self) -> list[tuple[str, dict | None, int | None]]:
         """(name, recipe, source) of the parents and default merges."""
@@ -161,6 +162,8 @@ class Finals:
         return chosen + [m for m in self.config.merge.baselines if m not in chosen]
 
     def default_recipe(self, method: Method) -> dict:
+        if self.start_recipe is not None and method is self.config.merge.method:
+            return self.start_recipe
         params = default_params(method, len(self.source_names))
         groups = {g: params for g in self.groups}
         exclude = tuple(self.config.merge.exclude) if method.spec.param("exclude") is not None else ()

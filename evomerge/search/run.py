@@ -27,6 +27,7 @@ from evomerge.merge.recipe import Recipe
 from evomerge.runtime.executor import make_executor
 from evomerge.runtime.jobs import Executor, Job, Outcome, WorkerFactory
 from evomerge.search.dfs_space import DfsSpace
+from evomerge.search.evolve_space import EvolveSpace
 from evomerge.search.fidelity import ItemPlan
 from evomerge.search.finals import Finals
 from evomerge.search.modes import MODES, Loop, make_mode
@@ -90,6 +91,8 @@ class Search:
         self.source_names = source_labels(config.models.sources)
         if config.dfs is not None:
             self.space = DfsSpace(config.dfs, inputs.source_layers, config.dfs_ends())
+        elif config.mergekit_genome is not None:
+            self.space = EvolveSpace(config, self.num_layers)
         else:
             self.space = Space(
                 config.space, config.merge.method, len(inputs.source_layers), self.num_layers,
@@ -110,6 +113,8 @@ class Search:
         self.finals = Finals(
             config, store, self.source_names, groups, lambda: self.executor, self._stage, _finite
         )
+        if isinstance(self.space, EvolveSpace):  # the default merge is mergekit-evolve's starting point
+            self.finals.start_recipe = self.space.decode(self.space.initial())
         self.mode = make_mode(
             self.fidelity,
             self.plan,
@@ -147,6 +152,8 @@ class Search:
         if isinstance(self.space, DfsSpace):
             return [self.space.start()]
         genomes = [self.space.source_genome(k) for k in range(len(self.source_names))]
+        if isinstance(self.space, EvolveSpace):
+            return [*genomes, self.space.initial()]
         for _, recipe, _ in self.finals.baselines():
             if recipe is None or recipe.get("method") != self.config.merge.method.value:
                 continue
@@ -168,6 +175,8 @@ class Search:
         """The candidate's recipe as plain data (what the journal stores and the worker takes)."""
         if isinstance(self.space, DfsSpace):
             return self.space.decode(genome).to_dict()
+        if isinstance(self.space, EvolveSpace):
+            return self.space.decode(genome)
         seed = candidate_seed(self.config.optimizer.seed, generation, idx)
         recipe = self.space.decode(
             genome, seed=seed, normalize=self.config.merge.normalize, rescale=self.config.merge.rescale

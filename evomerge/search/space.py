@@ -54,7 +54,7 @@ class Space:
     ) -> None:
         self.spec, self.method, self.num_sources, self.seed = spec, method, num_sources, seed
         self.blocks = _blocks(spec, num_layers)
-        self.all_groups = _groups(num_layers, spec.split)
+        self.all_groups = group_names(num_layers, spec.split)
         searched = method.spec.genes
         if not searched:
             raise UserError(f"merge.method {method.value} has no parameter to search")
@@ -138,7 +138,7 @@ class Space:
         return 4 + int(3 * np.log(self.size))
 
 
-def _groups(num_layers: int, split: bool) -> list[str]:
+def group_names(num_layers: int, split: bool) -> list[str]:
     layers = [
         g
         for i in range(num_layers)
