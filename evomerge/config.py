@@ -484,16 +484,17 @@ class ExperimentConfig(_Strict):
         for key, value in (("dfs", self.dfs), ("stages", self.stages)):
             if value is not None:
                 raise ValueError(f"mergekit_genome: {key} cannot be used with a mergekit-evolve genome")
-        own = {"layers_per_group", "split", "embeddings"} & self.space.model_fields_set
-        if own:
-            raise ValueError(f"mergekit_genome: space.{sorted(own)[0]} has no meaning for mergekit-evolve's "
-                             "genome (layer_granularity sets its groups)")  # fmt: skip
+        space = self.space
+        for key, default in (("layers_per_group", 1), ("split", False), ("embeddings", True)):
+            if getattr(space, key) != default:
+                raise ValueError(f"mergekit_genome: space.{key} has no meaning for mergekit-evolve's genome "
+                                 "(layer_granularity sets its groups)")  # fmt: skip
         method = self.merge.method.value
         if method not in METHOD_PARAMS:
             raise ValueError(f"mergekit_genome: merge.method {method} is not one of mergekit-evolve's "
                              f"({', '.join(METHOD_PARAMS)})")  # fmt: skip
-        for name in sorted(self.space.model_fields_set - own):
-            if name not in METHOD_PARAMS[method]:
+        for name in ["weight", "density", "t", *METHOD_GENES]:
+            if getattr(space, name) is not None and name not in METHOD_PARAMS[method]:
                 raise ValueError(f"mergekit_genome: space.{name} is not a gene of {method} "
                                  f"({', '.join(METHOD_PARAMS[method])})")  # fmt: skip
         if self.merge.exclude or self.merge.calibration or self.merge.rescale is not None:

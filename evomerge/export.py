@@ -19,7 +19,7 @@ from evomerge.config import ExperimentConfig
 from evomerge.errors import UserError
 from evomerge.files import atomic_write, one_line
 from evomerge.merge.methods import TensorParams, merge_tensor
-from evomerge.merge.recipe import PathRecipe, Recipe, parse_recipe
+from evomerge.merge.recipe import ConfigRecipe, PathRecipe, Recipe, parse_recipe
 from evomerge.models.architecture import EMBED, HEAD, Family, merged_names
 from evomerge.models.identity import open_recorded
 from evomerge.results import ExperimentView, search_fitness, task_cell
@@ -133,6 +133,8 @@ def export_candidate(
     recipe = parse_recipe(candidate.recipe)
     if isinstance(recipe, PathRecipe):
         return _export_path(view, candidate, recipe, rank, out_dir, force, keep)
+    if isinstance(recipe, ConfigRecipe):
+        return _export_config(view, candidate, recipe, rank, out_dir, force, keep)
     base, sources, family = _models(view)
     first = base or sources[0]
     names = merged_names(list(first.tensors), family, tied := first.ties_embeddings(family))
@@ -187,6 +189,53 @@ def export_candidate(
 
 
 CALIBRATION = "calibration.jsonl"
+BEST_CONFIG = "best_config.yaml"
+
+
+def best_config_yaml(config: dict) -> str:
+    """A merge-config candidate as mergekit-evolve writes its best_config.yaml (unset keys left out)."""
+    return yaml.safe_dump({k: v for k, v in config.items() if v is not None}, sort_keys=False)
+
+
+def _export_config(view: ExperimentView, candidate, recipe: ConfigRecipe, rank: int, out_dir: Path, force,
+                   keep) -> ExportSummary:  # fmt: skip
+    """A migrated mergekit-evolve run's candidate: its merge config (best_config.yaml, as mergekit-evolve
+    writes it) run exactly by `evomerge merge`'s path, from the models the search used."""
+    import tempfile
+
+    from evomerge.merge.offline import merge_from_config
+
+    _models(view)  # the models are still the ones the search scored
+    text = best_config_yaml(recipe.config)
+    card = model_card_config(view, candidate, rank, text)
+    with tempfile.TemporaryDirectory(prefix="evomerge-export-") as tmp:
+        path = Path(tmp) / BEST_CONFIG
+        path.write_text(text)
+        summary = merge_from_config(
+            path, out_dir, force=force, base_dir=view.config_dir, keep=keep,
+            extra_files={BEST_CONFIG: text.encode(), "README.md": card.encode()},
+        )  # fmt: skip
+    return ExportSummary(out_dir, candidate.id, rank, summary.tensors)
+
+
+def model_card_config(view: ExperimentView, candidate, rank: int, text: str) -> str:
+    heldout = next((f for f in view.finals if f.kind == "evolved" and f.candidate_id == candidate.id), None)
+    lines = [
+        f"# {one_line(view.name)}: evolved merge (candidate {candidate.id}, rank {rank})",
+        "",
+        "Found by evomerge running a mergekit-evolve config (its genome, CMA-ES), without training.",
+        "",
+        f"- search-split fitness: {search_fitness(candidate)}",
+    ]
+    if heldout is not None:
+        lines.append(f"- held-out fitness: {heldout.fitness:.4f}")
+    lines += ["", "## Scores", "", "| task | search split | held-out |", "|---|---:|---:|"]
+    for task in view.tasks:
+        h = view.metric(heldout.metrics, task) if heldout else None
+        lines.append(f"| {task} | {task_cell(view, candidate, task)} | {'' if h is None else f'{h:.4f}'} |")
+    lines += ["", f"## Recipe ({BEST_CONFIG}: `mergekit-yaml {BEST_CONFIG} OUT` or `evomerge merge`)", "",
+              "```yaml", text.rstrip(), "```", ""]  # fmt: skip
+    return "\n".join(lines)
 
 
 def _calibration(view: ExperimentView, sources, first, names, dtype):

@@ -107,8 +107,10 @@ def journal(exp: Path):
     return rows, finals
 
 
-def kill_and_resume(cfg: Path, out: Path, *, budget: int, seed: int, kills: int = 4) -> list[tuple[int, int]]:
-    """Run `evomerge search cfg --out out`, kill -9 it at random moments (during start-up, after a random
+def kill_and_resume(
+    cfg: Path, out: Path, *, budget: int, seed: int, kills: int = 4, args: tuple = ()
+) -> list[tuple[int, int]]:
+    """Run `evomerge search cfg --out out [args]`, kill -9 it at random moments (during start-up, after a random
     number of journaled candidates plus a random fraction of the next, while scoring the finalists),
     resume each time, and run it to the end. Returns (candidates, finals) journaled at each kill."""
     rng = random.Random(seed)
@@ -137,7 +139,7 @@ def kill_and_resume(cfg: Path, out: Path, *, budget: int, seed: int, kills: int 
     killed_at = []
     for kind, value in points + [("end", None)]:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "evomerge.cli", "search", str(cfg), "--out", str(out)], cwd=REPO,
+            [sys.executable, "-m", "evomerge.cli", "search", str(cfg), "--out", str(out), *args], cwd=REPO,
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"},
         )  # fmt: skip
         started = time.time()
@@ -159,6 +161,25 @@ def kill_and_resume(cfg: Path, out: Path, *, budget: int, seed: int, kills: int 
         assert proc.returncode == 0, proc.stderr.read().decode()
     assert proc.returncode == 0
     return killed_at
+
+
+def evolve(tmp_path: Path, name: str = "evolve", *, genome: dict | None = None, **top) -> Path:
+    """A mergekit-evolve config on the zoo (TIES over math-en and lang-x, genes per 4 layers, mlp apart),
+    scored on 8 items of zoo_math_x; `genome` and the top-level keys update it."""
+    cfg = {
+        "genome": {
+            "models": [str(REPO / "zoo" / n) for n in ("math-en", "lang-x")], "merge_method": "ties",
+            "base_model": str(REPO / "zoo" / "base"), "layer_granularity": 4, "filters": ["mlp"],
+            **(genome or {}),
+        },
+        "tasks": [{"name": "zoo_math_x", "metric": "exact_match,strict-match"}],
+        "limit": 8,
+        "apply_chat_template": False,
+        **top,
+    }  # fmt: skip
+    path = tmp_path / f"{name}.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
 
 
 FEWSHOT_TASK = """

@@ -99,3 +99,52 @@ def test_the_merged_tensors_are_mergekits(models, tmp_path, method, granularity,
     assert set(a) == set(b)
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst <= 1e-5, f"max abs diff {worst}"
+
+
+@pytest.mark.parametrize(
+    ("method", "granularity", "filters", "smooth", "finetunes"),
+    [("ties", 2, ["self_attn", "mlp"], False, 3), ("linear", 2, None, True, 3), ("slerp", 1, None, False, 3),
+     ("task_arithmetic", 0, ["mlp"], True, 3), ("dare_ties", 2, None, False, 3), ("slerp", 0, None, False, 2)],
+)  # fmt: skip
+def test_the_search_merges_a_candidate_in_place_as_evomerge_merge_does(
+    models, tmp_path, method, granularity, filters, smooth, finetunes
+):
+    """The search applies a migrated run's candidate (a merge config) in memory: with the resident engine
+    (slerp: a pool it picks each slice's pair from), the weights equal `evomerge merge` of that config."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from evomerge.merge.config_apply import config_params
+    from evomerge.merge.engine import MergeEngine
+    from evomerge.merge.methods import parse_method
+    from evomerge.merge.offline import merge_from_config
+    from evomerge.models.checkpoint import Checkpoint
+    from evomerge.models.loading import load_target
+
+    base, *fts = models[: finetunes + 1]
+    uses_base = method not in ("linear", "slerp")
+    genome = EvolveGenome.model_validate({
+        "models": fts, "merge_method": method, "base_model": base if uses_base else None,
+        "layer_granularity": granularity, "filters": filters, "smooth": smooth,
+    })  # fmt: skip
+    genotype = torch.rand(genome.shape(4), generator=torch.Generator().manual_seed(5)) * 0.8 + 0.1
+    config = genome.merge_config(genotype, 4)
+    offline = {k: v for k, v in config.items() if v is not None} | {"dtype": "float32"}
+    (tmp_path / "merge.yml").write_text(yaml.safe_dump(offline))
+    merge_from_config(tmp_path / "merge.yml", tmp_path / "out")
+    expected = load_file(tmp_path / "out" / "model.safetensors")
+
+    pool = method == "slerp"
+    sources = [Checkpoint.open(m) for m in fts]
+    target = load_target(sources[0], device="cpu", dtype=torch.float32)
+    engine = MergeEngine(
+        Checkpoint.open(base) if uses_base else None, sources, parse_method(method), target, pool=pool
+    )
+    params, pick = config_params(
+        config, engine.names, engine.family, 4, fts, base if uses_base else None, pool=pool
+    )
+    engine.apply(params, pick)
+    worst = max((engine.targets[n] - expected[n]).abs().max().item() for n in engine.names)
+    assert worst <= 1e-5, f"max abs diff {worst}"
+    if pool and granularity:  # the pairs really change between layer groups (else this tests nothing)
+        assert len({pick[n] for n in engine.names}) > 1

@@ -147,9 +147,14 @@ def resolve(param: Param, scopes: list[dict], tensor: str, t: float) -> Any:
 ANY_METHOD = ("int8_mask", "normalize")
 
 
-def check_parameter_names(spec, method: str, shared: list[dict], per_model: list[dict]) -> None:
-    """Every key a known parameter of the method; per-model scopes hold per-model parameters only."""
+def check_parameter_names(
+    spec, method: str, shared: list[dict], per_model: list[dict], tolerated: tuple[str, ...] = ()
+) -> None:
+    """Every key a known parameter of the method; per-model scopes hold per-model parameters only.
+    `tolerated`: per-model keys mergekit reads elsewhere (a slerp source's weight under tokenizer_source
+    blends the embeddings of different tokenizers, which evomerge refuses to merge: no effect here)."""
     known = sorted({p.name for m in REGISTRY.values() for p in m.params})
+    per_model = [{k: v for k, v in scope.items() if k not in tolerated} for scope in per_model]
     for scope in shared + per_model:
         for key in scope:
             if key not in known:

@@ -50,15 +50,21 @@ def merge_from_config(
     allow_pickle: bool = False,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress=None,
+    base_dir: Path | None = None,
+    extra_files: dict[str, bytes] | None = None,
+    keep: tuple[Path, ...] = (),
 ) -> MergeSummary:
+    """`base_dir`: where relative model paths resolve (default: the config's folder); `extra_files`: more
+    files written into the model directory (export's model card); `keep`: paths --force never replaces."""
     from evomerge.models.writer import check_destination
 
-    check_destination(out_dir, force)  # before any model is opened
+    check_destination(out_dir, force, keep)  # before any model is opened
     config = load_merge_config(config_path)
+    out = _Out(config_path, base_dir or config_path.parent.resolve(), extra_files or {}, keep)
     if config.slices is not None:
-        return _merge_slices(config, config_path, out_dir, device, force, allow_pickle, shard_bytes, progress)
+        return _merge_slices(config, out, out_dir, device, force, allow_pickle, shard_bytes, progress)
     plan = ConfigPlan(config)
-    base_dir = config_path.parent.resolve()
+    base_dir = out.base_dir
     allow_pickle = allow_pickle or config.allow_pickle
     ckpts = {ref: Checkpoint.open(ref, allow_pickle=allow_pickle, base_dir=base_dir) for ref in plan.all_refs}
     _distinct(ckpts)
@@ -100,7 +106,7 @@ def merge_from_config(
             [ckpts[r] for r in plan.inputs], tokenizer, read_texts(texts), set(names), device, load_dtype
         )
 
-    with staged_directory(out_dir, force) as stage:
+    with staged_directory(out_dir, force, keep) as stage:
         writer = ShardWriter(stage, shard_bytes)
         task = progress.add_task("merging", total=len(names)) if progress else None
         for name in names:
@@ -116,7 +122,7 @@ def merge_from_config(
         writer.finish()
         write_config(stage, first.config, out_dtype, tied)
         copy_tokenizer(tokenizer_dir, stage)
-        atomic_write(stage / "mergekit_config.yml", config_path.read_bytes())
+        out.write(stage)
         if texts is not None and Path(config.calibration.texts).name == config.calibration.texts:
             atomic_write(stage / config.calibration.texts, texts.read_bytes())  # the copied config still runs
     return MergeSummary(
@@ -124,16 +130,30 @@ def merge_from_config(
     )
 
 
-def _merge_slices(
-    config, config_path: Path, out_dir: Path, device, force, allow_pickle, shard_bytes, progress
-):
+@dataclass(frozen=True)
+class _Out:
+    """Where a config's models resolve and what goes into the merged model's directory besides weights."""
+
+    config_path: Path
+    base_dir: Path
+    extra: dict[str, bytes]
+    keep: tuple[Path, ...]
+
+    def write(self, stage: Path) -> None:
+        atomic_write(stage / "mergekit_config.yml", self.config_path.read_bytes())
+        for name, data in self.extra.items():
+            atomic_write(stage / name, data)
+
+
+def _merge_slices(config, out: _Out, out_dir: Path, device, force, allow_pickle, shard_bytes, progress):
     """A frankenmerge: the output's layers are the slices' layers, each merged by the config's method."""
     from evomerge.merge.slices import SlicePlan, sliced_config
 
+    config_path = out.config_path
     plan = SlicePlan(config)
     if plan.method.spec.calibrated:
         raise UserError(f"{config_path}: {plan.method.value} with slices is not supported")
-    base_dir = config_path.parent.resolve()
+    base_dir = out.base_dir
     allow_pickle = allow_pickle or config.allow_pickle
     ckpts = {ref: Checkpoint.open(ref, allow_pickle=allow_pickle, base_dir=base_dir) for ref in plan.all_refs}
     family = check_compatible(list(ckpts.values()), same_depth=False)
@@ -151,7 +171,7 @@ def _merge_slices(
     tokenizer_dir = _tokenizer_dir(config.tokenizer_source, first.path, ckpts, base_dir)
     jobs = plan.jobs(tensors, family)  # every parameter resolved and checked before anything is written
     method = plan.method
-    with staged_directory(out_dir, force) as stage:
+    with staged_directory(out_dir, force, out.keep) as stage:
         writer = ShardWriter(stage, shard_bytes)
         task = progress.add_task("merging", total=len(jobs)) if progress else None
         for job in jobs:
@@ -165,7 +185,7 @@ def _merge_slices(
         layers = plan.layer_sources()
         write_config(stage, sliced_config(first.config, len(layers), layers, configs), out_dtype, tied)
         copy_tokenizer(tokenizer_dir, stage)
-        atomic_write(stage / "mergekit_config.yml", config_path.read_bytes())
+        out.write(stage)
     return MergeSummary(
         out_dir, method.value, len(jobs), writer.total_bytes, str(out_dtype).removeprefix("torch.")
     )

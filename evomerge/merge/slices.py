@@ -59,9 +59,11 @@ class SlicePlan:
                 self.spec.check_models(base is not None, len(self._inputs(piece)), base="a base_model")
             except UserError as exc:
                 raise UserError(f"slices[{k}]: {exc}") from None
+        tolerated = ("weight",) if self.method.value == "slerp" and config.tokenizer_source else ()
         check_parameter_names(
-            self.spec, self.method.value, scopes, [s.parameters or {} for p in slices for s in p.sources]
-        )
+            self.spec, self.method.value, scopes, [s.parameters or {} for p in slices for s in p.sources],
+            tolerated,
+        )  # fmt: skip
 
     def _base(self, piece: SliceDef) -> str | None:
         if not (self.spec.needs_base or self.spec.optional_base):

@@ -57,27 +57,19 @@ def recipe_plot(view: ExperimentView) -> bytes | None:
     best = view.best
     if best is None:
         return None
-    from evomerge.merge.recipe import PathRecipe, parse_recipe
+    from evomerge.merge.recipe import ConfigRecipe, PathRecipe, parse_recipe
 
     plt = _pyplot()
     recipe = parse_recipe(best.recipe)  # old journals' spellings read as today's
     if isinstance(recipe, PathRecipe):
         return _path_plot(plt, view, best.id, recipe)
-    groups = recipe.groups
-    names = list(groups)
-    sample = groups[names[0]].values
-    columns = []  # (label, parameter, source index or None)
-    for key, value in sample.items():
-        if isinstance(value, tuple):
-            columns += [(f"{source}\n{key}", key, j) for j, source in enumerate(view.sources)]
-        else:
-            columns.append((key, key, None))
-
-    def cell(group, key, j) -> float:
-        value = group.get(key)  # a group without genes may lack a parameter (its default applies)
-        return float("nan") if value is None else value if j is None else value[j]
-
-    rows = [[cell(groups[n], key, j) for _, key, j in columns] for n in names]
+    if isinstance(recipe, ConfigRecipe):
+        names, labels, rows = config_table(recipe.config, view.config["models"]["sources"])
+        columns = [(label,) for label in labels]
+        method = recipe.config["merge_method"]
+    else:
+        names, columns, rows = _recipe_table(recipe, view.sources)
+        method = best.recipe["method"]
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(columns), 0.9 + 0.32 * len(names)), dpi=110)
     image = ax.imshow(rows, aspect="auto", cmap="viridis")
     for i, row in enumerate(rows):
@@ -85,9 +77,76 @@ def recipe_plot(view: ExperimentView) -> bytes | None:
             ax.text(k, i, f"{value:.2f}", ha="center", va="center", color="w", fontsize=7)
     ax.set_xticks(range(len(columns)), [c[0] for c in columns], fontsize=7)
     ax.set_yticks(range(len(names)), names, fontsize=7)
-    ax.set_title(f"best recipe (candidate {best.id}, {best.recipe['method']})", fontsize=9)
+    ax.set_title(f"best recipe (candidate {best.id}, {method})", fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.05)
     return _png(fig)
+
+
+def _recipe_table(recipe, sources: list[str]):
+    """(group names, columns (label, parameter, source index or None), values) of a recipe."""
+    groups = recipe.groups
+    names = list(groups)
+    sample = groups[names[0]].values
+    columns = []
+    for key, value in sample.items():
+        if isinstance(value, tuple):
+            columns += [(f"{source}\n{key}", key, j) for j, source in enumerate(sources)]
+        else:
+            columns.append((key, key, None))
+
+    def cell(group, key, j) -> float:
+        value = group.get(key)  # a group without genes may lack a parameter (its default applies)
+        return float("nan") if value is None else value if j is None else value[j]
+
+    return names, columns, [[cell(groups[n], key, j) for _, key, j in columns] for n in names]
+
+
+def config_table(config: dict, refs: list[str]):
+    """(row labels, column labels, values) of a merge-config candidate (a migrated mergekit-evolve run):
+    one row per slice (layer range), or per gradient point of a smooth config; one column per model,
+    parameter and filter. A slerp slice shows each model's share of it (1 - t for the first, t for the
+    second, 0 for the others)."""
+    from evomerge.config import source_labels
+
+    name = dict(zip(refs, source_labels(refs), strict=True))
+
+    def settings(params: dict | None, who: str, row: dict, point: int | None) -> None:
+        for key, value in (params or {}).items():
+            if isinstance(value, list) and value and isinstance(value[0], dict):  # filters
+                for cond in value:
+                    settings({f"{key}[{cond.get('filter') or 'rest'}]": cond["value"]}, who, row, point)
+                continue
+            if isinstance(value, list):  # a gradient
+                value = value[point] if point is not None and point < len(value) else value[-1]
+            if not isinstance(value, bool) and isinstance(value, int | float):
+                row[f"{who}\n{key}"] = float(value)
+
+    rows: list[tuple[str, dict]] = []
+    if config.get("slices"):
+        for piece in config["slices"]:
+            first = piece["sources"][0]["layer_range"]
+            row: dict = {}
+            if config["merge_method"] == "slerp":
+                t = float(piece["parameters"]["t"])
+                pair = [s["model"] for s in piece["sources"][:2]]
+                row = {f"{name.get(r, r)}\nshare": 0.0 for r in refs}
+                row[f"{name.get(pair[0], pair[0])}\nshare"] = 1 - t
+                row[f"{name.get(pair[1], pair[1])}\nshare"] = t
+            else:
+                for src in piece["sources"]:
+                    settings(src.get("parameters"), name.get(src["model"], src["model"]), row, None)
+            rows.append((f"layers {first[0]}-{first[1] - 1}", row))
+    else:
+        lengths = [len(v) for m in config["models"] for v in (m.get("parameters") or {}).values()
+                   if isinstance(v, list) and v and not isinstance(v[0], dict)]  # fmt: skip
+        for point in range(max(lengths, default=1)):
+            row = {}
+            for m in config["models"]:
+                settings(m.get("parameters"), name.get(m["model"], m["model"]), row, point)
+            rows.append((f"gradient point {point}", row))
+    columns = list(dict.fromkeys(key for _, row in rows for key in row))
+    values = [[row.get(c, float("nan")) for c in columns] for _, row in rows]
+    return [label for label, _ in rows], columns, values
 
 
 def _path_plot(plt, view: ExperimentView, candidate_id: int, recipe) -> bytes:
