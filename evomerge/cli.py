@@ -184,7 +184,7 @@ def import_(
     force: bool = typer.Option(False, help="Replace OUTPUT if it exists."),
 ) -> None:
     """Write the evomerge experiment config that a mergekit-evolve config (and its flags) means."""
-    from evomerge.mergekit_evolve import import_config
+    from evomerge.migrate import import_config
 
     for note in import_config(config, output, list(ctx.args), force=force):
         _say(f"note: {note}")
@@ -194,14 +194,18 @@ def import_(
 @app.command()
 def schema(
     merge: bool = typer.Option(False, "--merge", help="The schema of `evomerge merge` configs instead."),
+    evolve: bool = typer.Option(False, "--mergekit-evolve", help="The schema of mergekit-evolve configs."),
 ) -> None:
     """Print the JSON Schema of experiment configs (or merge configs), for editors and CI checks."""
     import json
     import sys
 
-    from evomerge.schema import experiment_schema, merge_schema
+    from evomerge.schema import evolve_schema, experiment_schema, merge_schema
 
-    sys.stdout.write(json.dumps(merge_schema() if merge else experiment_schema(), indent=2) + "\n")
+    if merge and evolve:
+        raise UserError("--merge and --mergekit-evolve: choose one")
+    chosen = merge_schema() if merge else evolve_schema() if evolve else experiment_schema()
+    sys.stdout.write(json.dumps(chosen, indent=2) + "\n")
 
 
 @app.command()

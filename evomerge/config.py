@@ -849,28 +849,12 @@ def _check_gene_bounds(data: dict, config: ExperimentConfig, where: str) -> None
                 )
 
 
-def load_config(path: str | Path, evolve_args: list[str] | None = None) -> tuple[ExperimentConfig, Path]:
-    """The config and the directory its relative model paths may be relative to. A mergekit-evolve config
-    (it has `genome:`) is translated at the door, with `evolve_args` (mergekit-evolve's flags); each
-    flag or key that means nothing here is said once, as a warning."""
+def load_config(path: str | Path) -> tuple[ExperimentConfig, Path]:
+    """The config and the directory its relative model paths may be relative to."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
-    raw = load_yaml(path)
-    from evomerge.mergekit_evolve import is_evolve_config, parse_flags, translate
-
-    if is_evolve_config(raw):
-        raw, notes = translate(raw, str(path), parse_flags(evolve_args or []))
-        import logging
-
-        for note in notes:
-            logging.getLogger("evomerge.mergekit_evolve").warning("%s", note)
-    elif evolve_args:
-        raise UserError(
-            f"{evolve_args[0]}: unknown option ({path} is an experiment config; mergekit-evolve's flags go "
-            "with mergekit-evolve configs)"
-        )
-    return parse_config(raw, str(path)), path.resolve().parent
+    return parse_config(load_yaml(path), str(path)), path.resolve().parent
 
 
 def describe_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

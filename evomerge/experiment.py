@@ -12,9 +12,10 @@ from pathlib import Path
 
 import yaml
 
-from evomerge.config import ExperimentConfig, describe_changes, load_config
+from evomerge.config import ExperimentConfig, describe_changes
 from evomerge.errors import UserError
 from evomerge.files import EXPERIMENT, LOCK, STAGED, DirectoryLock, check_deletable, marked_as, open_append
+from evomerge.migrate import load_config as load_evolve_or_experiment
 from evomerge.search.run import Reporter, Search, SearchInputs
 from evomerge.store import Candidate, ExperimentStore, Final, mark_staged
 
@@ -138,7 +139,7 @@ def run_search(
     from evomerge.runtime.plan import resolve_runtime
     from evomerge.validate import check_config
 
-    config, config_dir = load_config(config_path, evolve_args)
+    config, config_dir = load_evolve_or_experiment(config_path, evolve_args)
     config = _override_runtime(config, executor, workers)
     out = Path(out if out is not None else config.output.dir)  # relative to the working directory
     if out.exists() and not out.is_dir():

@@ -1,4 +1,4 @@
-"""JSON Schemas of the two config kinds, from their pydantic models (the one source of their keys, types,
+"""JSON Schemas of the config kinds, from their pydantic models (the one source of their keys, types,
 enums, ranges and descriptions): editors with a YAML language server complete and check configs as
 people type (`# yaml-language-server: $schema=...` on a config's first line)."""
 
@@ -21,6 +21,13 @@ def merge_schema() -> dict[str, Any]:
     from evomerge.merge.mergekit_config import MergeConfig
 
     return _titled(MergeConfig.model_json_schema(), "evomerge merge config (mergekit format)")
+
+
+def evolve_schema() -> dict[str, Any]:
+    """The schema of mergekit-evolve configs as evomerge takes them (`evomerge search evolve.yml`)."""
+    from evomerge.migrate import EvolveConfig
+
+    return _titled(EvolveConfig.model_json_schema(), "mergekit-evolve config (as evomerge runs it)")
 
 
 def _titled(schema: dict[str, Any], title: str) -> dict[str, Any]:

@@ -12,8 +12,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from evomerge.config import ExperimentConfig, load_config
+from evomerge.config import ExperimentConfig
 from evomerge.errors import UserError
+from evomerge.migrate import load_config as load_evolve_or_experiment
 from evomerge.models.reference import looks_like_hub_id
 
 
@@ -29,7 +30,7 @@ class Validation:
 
 
 def validate_config(path: str | Path, evolve_args: list[str] | None = None) -> Validation:
-    config, config_dir = load_config(path, evolve_args)
+    config, config_dir = load_evolve_or_experiment(path, evolve_args)
     return check_config(config, config_dir, resolve=False)
 
 

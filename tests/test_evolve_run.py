@@ -10,7 +10,7 @@ import yaml
 from helpers import REPO, cli, evolve, journal, kill_and_resume
 
 from evomerge.errors import UserError
-from evomerge.mergekit_evolve import parse_flags, translate
+from evomerge.migrate import parse_flags, translate
 
 FULL = {
     "genome": {
@@ -99,8 +99,12 @@ def test_flags_with_no_meaning_here_are_said_once_each(tmp_path):
     done = cli("validate", evolve(tmp_path), "--vllm", "--in-memory", "--load-in-8bit", "--no-reshard",
                "--max-fevals", "6", cwd=tmp_path)  # fmt: skip
     assert done.returncode == 0, done.stderr
-    said = [line for line in done.stderr.splitlines() if "evomerge.mergekit_evolve" in line]
-    assert [line.split(": ", 1)[1].split(":")[0] for line in said] == ["--vllm", "--in-memory", "--load-in-8bit"]
+    said = [line for line in done.stderr.splitlines() if "evomerge.migrate" in line]
+    assert [line.split(": ", 1)[1].split(":")[0] for line in said] == [
+        "--vllm",
+        "--in-memory",
+        "--load-in-8bit",
+    ]
     assert "mergekit-evolve genotype 2x2x2x2" in done.stdout and "budget 6" in done.stdout
     plain = cli("validate", REPO / "configs" / "smoke.yaml", "--vllm")
     assert plain.returncode == 2 and "--vllm: unknown option" in plain.stderr

@@ -11,16 +11,19 @@ from helpers import REPO, cli, minimal_config
 from pydantic import ValidationError
 
 from evomerge.config import ExperimentConfig
-from evomerge.schema import experiment_schema, merge_schema
+from evomerge.schema import evolve_schema, experiment_schema, merge_schema
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 SHIPPED = {"experiment": REPO / "configs" / "schema" / "experiment.json",
-           "merge": REPO / "configs" / "schema" / "merge.json"}  # fmt: skip
+           "merge": REPO / "configs" / "schema" / "merge.json",
+           "mergekit-evolve": REPO / "configs" / "schema" / "mergekit-evolve.json"}  # fmt: skip
+FLAG = {"experiment": [], "merge": ["--merge"], "mergekit-evolve": ["--mergekit-evolve"]}
+SCHEMA = {"experiment": experiment_schema, "merge": merge_schema, "mergekit-evolve": evolve_schema}
 
 
 def test_the_command_prints_the_shipped_schemas():
     for kind, path in SHIPPED.items():
-        done = cli("schema", *(["--merge"] if kind == "merge" else []))
+        done = cli("schema", *FLAG[kind])
         assert done.returncode == 0, done.stderr
         printed = json.loads(done.stdout)
         assert printed == json.loads(path.read_text()), f"{path} is stale: evomerge schema > {path}"
@@ -43,9 +46,9 @@ def test_the_command_prints_the_shipped_schemas():
 def test_every_shipped_config_is_valid_under_the_schema_its_first_line_names(path):
     first = path.read_text().splitlines()[0]
     data = yaml.safe_load(path.read_text())
-    kind = "merge" if "merge_method" in data else "experiment"
+    kind = "merge" if "merge_method" in data else "mergekit-evolve" if "genome" in data else "experiment"
     assert first == f"# yaml-language-server: $schema=schema/{kind}.json"
-    schema = merge_schema() if kind == "merge" else experiment_schema()
+    schema = SCHEMA[kind]()
     errors = [e.message for e in jsonschema.Draft202012Validator(schema).iter_errors(data)]
     assert not errors, errors
 
