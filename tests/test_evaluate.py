@@ -250,3 +250,52 @@ def test_requests_built_once_score_exactly_as_lm_eval(math_en, tmp_path):
                     )
     assert set(ours.items) == {"zoo_math_x", "zoo_verbs_x", "zoo_math_x_ll", "fewshot_ll"}
     assert len(evaluator._requests) == 2  # built once per split, reused by every later call
+
+
+CHAT = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@pytest.mark.parametrize("multiturn", [False, True])
+def test_chat_template_prompts_score_exactly_as_lm_eval(math_en, tmp_path, multiturn):
+    """evaluation.chat_template (mergekit-evolve's apply_chat_template, on by default there) and
+    fewshot_as_multiturn: the prompts go through the tokenizer's chat template, and the scores are
+    lm-eval's own with apply_chat_template / fewshot_as_multiturn on the same items."""
+    from lm_eval.evaluator import evaluate
+    from transformers import AutoTokenizer
+
+    from evomerge.errors import UserError
+
+    fewshot_task(tmp_path, "fewshot_ll", test_rows=(200, 300), acc=True)
+    model, _ = math_en
+    tok = AutoTokenizer.from_pretrained(ZOO / "math-en")
+    spec = EvaluationSpec.model_validate(
+        {
+            "tasks": [{"name": t, "limit": 12} for t in ("zoo_math_x", "fewshot_ll")],
+            "include_paths": [str(tmp_path)], "split": {"heldout": 0.5, "seed": 3}, "batch_size": 16,
+            "chat_template": True, "fewshot_as_multiturn": multiturn,
+        }
+    )  # fmt: skip
+    with pytest.raises(UserError, match="has no chat template"):
+        Evaluator(model, tok, spec)
+    tok.chat_template = CHAT
+    evaluator = Evaluator(model, tok, spec)
+    ours = evaluator.evaluate("search")
+    assert ours.ok, ours.error
+    prompt = evaluator.requests("search").prompts(
+        "fewshot_ll", evaluator.indices("fewshot_ll", "search")[:1]
+    )[0]
+    assert prompt.startswith("<|user|>") and prompt.count("<|user|>") == (4 if multiturn else 1)
+    samples = {name: evaluator.indices(name, "search") for name in evaluator.task_dict}
+    evaluator.reseed()
+    out = evaluate(
+        lm=evaluator.lm, task_dict=evaluator.task_dict, samples=samples, bootstrap_iters=0, log_samples=False,
+        verbosity="ERROR", apply_chat_template=True, fewshot_as_multiturn=multiturn,
+    )  # fmt: skip
+    theirs = {
+        name: {k: float(v) for k, v in out["results"][name].items() if "," in k and "stderr" not in k}
+        for name in evaluator.task_dict
+    }
+    assert ours.metrics == theirs

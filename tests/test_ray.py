@@ -244,3 +244,23 @@ def test_private_cluster_will_not_start_without_auth(tmp_path):
     done = cli("search", smoke(tmp_path), "--executor", "ray", env_extra={"RAY_AUTH_MODE": "disabled"})
     assert done.returncode == 2 and "RAY_AUTH_MODE=disabled" in done.stderr, done.stderr
     assert not (tmp_path / "exp").exists()
+
+
+def test_ray_equals_local_for_a_migrated_mergekit_evolve_run(tmp_path, cluster):
+    """A mergekit-evolve config (slerp over three models: the pool engine picks each slice's pair) runs
+    the same candidates and finals on two Ray workers as on the local executor."""
+    from helpers import evolve
+
+    cfg = evolve(
+        tmp_path,
+        genome={"merge_method": "slerp", "base_model": None, "filters": None, "layer_granularity": 2,
+                "models": [str(REPO / "zoo" / n) for n in ("math-en", "lang-x", "compare-en")]},
+    )  # fmt: skip
+    local = cli("search", cfg, "--out", tmp_path / "local", "--max-fevals", "8")
+    assert local.returncode == 0, local.stderr
+    remote = cli(
+        "search", cfg, "--out", tmp_path / "ray", "--max-fevals", "8", "--executor", "ray", "--workers", "2"
+    )
+    assert remote.returncode == 0, remote.stderr
+    assert _by_place(tmp_path / "ray") == _by_place(tmp_path / "local")
+    assert len(journal(tmp_path / "local")[0]) == 8
