@@ -218,8 +218,18 @@ def _export_config(view: ExperimentView, candidate, recipe: ConfigRecipe, rank: 
     return ExportSummary(out_dir, candidate.id, rank, summary.tensors)
 
 
-def model_card_config(view: ExperimentView, candidate, rank: int, text: str) -> str:
+def _score_lines(view: ExperimentView, candidate) -> list[str]:
+    """A model card's held-out fitness line and its scores table (search split and held-out per task)."""
     heldout = next((f for f in view.finals if f.kind == "evolved" and f.candidate_id == candidate.id), None)
+    lines = [f"- held-out fitness: {heldout.fitness:.4f}"] if heldout is not None else []
+    lines += ["", "## Scores", "", "| task | search split | held-out |", "|---|---:|---:|"]
+    for task in view.tasks:
+        h = view.metric(heldout.metrics, task) if heldout else None
+        lines.append(f"| {task} | {task_cell(view, candidate, task)} | {'' if h is None else f'{h:.4f}'} |")
+    return lines
+
+
+def model_card_config(view: ExperimentView, candidate, rank: int, text: str) -> str:
     lines = [
         f"# {one_line(view.name)}: evolved merge (candidate {candidate.id}, rank {rank})",
         "",
@@ -227,12 +237,7 @@ def model_card_config(view: ExperimentView, candidate, rank: int, text: str) -> 
         "",
         f"- search-split fitness: {search_fitness(candidate)}",
     ]
-    if heldout is not None:
-        lines.append(f"- held-out fitness: {heldout.fitness:.4f}")
-    lines += ["", "## Scores", "", "| task | search split | held-out |", "|---|---:|---:|"]
-    for task in view.tasks:
-        h = view.metric(heldout.metrics, task) if heldout else None
-        lines.append(f"| {task} | {task_cell(view, candidate, task)} | {'' if h is None else f'{h:.4f}'} |")
+    lines += _score_lines(view, candidate)
     lines += ["", f"## Recipe ({BEST_CONFIG}: `mergekit-yaml {BEST_CONFIG} OUT` or `evomerge merge`)", "",
               "```yaml", text.rstrip(), "```", ""]  # fmt: skip
     return "\n".join(lines)
@@ -375,7 +380,6 @@ def _dare_note(recipe: Recipe) -> str:
 
 def model_card(view: ExperimentView, candidate, rank: int, recipe: Recipe) -> str:
     models = view.config["models"]
-    heldout = next((f for f in view.finals if f.kind == "evolved" and f.candidate_id == candidate.id), None)
     lines = [
         f"# {one_line(view.name)}: evolved merge (candidate {candidate.id}, rank {rank})",
         "",
@@ -388,12 +392,7 @@ def model_card(view: ExperimentView, candidate, rank: int, recipe: Recipe) -> st
         f"(this candidate: generation {candidate.generation}, #{candidate.idx})",
         f"- search-split fitness: {search_fitness(candidate)}",
     ]
-    if heldout is not None:
-        lines.append(f"- held-out fitness: {heldout.fitness:.4f}")
-    lines += ["", "## Scores", "", "| task | search split | held-out |", "|---|---:|---:|"]
-    for task in view.tasks:
-        h = view.metric(heldout.metrics, task) if heldout else None
-        lines.append(f"| {task} | {task_cell(view, candidate, task)} | {'' if h is None else f'{h:.4f}'} |")
+    lines += _score_lines(view, candidate)
     lines += ["", "## Recipe", ""]
     names = view.sources
     genes = recipe.method.spec.genes

@@ -82,7 +82,9 @@ def main() -> None:
     a, b = statistics.median(ours), statistics.median(mine)
     print(f"per candidate (median of {args.candidates}, {limit} items of {tasks[0].name}, CPU):")
     print(f"  mergekit-evolve (merge_model + evaluate_model): {b:.2f} s")
-    print(f"  evomerge (in-place merge + evaluator):          {a:.3f} s   (sources loaded once: {load:.1f} s)")
+    print(
+        f"  evomerge (in-place merge + evaluator):          {a:.3f} s   (sources loaded once: {load:.1f} s)"
+    )
     print(f"  ratio: {b / a:.0f}x")
 
 
