@@ -256,20 +256,17 @@ def load_config(path: str | Path, evolve_args: list[str] | None = None) -> tuple
     `evolve_args` (its flags); each flag or key that means nothing here is said once, as a warning."""
     import logging
 
-    from evomerge.config import load_config as load_experiment
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
-    raw = load_yaml(path)
-    if not is_evolve_config(raw):
-        if evolve_args:
-            raise UserError(
-                f"{evolve_args[0]}: unknown option ({path} is an experiment config; mergekit-evolve's flags go "
-                "with mergekit-evolve configs)"
-            )
-        return load_experiment(path)
-    data, notes = translate(raw, str(path), parse_flags(evolve_args or []))
-    for note in notes:
-        logging.getLogger("evomerge.migrate").warning("%s", note)
-    return parse_config(data, str(path)), path.resolve().parent
+    raw = load_yaml(path)  # read once, whichever kind it is
+    if is_evolve_config(raw):
+        raw, notes = translate(raw, str(path), parse_flags(evolve_args or []))
+        for note in notes:
+            logging.getLogger("evomerge.migrate").warning("%s", note)
+    elif evolve_args:
+        raise UserError(
+            f"{evolve_args[0]}: unknown option ({path} is an experiment config; mergekit-evolve's flags go "
+            "with mergekit-evolve configs)"
+        )
+    return parse_config(raw, str(path)), path.resolve().parent

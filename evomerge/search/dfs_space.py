@@ -17,6 +17,7 @@ import numpy as np
 from evomerge.config import DfsSpec
 from evomerge.errors import UserError
 from evomerge.merge.recipe import PathRecipe
+from evomerge.search.space import cma_popsize
 
 INCLUDE = 0.5
 A_PATH_START = 0.75  # indicator start for model A's own layers (others start at 0.25): with sigma0 1/6,
@@ -46,7 +47,7 @@ class DfsSpace:
         return self.t + self.scale_genes + self.end_genes
 
     def default_popsize(self) -> int:
-        return 4 + int(3 * np.log(self.size))
+        return cma_popsize(self.size)
 
     def start(self) -> np.ndarray:
         x = np.full(self.size, 0.5)

@@ -20,7 +20,7 @@ from evomerge.config import ExperimentConfig
 from evomerge.errors import UserError
 from evomerge.merge.recipe import ConfigRecipe
 from evomerge.mergekit_evolve import METHOD_PARAMS, EvolveGenome
-from evomerge.search.space import group_names
+from evomerge.search.space import cma_popsize, group_names
 
 
 def gene_range(config: ExperimentConfig, name: str) -> tuple[float, float]:
@@ -91,4 +91,4 @@ class EvolveSpace:
         return self.to_unit(g)
 
     def default_popsize(self) -> int:
-        return 4 + int(3 * np.log(self.size))  # cma's own default, which mergekit-evolve uses
+        return cma_popsize(self.size)  # which mergekit-evolve's CMA-ES uses too

@@ -135,7 +135,12 @@ class Space:
         return np.array(x, dtype=float)
 
     def default_popsize(self) -> int:
-        return 4 + int(3 * np.log(self.size))
+        return cma_popsize(self.size)
+
+
+def cma_popsize(genes: int) -> int:
+    """cma's own default population for a genome of this size (4 + floor(3 ln n)), as every space uses."""
+    return 4 + int(3 * np.log(genes))
 
 
 def group_names(num_layers: int, split: bool) -> list[str]:
